@@ -1,0 +1,185 @@
+r"""Poincaré-ball math for HyperVQ: pure functions on tensors, no modules.
+
+The ball of curvature :math:`-c` is :math:`\mathbb{B}^d_c = \{x : c\|x\|^2 < 1\}`; every function takes the
+(positive) curvature ``c`` as a keyword-only argument and works on the last dimension. Inputs may be float32
+or float64 and the output has the input's dtype. Half precision is not safe here (METHOD.md §2): the quantizers
+call these functions in float32 with autocast disabled.
+
+geoopt is the provider where its numerics are right (``expmap0``, ``logmap0``, ``mobius_add``, ``dist``); two
+functions are our own, each saying why:
+
+- :func:`project` picks its margin from the dtype; geoopt gives float16/bfloat16 a margin of ``1e-5``, which is
+  below their resolution, so points land on the boundary.
+- :func:`mlr_logits` uses ``torch.asinh``; geoopt's ``arsinh`` is ``log(x + sqrt(1 + x^2))``, which cancels
+  catastrophically for large negative arguments (190% error at the float32 boundary, METHOD.md §2.1).
+
+References:
+    [1] Ganea, Bécigneul, Hofmann. "Hyperbolic Neural Networks." NeurIPS 2018.
+    [2] Shimizu, Mukuta, Harada. "Hyperbolic Neural Networks++." ICLR 2021 (unidirectional MLR, §3.1).
+    [3] Goswami, Mukuta, Harada. "HyperVQ: MLR-based Vector Quantization in Hyperbolic Space." arXiv 2403.13015.
+"""
+
+import torch
+from geoopt.manifolds.stereographic import math as geoopt_math
+
+from . import kernels
+
+
+# Distance from the boundary, as a fraction of the radius 1/sqrt(c), that `project` keeps. float32 and float64
+# follow geoopt/HNN++; half precision gets a margin above its resolution (1 - 1e-5 rounds to 1.0 in float16).
+BALL_EPS = {torch.float32: 4e-3, torch.float64: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# Norms are clamped at this value before dividing by them (geoopt's convention).
+MIN_NORM = 1e-15
+# See `mlr_logits`: 2 sqrt(c) |r_k| is clamped here.
+_MAX_TWO_SQRT_C_OFFSET = 30.0
+
+
+def _curvature_as_k(c: float, like: torch.Tensor) -> torch.Tensor:
+    # geoopt uses the sectional curvature k = -c, as a tensor of the input's dtype (a float32 k would cap a
+    # float64 computation at float32 precision for c = 0.1).
+    return torch.tensor(-c, dtype=like.dtype, device=like.device)
+
+
+def expmap0(u: torch.Tensor, *, c: float) -> torch.Tensor:
+    r"""Exponential map at the origin, :math:`\exp_0^c(u) = \tanh(\sqrt{c}\|u\|)\, u / (\sqrt{c}\|u\|)`.
+
+    Not projected: compose with :func:`project` to stay a safe distance from the boundary.
+    """
+    return geoopt_math.expmap0(u, k=_curvature_as_k(c, u))
+
+
+def logmap0(y: torch.Tensor, *, c: float) -> torch.Tensor:
+    r"""Logarithmic map at the origin, :math:`\log_0^c(y) = \operatorname{artanh}(\sqrt{c}\|y\|)\, y / (\sqrt{c}\|y\|)`,
+    the inverse of :func:`expmap0` on the open ball."""
+    return geoopt_math.logmap0(y, k=_curvature_as_k(c, y))
+
+
+def mobius_add(x: torch.Tensor, y: torch.Tensor, *, c: float) -> torch.Tensor:
+    r"""Möbius addition,
+
+    .. math::
+        x \oplus_c y = \frac{(1 + 2c\langle x, y\rangle + c\|y\|^2)\, x + (1 - c\|x\|^2)\, y}
+                            {1 + 2c\langle x, y\rangle + c^2\|x\|^2\|y\|^2}.
+    """
+    return geoopt_math.mobius_add(x, y, k=_curvature_as_k(c, x))
+
+
+def dist(x: torch.Tensor, y: torch.Tensor, *, c: float) -> torch.Tensor:
+    r"""Geodesic distance :math:`d_c(x, y) = \frac{2}{\sqrt{c}} \operatorname{artanh}(\sqrt{c}\|(-x) \oplus_c y\|)`."""
+    return geoopt_math.dist(x, y, k=_curvature_as_k(c, x))
+
+
+def ball_margin(dtype: torch.dtype) -> float:
+    """The default `project` margin for `dtype` (see `BALL_EPS`)."""
+    return BALL_EPS.get(dtype, BALL_EPS[torch.float32])
+
+
+def project(x: torch.Tensor, *, c: float, eps: float | None = None) -> torch.Tensor:
+    r"""Pull points back inside the ball: :math:`x \mapsto x \cdot \min(1, r_{\max}/\|x\|)` with
+    :math:`r_{\max} = (1 - \epsilon)/\sqrt{c}`.
+
+    Args:
+        x: points, `(..., dim)`.
+        c: curvature, > 0.
+        eps: margin as a fraction of the radius; defaults to `ball_margin(x.dtype)` (4e-3 for float32).
+
+    The clipped branch has no radial gradient (the norm is pinned); the tangential gradient survives.
+    """
+    eps = ball_margin(x.dtype) if eps is None else eps
+    max_norm = (1.0 - eps) / c**0.5
+    norm = x.norm(dim=-1, keepdim=True).clamp_min(MIN_NORM)
+    return torch.where(norm > max_norm, x / norm * max_norm, x)
+
+
+def expmap0_projected(u: torch.Tensor, *, c: float, eps: float | None = None) -> torch.Tensor:
+    r"""`project(expmap0(u))` in one pass: both only rescale `u`, by
+    :math:`\min(\tanh(\sqrt{c}\|u\|), 1 - \epsilon) / (\sqrt{c}\|u\|)`.
+
+    This is how the quantizers enter the ball. Composing geoopt's `expmap0` with `project` costs four passes over
+    the input and a host synchronisation (its `tan_k` branches on `torch.all`); this costs one norm and one product.
+    """
+    eps = ball_margin(u.dtype) if eps is None else eps
+    sqrt_c_norm = c**0.5 * u.norm(dim=-1, keepdim=True).clamp_min(MIN_NORM)  # (..., 1)
+    # tanh is clamped at 15 as in geoopt; the margin caps it far earlier (tanh(3.1) = 0.996)
+    return u * (torch.tanh(sqrt_c_norm.clamp_max(15)).clamp_max(1.0 - eps) / sqrt_c_norm)
+
+
+def pairwise_dist(x: torch.Tensor, y: torch.Tensor, *, c: float) -> torch.Tensor:
+    r"""All geodesic distances between `x` `(N, dim)` and `y` `(K, dim)`, `(N, K)`, in closed form:
+
+    .. math::
+        d_c(x, y) = \frac{1}{\sqrt{c}} \operatorname{arcosh}\!\left(1 + \frac{2c\|x - y\|^2}{(1 - c\|x\|^2)(1 - c\|y\|^2)}\right),
+
+    equal to :func:`dist` but with one matmul instead of an N×K×dim Möbius sum.
+    """
+    x2 = x.pow(2).sum(-1, keepdim=True)  # (N, 1)
+    y2 = y.pow(2).sum(-1)  # (K,)
+    sq_dist = (x2 + y2 - 2 * x @ y.T).clamp_min(0)  # (N, K)
+    den = ((1 - c * x2) * (1 - c * y2)).clamp_min(MIN_NORM)
+    return torch.acosh(1 + 2 * c * sq_dist / den) / c**0.5
+
+
+class _ScaledAsinhMatmul(torch.autograd.Function):
+    """`scale * asinh(x @ w.T)` with a hand-written backward that reuses `asinh` and `sqrt(1 + y^2)` from the
+    forward (`kernels.scaled_asinh`)."""
+
+    @staticmethod
+    def forward(ctx, x, w, scale):
+        y = x @ w.T  # (N, K)
+        if not any(ctx.needs_input_grad):
+            return kernels.scaled_asinh_inference(y, scale)
+        logits, asinh, root = kernels.scaled_asinh(y, scale)
+        ctx.save_for_backward(x, w, scale, asinh, root)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        x, w, scale, asinh, root = ctx.saved_tensors
+        grad_scale, grad_y = kernels.scaled_asinh_backward(grad_logits, asinh, root, scale)
+        grad_x = grad_y @ w if ctx.needs_input_grad[0] else None
+        grad_w = grad_y.T @ x if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, grad_scale
+
+
+def mlr_logits(x: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor, *, c: float) -> torch.Tensor:
+    r"""Closed-form logits of the unidirectional Poincaré MLR of HNN++ [2] (METHOD.md §3.2).
+
+    For a point :math:`x` of the ball, a normal :math:`a_k` (any norm) and a signed offset :math:`r_k`,
+
+    .. math::
+        v_k(x) = \frac{2\|a_k\|}{\sqrt{c}} \operatorname{asinh}\!\left(
+            \frac{2\sqrt{c}\langle x, [a_k]\rangle \cosh(2\sqrt{c} r_k) - (1 + c\|x\|^2)\sinh(2\sqrt{c} r_k)}
+                 {1 - c\|x\|^2}\right),
+
+    which equals :math:`2\|a_k\|` times the signed geodesic distance from :math:`x` to the hyperplane through
+    :math:`q_k = \exp_0^c(r_k [a_k])` with normal direction :math:`[a_k] = a_k/\|a_k\|` (METHOD.md §3.3).
+
+    The per-row factors :math:`1/(1 - c\|x\|^2)`, :math:`(1 + c\|x\|^2)` and the per-code :math:`\cosh`,
+    :math:`\sinh` are folded into one `(N, dim + 1) @ (dim + 1, K)` matmul, so the N×K work is that matmul
+    plus the asinh (PERF-NOTES.md §6); never an N×K×dim tensor.
+
+    Args:
+        x: points of the ball, `(..., dim)`; not projected here, so use :func:`project` first (a point outside
+            the ball has no meaningful logits).
+        normals: `(K, dim)`, the :math:`a_k`.
+        offsets: `(K,)`, the :math:`r_k`.
+        c: curvature, > 0.
+
+    Returns:
+        `(..., K)` logits.
+    """
+    leading_shape = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])  # (N, dim)
+    sqrt_c = c**0.5
+    cx2 = c * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()  # (N, 1)
+    inv_den = 1 / (1 - cx2).clamp_min(MIN_NORM)
+    x_folded = torch.cat([x * ((2 * sqrt_c) * inv_den), -(1 + cx2) * inv_den], dim=-1)  # (N, dim + 1)
+    normal_norms = normals.norm(dim=-1).clamp_min(MIN_NORM)  # (K,)
+    # A hyperplane more than 15/sqrt(c) from the origin lies far beyond the points the margin lets through (6.1/sqrt(c)
+    # in float64), so its offset is clamped there: this keeps cosh, sinh and the asinh argument's square finite.
+    two_sqrt_c_r = ((2 * sqrt_c) * offsets).clamp(-_MAX_TWO_SQRT_C_OFFSET, _MAX_TWO_SQRT_C_OFFSET)
+    w_folded = torch.cat(
+        [normals * (torch.cosh(two_sqrt_c_r) / normal_norms)[:, None], torch.sinh(two_sqrt_c_r)[:, None]], dim=-1
+    )  # (K, dim + 1)
+    logits = _ScaledAsinhMatmul.apply(x_folded, w_folded, (2 / sqrt_c) * normal_norms)  # (N, K)
+    return logits.view(*leading_shape, -1)

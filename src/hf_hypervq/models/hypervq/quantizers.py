@@ -1,0 +1,487 @@
+"""The five vector quantizers of the HyperVQ paper, behind one interface (DESIGN.md, "Public API").
+
+- `HyperVQ`: the paper's method. Latents go onto the Poincaré ball, a hyperbolic MLR scores the K codes, a hard
+  Gumbel-softmax sample picks one in training (argmax in eval), and the codebook vector is the hyperplane's
+  representative point mapped back to the tangent space, ``r_k * a_k / ||a_k||``.
+- `KmeansVQ`: the original VQ-VAE (nearest neighbour, codebook + commitment loss, straight-through).
+- `GumbelVQ`: vq-wav2vec's Gumbel quantizer (linear logits, separate codebook matrix).
+- `HyperKmeansVQ` and `HyperEmbMatVQ`: the paper's ablations (nearest neighbour in hyperbolic distance; hyperbolic
+  MLR with a separate codebook matrix). The paper does not define them further; our choices are in their docstrings.
+
+Every quantizer takes channel-last input `(..., dim)` in any float dtype, computes in float32 with autocast
+disabled (the ball's math is not safe in half precision, METHOD.md §2), and returns a `QuantizerOutput` whose
+`quantized` has the input's dtype.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from . import kernels
+from .hyperbolic import expmap0_projected, logmap0, mlr_logits
+
+
+@dataclass
+class QuantizerOutput(ModelOutput):
+    """What every quantizer returns.
+
+    Args:
+        quantized (`torch.Tensor` of shape `(..., dim)`):
+            The codebook vectors of the chosen codes, in the input's dtype. In training they carry the
+            quantizer's straight-through gradient.
+        indices (`torch.LongTensor` of shape `(...)`):
+            The chosen code ids, in `[0, codebook_size)`.
+        loss (`torch.Tensor` of shape `()`):
+            The quantizer's own loss terms, already weighted (zero where the method has none).
+        perplexity (`torch.Tensor` of shape `()`):
+            `exp(entropy)` of the code histogram of this call: 1 when one code is used, `codebook_size` at most.
+        logits (`torch.Tensor` of shape `(..., codebook_size)`, *optional*):
+            The code scores of the MLR/Gumbel quantizers (float32); `None` for the nearest-neighbour ones.
+    """
+
+    quantized: torch.Tensor | None = None
+    indices: torch.LongTensor | None = None
+    loss: torch.Tensor | None = None
+    perplexity: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Returns `codes` exactly, and hands the incoming gradient to `z` unchanged (VQ-VAE's `z + sg(codes - z)`,
+    without the rounding error of computing that sum)."""
+
+    @staticmethod
+    def forward(ctx, z, codes):
+        return codes.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GumbelStraightThrough(torch.autograd.Function):
+    """Hard Gumbel-softmax: draws a code per row, returns its codebook vector, and backpropagates the
+    straight-through estimator of `F.gumbel_softmax(logits, tau, hard=True) @ codebook`.
+
+    Same estimator as `F.gumbel_softmax`, rewritten because on CPU its `exponential_` noise costs 20× a matmul
+    and it materialises the one-hot matrix (PERF-NOTES.md §4): the noise comes from one `uniform_`, the forward
+    gathers rows instead of multiplying by a one-hot, and the backward is written out.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, codebook, temperature):
+        indices, soft = kernels.gumbel_sample(logits, torch.empty_like(logits).uniform_(), 1 / temperature)
+        ctx.save_for_backward(soft, indices, codebook)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(indices)
+        return codebook[indices], indices
+
+    @staticmethod
+    def backward(ctx, grad_quantized, grad_indices):
+        soft, indices, codebook = ctx.saved_tensors
+        grad_logits = grad_codebook = None
+        if ctx.needs_input_grad[0]:
+            grad_soft = grad_quantized @ codebook.T  # (N, K)
+            grad_logits = kernels.softmax_backward(grad_soft, soft, 1 / ctx.temperature)
+        if ctx.needs_input_grad[1]:
+            # The straight-through one-hot equals the hard one-hot in value: each row's gradient goes to its code.
+            grad_codebook = torch.zeros_like(codebook).index_add_(0, indices, grad_quantized)
+        return grad_logits, grad_codebook, None
+
+
+def code_perplexity(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """`exp(entropy)` of the histogram of `indices` (METHOD.md §4, "code perplexity")."""
+    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+    probs = counts / counts.sum().clamp_min(1)
+    return torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
+
+
+class VectorQuantizer(nn.Module):
+    """Base class: argument checks, the float32 region, reshaping, perplexity and `indices_to_codes`.
+
+    Subclasses implement `codebook` and `_quantize(z)` on a float32 `(N, dim)` matrix, returning
+    `(quantized, indices, loss, logits)`.
+    """
+
+    def __init__(self, dim: int, codebook_size: int):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"`dim` must be a positive integer, got {dim!r}")
+        if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 2:
+            raise ValueError(f"`codebook_size` must be an integer >= 2, got {codebook_size!r}")
+        self.dim = dim
+        self.codebook_size = codebook_size
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """`(codebook_size, dim)`: the Euclidean vectors the decoder receives."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, codebook_size={self.codebook_size}"
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize `z` of shape `(..., dim)`; see `QuantizerOutput`."""
+        self._check_input(z)
+        leading_shape = z.shape[:-1]
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat = z.reshape(-1, self.dim).float()  # (N, dim)
+            quantized, indices, loss, logits = self._quantize(flat)
+        return QuantizerOutput(
+            quantized=quantized.view(z.shape).to(z.dtype),
+            indices=indices.view(leading_shape),
+            loss=loss,
+            perplexity=code_perplexity(indices, self.codebook_size),
+            logits=None if logits is None else logits.view(*leading_shape, self.codebook_size),
+        )
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codebook vectors `(..., dim)` of code ids `(...)`; equal to the eval-mode `quantized` for those ids."""
+        if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex():
+            got = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
+            raise TypeError(f"`indices` must be an integer tensor, got {got}")
+        if indices.dtype == torch.bool:
+            raise TypeError("`indices` must be an integer tensor, got torch.bool")
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
+            raise ValueError(
+                f"`indices` must lie in [0, {self.codebook_size}), got values in "
+                f"[{int(indices.min())}, {int(indices.max())}]"
+            )
+        return F.embedding(indices.long(), self.codebook)
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """Called by the training loop after every optimizer update; a no-op without a schedule."""
+
+    def _check_input(self, z) -> None:
+        name = type(self).__name__
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"{name} expects `z` to be a torch.Tensor, got {type(z).__name__}")
+        if not z.is_floating_point():
+            raise TypeError(f"{name} expects a floating-point `z`, got dtype {z.dtype}")
+        if z.ndim == 0 or z.shape[-1] != self.dim:
+            raise ValueError(f"{name} expects `z` of shape (..., dim={self.dim}), got {tuple(z.shape)}")
+        if z.numel() == 0:
+            raise ValueError(f"{name} expects at least one vector in `z`, got shape {tuple(z.shape)}")
+        # One reduction in the common case; a sum that overflows from finite values is checked element-wise.
+        if not torch.isfinite(z.sum()) and not torch.isfinite(z).all():
+            raise ValueError(f"{name} got NaN or inf values in `z`")
+
+    def _quantize(self, z: torch.Tensor):
+        raise NotImplementedError
+
+
+class _GumbelTemperature:
+    """The temperature schedule of GumbelVQ and the hyperbolic MLR quantizers: after `j` optimizer updates,
+    `tau_j = max(tau_max * decay**j, tau_min)` (paper, Algorithm 1; fairseq's `set_num_updates`)."""
+
+    def _init_temperature(self, temperature: tuple[float, float, float]) -> None:
+        try:
+            tau_max, tau_min, decay = (float(t) for t in temperature)
+        except (TypeError, ValueError):
+            raise ValueError(f"`temperature` must be (tau_max, tau_min, decay), got {temperature!r}") from None
+        if not (0 < tau_min <= tau_max and 0 < decay <= 1):
+            raise ValueError(
+                f"`temperature` must satisfy 0 < tau_min <= tau_max and 0 < decay <= 1, got {temperature!r}"
+            )
+        self.temperature = (tau_max, tau_min, decay)
+        self.current_temperature = tau_max
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """Set the Gumbel temperature for the `num_updates`-th optimizer update."""
+        tau_max, tau_min, decay = self.temperature
+        self.current_temperature = max(tau_max * decay**num_updates, tau_min)
+
+    def _pick_codes(self, logits: torch.Tensor, codebook: torch.Tensor):
+        """Training: a hard Gumbel-softmax sample with the straight-through gradient. Eval: argmax, no noise."""
+        if self.training:
+            return _GumbelStraightThrough.apply(logits, codebook, self.current_temperature)
+        indices = logits.argmax(dim=-1)
+        return codebook[indices], indices
+
+
+def _check_curvature(curvature: float) -> float:
+    if isinstance(curvature, bool) or not isinstance(curvature, (int, float)) or not curvature > 0:
+        raise ValueError(f"`curvature` must be a number > 0, got {curvature!r}")
+    return float(curvature)
+
+
+def _check_weight(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"`{name}` must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+class HyperVQ(_GumbelTemperature, VectorQuantizer):
+    r"""HyperVQ (arXiv 2403.13015): vector quantization as multinomial logistic regression on the Poincaré ball.
+
+    1. Project: :math:`x = \operatorname{project}(\exp_0^c(z))`, at most :math:`(1 - \epsilon)/\sqrt{c}` from
+       the origin.
+    2. Score: the unidirectional hyperbolic MLR of HNN++ gives K logits (`hyperbolic.mlr_logits`).
+    3. Pick: training draws a hard Gumbel-softmax sample (straight-through gradient to the logits and the
+       codebook); eval takes the argmax, without noise.
+    4. Emit: code k's vector is :math:`r_k a_k / \|a_k\|`, the tangent vector of the point where hyperplane k is
+       closest to the origin (the paper's Eq. 9; computed directly, not as :math:`\log_0(\exp_0(\cdot))`).
+
+    Args:
+        dim (`int`): size of the latent vectors.
+        codebook_size (`int`): number of codes K (>= 2).
+        curvature (`float`, *optional*, defaults to 1.0): the ball's curvature c > 0, fixed as in HNN++
+            (METHOD.md §9 Q2).
+        commitment_weight (`float`, *optional*, defaults to 0.25): weight of the commitment loss
+            :math:`\|z - \operatorname{sg}(z_q)\|^2` (mean). The paper does not say whether HyperVQ has one;
+            we keep VQ-VAE's term and value (METHOD.md §9 Q1); 0 disables it. There is no codebook loss: the
+            codes learn through the decoder's gradient and the logits.
+        temperature (`tuple[float, float, float]`, *optional*, defaults to `(2.0, 0.5, 0.999995)`):
+            `(tau_max, tau_min, decay)` of the Gumbel temperature, stepped by `set_num_updates` (vq-wav2vec's
+            values, METHOD.md §9 Q7). With this decay tau reaches 0.5 only after ~277k updates.
+        ball_eps (`float`, *optional*): the projection margin; defaults to 4e-3 (geoopt/HNN++ in float32).
+
+    Choices where the paper is silent (METHOD.md §9), each a documented decision:
+
+    - The normals :math:`a_k` are plain parameters, not HNN++'s weight norm `(g, v)`: same forward, and
+      :math:`\|a_k\| \ge 0` keeps the codebook direction :math:`a_k/\|a_k\|` equal to the hyperplane's normal.
+      Initialised :math:`\mathcal{N}(0, 1/(c \cdot dim))` per entry, so :math:`\|a_k\| \approx 1/\sqrt{c}` (HNN++).
+    - The offsets :math:`r_k` start Uniform(0, :math:`1/\sqrt{c \cdot dim}`), not at HNN++'s zero and never
+      negative. With :math:`r_k \ge 0` the origin is on the negative side of every hyperplane, so at step 0 the
+      codes split the ball by direction and each code vector points into the region its code wins. A negative
+      :math:`r_k` puts the origin on code k's positive side, and the most negative offset then wins every latent
+      near the origin. Measured on scikit-learn's digits (tiny autoencoder, K = 32, 300 steps, 3 seeds): eval
+      perplexity 10.5-14.4 with this init against 2.7-2.9 for symmetric offsets and 3.0-3.6 for zeros (with
+      zeros every code vector is also 0 at step 0).
+    - Gumbel noise is float32 and the estimator is the hard straight-through one of `F.gumbel_softmax`
+      (METHOD.md §9 Q8). The encoder learns through the logits and the commitment term; there is no
+      :math:`z + \operatorname{sg}(z_q - z)` path (§9 Q9).
+
+    Example:
+
+    ```python
+    >>> q = HyperVQ(dim=64, codebook_size=512)
+    >>> out = q(torch.randn(8, 16, 64))
+    >>> out.quantized.shape, out.indices.shape, out.logits.shape
+    (torch.Size([8, 16, 64]), torch.Size([8, 16]), torch.Size([8, 16, 512]))
+    ```
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        *,
+        curvature: float = 1.0,
+        commitment_weight: float = 0.25,
+        temperature: tuple[float, float, float] = (2.0, 0.5, 0.999995),
+        ball_eps: float | None = None,
+    ):
+        super().__init__(dim, codebook_size)
+        self.curvature = _check_curvature(curvature)
+        self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
+        self._init_temperature(temperature)
+        if ball_eps is not None and not 0 < ball_eps < 1:
+            raise ValueError(f"`ball_eps` must lie in (0, 1), got {ball_eps!r}")
+        self.ball_eps = ball_eps
+        self.normals = nn.Parameter(torch.empty(codebook_size, dim))
+        self.offsets = nn.Parameter(torch.empty(codebook_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        scale = (self.curvature * self.dim) ** -0.5
+        init.normal_(self.normals, std=scale)
+        init.uniform_(self.offsets, 0.0, scale)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, curvature={self.curvature}, commitment_weight={self.commitment_weight}"
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        normals = self.normals.float()
+        return self.offsets.float()[:, None] * normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-15)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The hyperbolic MLR logits `(..., codebook_size)` of latents `z` `(..., dim)`, in float32."""
+        self._check_input(z)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self._logits(z.float())
+
+    def _to_ball(self, z: torch.Tensor) -> torch.Tensor:
+        return expmap0_projected(z, c=self.curvature, eps=self.ball_eps)
+
+    def _logits(self, z: torch.Tensor) -> torch.Tensor:
+        return mlr_logits(self._to_ball(z), self.normals.float(), self.offsets.float(), c=self.curvature)
+
+    def _quantize(self, z):
+        logits = self._logits(z)  # (N, K)
+        quantized, indices = self._pick_codes(logits, self.codebook)
+        loss = self.commitment_weight * F.mse_loss(z, quantized.detach())
+        return quantized, indices, loss, logits
+
+
+class HyperEmbMatVQ(HyperVQ):
+    r"""Ablation HyperEmbMatVQ: HyperVQ's hyperbolic MLR and Gumbel sampling, but the code vectors are a separate
+    learnable matrix (as in GumbelVQ) instead of the hyperplanes' representative points.
+
+    Takes the arguments of `HyperVQ`. The paper defines it in one sentence; our choices: the matrix is
+    initialised Uniform[0, 1) like GumbelVQ's (fairseq), and the commitment term is the same as HyperVQ's, so
+    the ablation changes only where code vectors come from. The offsets :math:`r_k` still place the hyperplanes.
+    """
+
+    def __init__(self, dim: int, codebook_size: int, **kwargs):
+        super().__init__(dim, codebook_size, **kwargs)
+        self.embedding = nn.Parameter(torch.empty(codebook_size, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "embedding"):  # HyperVQ.__init__ calls this before the embedding exists
+            init.uniform_(self.embedding, 0.0, 1.0)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.embedding.float()
+
+
+class KmeansVQ(VectorQuantizer):
+    r"""KmeansVQ: the original VQ-VAE quantizer (van den Oord et al. 2017), without EMA.
+
+    The nearest code in Euclidean distance is chosen; the decoder's gradient goes straight through to `z`.
+    `loss = ||sg(z) - e||^2 + commitment_weight * ||z - sg(e)||^2` (means): the first term moves the codebook,
+    the second the encoder.
+
+    Args:
+        dim (`int`): size of the latent vectors.
+        codebook_size (`int`): number of codes K (>= 2).
+        commitment_weight (`float`, *optional*, defaults to 0.25): the VQ-VAE's beta.
+
+    The codebook starts Uniform(-1/K, 1/K), as in the Sonnet/zalando VQ-VAE (METHOD.md §5.1).
+    """
+
+    def __init__(self, dim: int, codebook_size: int, *, commitment_weight: float = 0.25):
+        super().__init__(dim, codebook_size)
+        self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
+        self.embedding = nn.Parameter(torch.empty(codebook_size, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init.uniform_(self.embedding, -1 / self.codebook_size, 1 / self.codebook_size)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.embedding.float()
+
+    def _quantize(self, z):
+        codebook = self.codebook
+        # ||z - e||^2 without ||z||^2, which is the same for every code of a row: (N, K)
+        distances = torch.addmm(codebook.pow(2).sum(-1), z, codebook.T, alpha=-2)
+        indices = distances.argmin(dim=-1)
+        codes = codebook[indices]  # (N, dim)
+        loss = F.mse_loss(codes, z.detach()) + self.commitment_weight * F.mse_loss(z, codes.detach())
+        return _StraightThrough.apply(z, codes), indices, loss, None
+
+
+class GumbelVQ(_GumbelTemperature, VectorQuantizer):
+    r"""GumbelVQ (vq-wav2vec, Baevski et al. 2020): linear logits, a hard Gumbel-softmax sample in training
+    (argmax in eval), and a separate codebook matrix.
+
+    Args:
+        dim (`int`): size of the latent vectors.
+        codebook_size (`int`): number of codes K (>= 2).
+        temperature (`tuple[float, float, float]`, *optional*, defaults to `(2.0, 0.5, 0.999995)`):
+            `(tau_max, tau_min, decay)`, as for `HyperVQ`.
+
+    As in fairseq's `GumbelVectorQuantizer` with one group and a one-layer projection (METHOD.md §5.2): the
+    projection weight starts Normal(0, 1), its bias 0, the codebook Uniform[0, 1). There is no extra loss
+    (vq-wav2vec's Gumbel recipe has no diversity term), so `loss` is 0.
+    """
+
+    def __init__(
+        self, dim: int, codebook_size: int, *, temperature: tuple[float, float, float] = (2.0, 0.5, 0.999995)
+    ):
+        super().__init__(dim, codebook_size)
+        self._init_temperature(temperature)
+        self.projection_weight = nn.Parameter(torch.empty(codebook_size, dim))
+        self.projection_bias = nn.Parameter(torch.empty(codebook_size))
+        self.embedding = nn.Parameter(torch.empty(codebook_size, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init.normal_(self.projection_weight, std=1.0)
+        init.zeros_(self.projection_bias)
+        init.uniform_(self.embedding, 0.0, 1.0)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.embedding.float()
+
+    def _quantize(self, z):
+        logits = torch.addmm(self.projection_bias.float(), z, self.projection_weight.float().T)  # (N, K)
+        quantized, indices = self._pick_codes(logits, self.codebook)
+        return quantized, indices, z.new_zeros(()), logits
+
+
+class HyperKmeansVQ(VectorQuantizer):
+    r"""Ablation HyperKmeansVQ: the VQ-VAE mechanism with codes on the Poincaré ball and hyperbolic distance.
+
+    `z` and the codes go onto the ball with :math:`\operatorname{project} \circ \exp_0^c`; the code nearest in
+    geodesic distance is chosen; the decoder receives its tangent vector :math:`\log_0^c(e_k)` with a
+    straight-through gradient to `z`.
+
+    Args:
+        dim (`int`): size of the latent vectors.
+        codebook_size (`int`): number of codes K (>= 2).
+        curvature (`float`, *optional*, defaults to 1.0): the ball's curvature c > 0.
+        commitment_weight (`float`, *optional*, defaults to 0.25): the VQ-VAE's beta.
+        ball_eps (`float`, *optional*): the projection margin; defaults to 4e-3 in float32.
+
+    Choices (the paper gives one sentence, METHOD.md §5.4): the codes are Euclidean parameters :math:`w_k` (tangent
+    vectors at the origin, so plain Adam is correct), initialised Uniform(-1/K, 1/K) like KmeansVQ; the nearest
+    code minimises :math:`\|x - e_k\|^2 / (1 - c\|e_k\|^2)`, which orders codes exactly as the geodesic distance
+    does for a fixed :math:`x` (one matmul, no N×K×dim Möbius sum); and the codebook and commitment losses are
+    KmeansVQ's, in the tangent space.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        *,
+        curvature: float = 1.0,
+        commitment_weight: float = 0.25,
+        ball_eps: float | None = None,
+    ):
+        super().__init__(dim, codebook_size)
+        self.curvature = _check_curvature(curvature)
+        self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
+        if ball_eps is not None and not 0 < ball_eps < 1:
+            raise ValueError(f"`ball_eps` must lie in (0, 1), got {ball_eps!r}")
+        self.ball_eps = ball_eps
+        self.embedding = nn.Parameter(torch.empty(codebook_size, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init.uniform_(self.embedding, -1 / self.codebook_size, 1 / self.codebook_size)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, curvature={self.curvature}, commitment_weight={self.commitment_weight}"
+
+    def _to_ball(self, z: torch.Tensor) -> torch.Tensor:
+        return expmap0_projected(z, c=self.curvature, eps=self.ball_eps)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return logmap0(self._to_ball(self.embedding.float()), c=self.curvature)
+
+    def _quantize(self, z):
+        c = self.curvature
+        x = self._to_ball(z)  # (N, dim)
+        codes_on_ball = self._to_ball(self.embedding.float())  # (K, dim)
+        code_sq_norms = codes_on_ball.pow(2).sum(-1)  # (K,)
+        # ||x - e_k||^2 / (1 - c ||e_k||^2): monotone in d_c(x, e_k) for a fixed x, (N, K)
+        scores = torch.addmm(code_sq_norms, x, codes_on_ball.T, alpha=-2).add_(x.pow(2).sum(-1, keepdim=True))
+        scores.div_((1 - c * code_sq_norms).clamp_min(1e-15))
+        indices = scores.argmin(dim=-1)
+        codes = logmap0(codes_on_ball, c=c)[indices]  # (N, dim)
+        loss = F.mse_loss(codes, z.detach()) + self.commitment_weight * F.mse_loss(z, codes.detach())
+        return _StraightThrough.apply(z, codes), indices, loss, None

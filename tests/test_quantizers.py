@@ -1,0 +1,280 @@
+"""The five quantizers behind the shared interface (DESIGN.md, "Public API")."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hf_hypervq import GumbelVQ, HyperEmbMatVQ, HyperKmeansVQ, HyperVQ, KmeansVQ, QuantizerOutput
+
+
+ALL = [HyperVQ, KmeansVQ, GumbelVQ, HyperKmeansVQ, HyperEmbMatVQ]
+MLR_OR_GUMBEL = {HyperVQ, GumbelVQ, HyperEmbMatVQ}
+DIM, K = 8, 16
+
+
+@pytest.fixture(params=ALL, ids=lambda cls: cls.__name__)
+def quantizer_cls(request):
+    return request.param
+
+
+@pytest.mark.parametrize("leading", [(), (5,), (2, 3), (2, 3, 4)])
+def test_any_leading_shape(quantizer_cls, leading):
+    q = quantizer_cls(DIM, K)
+    z = torch.randn(*leading, DIM)
+    for mode in ("train", "eval"):
+        q.train(mode == "train")
+        out = q(z)
+        assert isinstance(out, QuantizerOutput)
+        assert out.quantized.shape == z.shape and out.quantized.dtype == z.dtype
+        assert out.indices.shape == leading and out.indices.dtype == torch.int64
+        assert out.loss.shape == () and out.perplexity.shape == ()
+        assert 1 - 1e-5 <= out.perplexity <= K
+        if quantizer_cls in MLR_OR_GUMBEL:
+            assert out.logits.shape == (*leading, K) and out.logits.dtype == torch.float32
+        else:
+            assert out.logits is None
+        assert q.codebook.shape == (K, DIM)
+
+
+def test_eval_is_deterministic_and_matches_indices_to_codes(quantizer_cls):
+    q = quantizer_cls(DIM, K).eval()
+    z = torch.randn(4, 10, DIM)
+    first = q(z)
+    torch.manual_seed(123)  # eval must not draw noise
+    second = q(z)
+    assert torch.equal(first.indices, second.indices) and torch.equal(first.quantized, second.quantized)
+    assert torch.equal(q.indices_to_codes(first.indices), first.quantized)
+    if first.logits is not None:
+        assert torch.equal(first.indices, first.logits.argmax(-1))
+
+
+def test_training_output_is_exactly_the_chosen_code(quantizer_cls):
+    q = quantizer_cls(DIM, K).train()
+    out = q(torch.randn(50, DIM))
+    assert torch.equal(out.quantized, q.indices_to_codes(out.indices))
+
+
+def test_hypervq_codebook_is_offset_times_unit_normal():
+    q = HyperVQ(DIM, K)
+    unit = q.normals / q.normals.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(q.codebook, q.offsets[:, None] * unit)
+    z = torch.randn(3, 5, DIM)
+    torch.testing.assert_close(q.logits(z), q.eval()(z).logits)
+
+
+def test_hypervq_train_samples_codes_from_softmax_of_logits():
+    """Gumbel-max: the training codes are draws from Categorical(softmax(logits)), whatever the temperature."""
+    q = HyperVQ(4, 3, curvature=1.0)
+    with torch.no_grad():
+        q.normals.copy_(torch.eye(3, 4))
+        q.offsets.fill_(0.1)
+    z = torch.full((40000, 4), 0.3)
+    z[:, 3] = 0.0
+    out = q.train()(z)
+    probs = torch.softmax(out.logits[0], -1)
+    freq = torch.bincount(out.indices, minlength=3).double() / len(z)
+    torch.testing.assert_close(freq, probs.double(), atol=0.01, rtol=0)
+
+
+def test_gumbel_straight_through_equals_gumbel_softmax_reference():
+    """Same noise, same values and gradients as `y = onehot - sg(y_soft) + y_soft; y @ codebook`."""
+    torch.manual_seed(0)
+    q = HyperVQ(DIM, K).train()
+    q.set_num_updates(50_000)
+    z = torch.randn(64, DIM, requires_grad=True)
+    weights = torch.randn(64, DIM)
+
+    torch.manual_seed(7)
+    out = q(z)
+    (out.quantized * weights).sum().backward()
+    grads = [t.grad.clone() for t in (z, q.normals, q.offsets)]
+    for t in (z, q.normals, q.offsets):
+        t.grad = None
+
+    torch.manual_seed(7)
+    logits = q.logits(z)
+    u = torch.empty_like(logits).uniform_()
+    y_soft = torch.softmax((logits - torch.log(-torch.log(u))) / q.current_temperature, -1)
+    y_hard = F.one_hot(y_soft.argmax(-1), K).float()
+    quantized = (y_hard - y_soft.detach() + y_soft) @ q.codebook
+    (quantized * weights).sum().backward()
+    assert torch.equal(out.indices, y_soft.argmax(-1))
+    torch.testing.assert_close(out.quantized, quantized)
+    for got, t in zip(grads, (z, q.normals, q.offsets)):
+        torch.testing.assert_close(got, t.grad, rtol=1e-4, atol=1e-6)
+
+
+def _grads(q, z, term):
+    q.zero_grad()
+    z.grad = None
+    out = q(z)
+    value = out.quantized.pow(2).sum() if term == "quantized" else out.loss
+    if value.requires_grad:
+        value.backward()
+    named = {"z": z.grad, **{n: p.grad for n, p in q.named_parameters()}}
+    return {n for n, g in named.items() if g is not None and g.abs().sum() > 0}
+
+
+# Which parameters receive gradient from the decoder's side (a loss on `quantized`) and from `out.loss`.
+GRADIENT_PATHS = {
+    HyperVQ: ({"z", "normals", "offsets"}, {"z"}),
+    HyperEmbMatVQ: ({"z", "normals", "offsets", "embedding"}, {"z"}),
+    GumbelVQ: ({"z", "projection_weight", "projection_bias", "embedding"}, set()),
+    KmeansVQ: ({"z"}, {"z", "embedding"}),
+    HyperKmeansVQ: ({"z"}, {"z", "embedding"}),
+}
+
+
+def test_gradient_paths(quantizer_cls):
+    from_quantized, from_loss = GRADIENT_PATHS[quantizer_cls]
+    q = quantizer_cls(DIM, K).train()
+    z = torch.randn(256, DIM, requires_grad=True)
+    assert _grads(q, z, "quantized") == from_quantized
+    assert _grads(q, z, "loss") == from_loss
+
+
+@pytest.mark.parametrize("cls", [KmeansVQ, HyperKmeansVQ])
+def test_codebook_loss_moves_only_the_codebook_and_commitment_only_the_input(cls):
+    z = torch.randn(256, DIM, requires_grad=True)
+    assert _grads(cls(DIM, K, commitment_weight=0.0).train(), z, "loss") == {"embedding"}
+    q = cls(DIM, K, commitment_weight=1.0)
+    out = q(z)
+    codes = q.indices_to_codes(out.indices).detach()
+    torch.testing.assert_close(out.loss, 2 * F.mse_loss(z, codes))
+
+
+@pytest.mark.parametrize("cls", [HyperVQ, HyperEmbMatVQ])
+def test_commitment_weight_scales_the_only_loss_term(cls):
+    z = torch.randn(64, DIM)
+    q = cls(DIM, K, commitment_weight=0.5).eval()
+    out = q(z)
+    torch.testing.assert_close(out.loss, 0.5 * F.mse_loss(z, out.quantized))
+    assert cls(DIM, K, commitment_weight=0.0).eval()(z).loss == 0
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-2, 1.0, 30.0, 1e3])
+def test_finite_outputs_and_gradients_for_large_inputs(quantizer_cls, scale):
+    q = quantizer_cls(DIM, K).train()
+    z = (torch.randn(128, DIM) * scale / DIM**0.5).requires_grad_()
+    out = q(z)
+    for t in (out.quantized, out.loss, out.perplexity, *([] if out.logits is None else [out.logits])):
+        assert torch.isfinite(t).all()
+    (out.quantized.sum() + out.loss + (0 if out.logits is None else out.logits.mean())).backward()
+    for t in (z, *q.parameters()):
+        assert t.grad is None or torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_autocast_inputs(quantizer_cls, dtype):
+    q = quantizer_cls(DIM, K).train()
+    lin = torch.nn.Linear(DIM, DIM)
+    x = torch.randn(64, DIM) * 5
+    with torch.autocast("cpu", dtype=dtype):
+        z = lin(x)
+        assert z.dtype == dtype
+        out = q(z)
+    assert out.quantized.dtype == dtype
+    assert torch.isfinite(out.quantized).all() and torch.isfinite(out.loss)
+    assert out.logits is None or (out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all())
+    (out.quantized.float().sum() + out.loss).backward()
+    assert all(torch.isfinite(p.grad).all() for p in [*lin.parameters()] if p.grad is not None)
+
+
+def test_quantizer_parameters_cast_to_bf16_still_compute_in_fp32(quantizer_cls):
+    q = quantizer_cls(DIM, K).to(torch.bfloat16)
+    out = q(torch.randn(32, DIM, dtype=torch.bfloat16))
+    assert out.quantized.dtype == torch.bfloat16
+    assert out.logits is None or out.logits.dtype == torch.float32
+
+
+def test_temperature_schedule():
+    for q in (HyperVQ(DIM, K), GumbelVQ(DIM, K), HyperEmbMatVQ(DIM, K, temperature=(4.0, 1.0, 0.9))):
+        tau_max, tau_min, decay = q.temperature
+        assert q.current_temperature == tau_max
+        q.set_num_updates(10)
+        assert q.current_temperature == pytest.approx(max(tau_max * decay**10, tau_min))
+        q.set_num_updates(10**9)
+        assert q.current_temperature == tau_min
+    KmeansVQ(DIM, K).set_num_updates(5)  # a no-op where there is no schedule
+
+
+def test_perplexity_counts_code_usage():
+    q = KmeansVQ(2, 4)
+    with torch.no_grad():
+        q.embedding.copy_(torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]]))
+    assert q(torch.tensor([[1.0, 0.1]] * 6)).perplexity == pytest.approx(1.0)
+    z = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]]).repeat(3, 1)
+    assert q(z).perplexity == pytest.approx(4.0, rel=1e-5)
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_n_by_k_by_dim_tensor(quantizer_cls):
+    """The closed forms keep every intermediate at O(N*K) (the naive Möbius form would be N*K*dim)."""
+    n, k, dim = 256, 64, 32
+    q = quantizer_cls(dim, k).train()
+    z = torch.randn(n, dim, requires_grad=True)
+    with _LargestTensor() as mode:
+        out = q(z)
+        (out.quantized.sum() + out.loss).backward()
+    assert mode.largest <= n * k
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: HyperVQ(8, 1), ValueError, "codebook_size"),
+        (lambda: KmeansVQ(8, 0), ValueError, "codebook_size"),
+        (lambda: GumbelVQ(0, 16), ValueError, "dim"),
+        (lambda: HyperVQ(8, 16, curvature=0), ValueError, "curvature"),
+        (lambda: HyperKmeansVQ(8, 16, curvature=-1.0), ValueError, "curvature"),
+        (lambda: HyperEmbMatVQ(8, 16, curvature=float("nan")), ValueError, "curvature"),
+        (lambda: KmeansVQ(8, 16, commitment_weight=-1), ValueError, "commitment_weight"),
+        (lambda: GumbelVQ(8, 16, temperature=(0.5, 2.0, 0.9)), ValueError, "temperature"),
+        (lambda: HyperVQ(8, 16, temperature=2.0), ValueError, "temperature"),
+        (lambda: HyperVQ(8, 16, ball_eps=1.5), ValueError, "ball_eps"),
+    ],
+)
+def test_bad_constructor_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "z, error, match",
+    [
+        (torch.randn(4, 7), ValueError, r"\(\.\.\., dim=8\)"),
+        (torch.randn(()), ValueError, "dim=8"),
+        (torch.randint(0, 5, (4, 8)), TypeError, "floating-point"),
+        ([[0.0] * 8], TypeError, "torch.Tensor"),
+        (torch.tensor([[float("nan")] * 8]), ValueError, "NaN or inf"),
+        (torch.tensor([[float("inf")] + [0.0] * 7]), ValueError, "NaN or inf"),
+        (torch.empty(0, 8), ValueError, "at least one"),
+    ],
+)
+def test_bad_input(quantizer_cls, z, error, match):
+    with pytest.raises(error, match=match):
+        quantizer_cls(8, 16)(z)
+
+
+def test_indices_to_codes_rejects_bad_ids(quantizer_cls):
+    q = quantizer_cls(DIM, K)
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        q.indices_to_codes(torch.tensor([0, K]))
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        q.indices_to_codes(torch.tensor([-1]))
+    with pytest.raises(TypeError, match="integer"):
+        q.indices_to_codes(torch.tensor([0.0]))
+    assert q.indices_to_codes(torch.tensor([[0, K - 1]], dtype=torch.int32)).shape == (1, 2, DIM)
