@@ -3,8 +3,6 @@
 import re
 from pathlib import Path
 
-import pytest
-
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -15,10 +13,16 @@ def test_readme_has_python_snippets():
     assert len(PYTHON_BLOCKS) >= 1
 
 
-@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
-def test_readme_python_snippet_runs(index, tmp_path, monkeypatch, capsys):
+def test_readme_python_snippets_run_in_order(tmp_path, monkeypatch):
+    """The snippets tell one story (a tokenizer saved in one is loaded in the next): run them in order, in one
+    folder and one namespace, as a reader would paste them."""
     monkeypatch.chdir(tmp_path)
-    exec(compile(PYTHON_BLOCKS[index], f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+    namespace = {"__name__": "__readme__"}
+    for index, block in enumerate(PYTHON_BLOCKS):
+        try:
+            exec(compile(block, f"README.md python block {index}", "exec"), namespace)
+        except Exception as error:
+            raise AssertionError(f"README python block {index} failed:\n{block}") from error
 
 
 def test_ci_runs_the_readme_test_command():

@@ -22,7 +22,7 @@ References:
 import torch
 from geoopt.manifolds.stereographic import math as geoopt_math
 
-from . import kernels
+from .kernels import scaled_asinh, scaled_asinh_backward, scaled_asinh_inference
 
 
 # Distance from the boundary, as a fraction of the radius 1/sqrt(c), that `project` keeps. float32 and float64
@@ -127,15 +127,15 @@ class _ScaledAsinhMatmul(torch.autograd.Function):
     def forward(ctx, x, w, scale):
         y = x @ w.T  # (N, K)
         if not any(ctx.needs_input_grad):
-            return kernels.scaled_asinh_inference(y, scale)
-        logits, asinh, root = kernels.scaled_asinh(y, scale)
+            return scaled_asinh_inference(y, scale)
+        logits, asinh, root = scaled_asinh(y, scale)
         ctx.save_for_backward(x, w, scale, asinh, root)
         return logits
 
     @staticmethod
     def backward(ctx, grad_logits):
         x, w, scale, asinh, root = ctx.saved_tensors
-        grad_scale, grad_y = kernels.scaled_asinh_backward(grad_logits, asinh, root, scale)
+        grad_scale, grad_y = scaled_asinh_backward(grad_logits, asinh, root, scale)
         grad_x = grad_y @ w if ctx.needs_input_grad[0] else None
         grad_w = grad_y.T @ x if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, grad_scale

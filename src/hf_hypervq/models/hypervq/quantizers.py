@@ -21,8 +21,8 @@ from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from . import kernels
 from .hyperbolic import expmap0_projected, logmap0, mlr_logits
+from .kernels import gumbel_sample, softmax_backward
 
 
 @dataclass
@@ -74,7 +74,7 @@ class _GumbelStraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, codebook, temperature):
-        indices, soft = kernels.gumbel_sample(logits, torch.empty_like(logits).uniform_(), 1 / temperature)
+        indices, soft = gumbel_sample(logits, torch.empty_like(logits).uniform_(), 1 / temperature)
         ctx.save_for_backward(soft, indices, codebook)
         ctx.temperature = temperature
         ctx.mark_non_differentiable(indices)
@@ -86,7 +86,7 @@ class _GumbelStraightThrough(torch.autograd.Function):
         grad_logits = grad_codebook = None
         if ctx.needs_input_grad[0]:
             grad_soft = grad_quantized @ codebook.T  # (N, K)
-            grad_logits = kernels.softmax_backward(grad_soft, soft, 1 / ctx.temperature)
+            grad_logits = softmax_backward(grad_soft, soft, 1 / ctx.temperature)
         if ctx.needs_input_grad[1]:
             # The straight-through one-hot equals the hard one-hot in value: each row's gradient goes to its code.
             grad_codebook = torch.zeros_like(codebook).index_add_(0, indices, grad_quantized)
@@ -485,3 +485,13 @@ class HyperKmeansVQ(VectorQuantizer):
         codes = logmap0(codes_on_ball, c=c)[indices]  # (N, dim)
         loss = F.mse_loss(codes, z.detach()) + self.commitment_weight * F.mse_loss(z, codes.detach())
         return _StraightThrough.apply(z, codes), indices, loss, None
+
+
+# The quantizers by the name a config uses for them (`configuration_hypervq.QUANTIZER_TYPES`).
+QUANTIZER_CLASSES = {
+    "hyperbolic": HyperVQ,
+    "kmeans": KmeansVQ,
+    "gumbel": GumbelVQ,
+    "hyperbolic_kmeans": HyperKmeansVQ,
+    "hyperbolic_embedding": HyperEmbMatVQ,
+}

@@ -1,0 +1,189 @@
+"""Configurations of the HyperVQ models: the VQ-VAE tokenizer (and its frozen-feature classifier) and the VQ-SA head."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+# The five quantizers (quantizers.py), by the name a config uses for them.
+QUANTIZER_TYPES = ("hyperbolic", "kmeans", "gumbel", "hyperbolic_kmeans", "hyperbolic_embedding")
+# Quantizers with a curvature, and with a Gumbel temperature schedule.
+HYPERBOLIC_QUANTIZERS = ("hyperbolic", "hyperbolic_kmeans", "hyperbolic_embedding")
+GUMBEL_QUANTIZERS = ("hyperbolic", "gumbel", "hyperbolic_embedding")
+
+
+def _check_quantizer_fields(config) -> None:
+    """Value checks shared by the configs that own a quantizer; raised when the config is built."""
+    if config.quantizer_type not in QUANTIZER_TYPES:
+        raise ValueError(f"`quantizer_type` must be one of {QUANTIZER_TYPES}, got {config.quantizer_type!r}")
+    if config.codebook_size < 2:
+        raise ValueError(f"`codebook_size` must be >= 2, got {config.codebook_size}")
+    if not config.curvature > 0:
+        raise ValueError(f"`curvature` must be > 0, got {config.curvature}")
+    if not config.commitment_weight >= 0:
+        raise ValueError(f"`commitment_weight` must be >= 0, got {config.commitment_weight}")
+    temperature = tuple(config.gumbel_temperature)
+    if len(temperature) != 3 or not (0 < temperature[1] <= temperature[0] and 0 < temperature[2] <= 1):
+        raise ValueError(
+            "`gumbel_temperature` must be (tau_max, tau_min, decay) with 0 < tau_min <= tau_max and 0 < decay <= 1, "
+            f"got {config.gumbel_temperature}"
+        )
+    config.gumbel_temperature = [float(t) for t in temperature]
+
+
+def _check_positive(config, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {getattr(config, name)}")
+
+
+@strict
+class HyperVQVAEConfig(PreTrainedConfig):
+    r"""Configuration of `HyperVQVAEModel` (the image tokenizer) and `HyperVQVAEForImageClassification` (a
+    frozen-feature classifier on its codes). Defaults are the Sonnet/zalando CIFAR VQ-VAE (METHOD.md §6) with
+    HyperVQ: 32×32 images become an 8×8 grid of codes from a codebook of 512.
+
+    Args:
+        quantizer_type (`str`, *optional*, defaults to `"hyperbolic"`):
+            The quantizer: `"hyperbolic"` (HyperVQ), `"kmeans"` (VQ-VAE), `"gumbel"` (vq-wav2vec),
+            `"hyperbolic_kmeans"` or `"hyperbolic_embedding"` (the paper's ablations HyperKmeansVQ, HyperEmbMatVQ).
+        num_channels (`int`, *optional*, defaults to 3):
+            Channels of the input images.
+        embedding_dim (`int`, *optional*, defaults to 64):
+            Size of each latent vector, the quantizer's `dim`.
+        codebook_size (`int`, *optional*, defaults to 512):
+            Number of codes K.
+        hidden_size (`int`, *optional*, defaults to 128):
+            Channels of the encoder and decoder trunks (the last strided conv and the residual stack).
+        residual_hidden_size (`int`, *optional*, defaults to 32):
+            Bottleneck channels inside each residual block.
+        num_residual_layers (`int`, *optional*, defaults to 2):
+            Residual blocks in the encoder's stack, and in the decoder's.
+        num_downsamples (`int`, *optional*, defaults to 2):
+            Stride-2 convolutions in the encoder (transposed ones in the decoder): the token grid is the image
+            divided by `2 ** num_downsamples` in each direction.
+        curvature (`float`, *optional*, defaults to 1.0):
+            Curvature c of the Poincaré ball (hyperbolic quantizers only).
+        commitment_weight (`float`, *optional*, defaults to 0.25):
+            Weight of the commitment loss (all quantizers but `"gumbel"`, which has none).
+        gumbel_temperature (`list[float]`, *optional*, defaults to `[2.0, 0.5, 0.999995]`):
+            `(tau_max, tau_min, decay)` of the Gumbel temperature, `tau_j = max(tau_max * decay**j, tau_min)` after
+            j optimizer updates (Gumbel quantizers only).
+        classifier_hidden_size (`int`, *optional*, defaults to 128):
+            Width of the frozen-feature classifier's head (conv 3×3 + ReLU, global average pool, two linear
+            layers; METHOD.md §6); unused by the tokenizer.
+
+    Example:
+
+    ```python
+    >>> from hf_hypervq import HyperVQVAEConfig, HyperVQVAEModel
+    >>> config = HyperVQVAEConfig(quantizer_type="hyperbolic", codebook_size=512)
+    >>> model = HyperVQVAEModel(config)
+    ```
+    """
+
+    model_type = "hypervq_vae"
+
+    quantizer_type: str = "hyperbolic"
+    num_channels: int = 3
+    embedding_dim: int = 64
+    codebook_size: int = 512
+    hidden_size: int = 128
+    residual_hidden_size: int = 32
+    num_residual_layers: int = 2
+    num_downsamples: int = 2
+    curvature: float = 1.0
+    commitment_weight: float = 0.25
+    gumbel_temperature: list[float | int] | tuple[float | int, ...] = (2.0, 0.5, 0.999995)
+    classifier_hidden_size: int = 128
+
+    def __post_init__(self, **kwargs):
+        _check_quantizer_fields(self)
+        _check_positive(
+            self, "num_channels", "embedding_dim", "hidden_size", "residual_hidden_size", "classifier_hidden_size"
+        )
+        if self.num_residual_layers < 0 or self.num_downsamples < 1:
+            raise ValueError(
+                "`num_residual_layers` must be >= 0 and `num_downsamples` >= 1, got "
+                f"{self.num_residual_layers} and {self.num_downsamples}"
+            )
+        if self.hidden_size % 2 ** (self.num_downsamples - 1):
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by 2**(num_downsamples - 1) "
+                f"({2 ** (self.num_downsamples - 1)}): each strided conv before the last has half the next one's width"
+            )
+        super().__post_init__(**kwargs)
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Image pixels per token, in each direction."""
+        return 2**self.num_downsamples
+
+
+@strict
+class HyperVQSAConfig(PreTrainedConfig):
+    r"""Configuration of `HyperVQSAForImageClassification`: VQ-SA (Yang et al., CVPR 2023; METHOD.md §7) with a
+    HyperVQ quantizer. A ResNet's pooled feature is quantized, the code and the feature attend to each other as two
+    tokens, and the fused result feeds the classifier.
+
+    Args:
+        backbone_config (`dict` or `PreTrainedConfig`, *optional*):
+            The transformers ResNet; defaults to ResNet-50 (`ResNetConfig()`).
+        quantizer_type (`str`, *optional*, defaults to `"hyperbolic"`):
+            As in `HyperVQVAEConfig`; `"kmeans"` is the Euclidean VQ of the original VQ-SA.
+        codebook_size (`int`, *optional*, defaults to 1000):
+            Number of codes K (VQ-SA's recommended value).
+        feature_scale (`str`, *optional*, defaults to `"sqrt_dim"`):
+            How the pooled feature f is scaled before the quantizer and the attention (METHOD.md §7.4). ResNet
+            features are non-negative with norms far above 1, so with c = 1 raw features all land on the ball's
+            boundary and only their direction survives. `"sqrt_dim"` uses `f / sqrt(dim)` (norms near 1 for
+            ResNet-50), `"l2"` uses `f / ||f||` (direction only, like VQ-SA's cosine selection), `"none"` uses f.
+        curvature (`float`, *optional*, defaults to 1.0):
+            Curvature c of the Poincaré ball (hyperbolic quantizers only).
+        commitment_weight (`float`, *optional*, defaults to 0.25):
+            Weight of the commitment loss.
+        gumbel_temperature (`list[float]`, *optional*, defaults to `[2.0, 0.5, 0.999995]`):
+            `(tau_max, tau_min, decay)` of the Gumbel temperature (Gumbel quantizers only).
+        attention_scale (`float`, *optional*, defaults to `2 ** -0.5`):
+            Scale of the two-token attention scores: VQ-SA's 1/sqrt(2), applied in training and eval alike (the
+            released code drops it in eval).
+        freeze_backbone (`bool`, *optional*, defaults to `False`):
+            Keep the ResNet frozen (and in eval mode); VQ-SA fine-tunes it.
+
+    Example:
+
+    ```python
+    >>> from hf_hypervq import HyperVQSAConfig
+    >>> config = HyperVQSAConfig(num_labels=1000)   # ResNet-50 backbone, HyperVQ with K = 1000
+    ```
+    """
+
+    model_type = "hypervq_sa"
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet")}
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    quantizer_type: str = "hyperbolic"
+    codebook_size: int = 1000
+    feature_scale: str = "sqrt_dim"
+    curvature: float = 1.0
+    commitment_weight: float = 0.25
+    gumbel_temperature: list[float | int] | tuple[float | int, ...] = (2.0, 0.5, 0.999995)
+    attention_scale: float = 2**-0.5
+    freeze_backbone: bool = False
+
+    def __post_init__(self, **kwargs):
+        _check_quantizer_fields(self)
+        if self.feature_scale not in ("sqrt_dim", "l2", "none"):
+            raise ValueError(f"`feature_scale` must be 'sqrt_dim', 'l2' or 'none', got {self.feature_scale!r}")
+        if not self.attention_scale > 0:
+            raise ValueError(f"`attention_scale` must be > 0, got {self.attention_scale}")
+        if isinstance(self.backbone_config, dict) and "model_type" not in self.backbone_config:
+            self.backbone_config = {**self.backbone_config, "model_type": "resnet"}  # a plain dict of ResNet fields
+        super().__post_init__(**kwargs)
+        if self.backbone_config.model_type != "resnet":
+            raise ValueError(f"`backbone_config` must be a ResNet config, got {self.backbone_config.model_type!r}")
+
+    @property
+    def feature_dim(self) -> int:
+        """Size of the backbone's pooled feature (2048 for ResNet-50)."""
+        return self.backbone_config.hidden_sizes[-1]

@@ -1,0 +1,61 @@
+"""Image processor of the HyperVQ models (PIL backend: no torchvision needed)."""
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers.image_processing_backends import PilBackend
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+
+
+class HyperVQImageProcessor(PilBackend):
+    r"""Resizes, rescales to [0, 1] and normalises images for the HyperVQ models, and turns reconstructions back
+    into PIL images.
+
+    The defaults suit the tokenizer: RGB, 32×32, normalised to [-1, 1] (mean 0.5, std 0.5). Every option of
+    transformers' image processors can be overridden (`size`, `image_mean`, `do_center_crop`, ...), and
+    `HyperVQImageProcessor.for_imagenet()` gives the ResNet/VQ-SA preprocessing. For single-channel tokenizers pass
+    `do_convert_rgb=False, image_mean=[0.5], image_std=[0.5]`.
+
+    Example:
+
+    ```python
+    >>> processor = HyperVQImageProcessor()
+    >>> pixel_values = processor(images=pil_image, return_tensors="pt")["pixel_values"]   # (1, 3, 32, 32)
+    >>> processor.postprocess_reconstruction(model(pixel_values).reconstruction)[0]        # a PIL image
+    ```
+    """
+
+    model_input_names = ["pixel_values"]
+    resample = PILImageResampling.BILINEAR
+    size = {"height": 32, "width": 32}
+    do_resize = True
+    do_center_crop = False
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
+    do_convert_rgb = True
+
+    @classmethod
+    def for_imagenet(cls, **kwargs) -> "HyperVQImageProcessor":
+        """ResNet/ImageNet evaluation preprocessing: shortest edge 256, centre crop 224, ImageNet mean and std."""
+        defaults = {
+            "size": {"shortest_edge": 256},
+            "do_center_crop": True,
+            "crop_size": {"height": 224, "width": 224},
+            "image_mean": list(IMAGENET_DEFAULT_MEAN),
+            "image_std": list(IMAGENET_DEFAULT_STD),
+        }
+        return cls(**{**defaults, **kwargs})
+
+    def postprocess_reconstruction(self, reconstruction: torch.Tensor) -> list[Image.Image]:
+        """Undo the normalisation of model outputs `(B, C, H, W)` and return PIL images (clipped to [0, 255])."""
+        if not isinstance(reconstruction, torch.Tensor) or reconstruction.ndim != 4:
+            raise ValueError("`reconstruction` must be a tensor of shape (batch, channels, height, width)")
+        channels = reconstruction.shape[1]
+        mean = torch.as_tensor(self.image_mean, dtype=torch.float32).reshape(-1, 1, 1).expand(channels, 1, 1)
+        std = torch.as_tensor(self.image_std, dtype=torch.float32).reshape(-1, 1, 1).expand(channels, 1, 1)
+        pixels = (reconstruction.detach().float().cpu() * std + mean).clamp(0, 1) * 255
+        arrays = pixels.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, C)
+        return [Image.fromarray(a[..., 0] if channels == 1 else np.ascontiguousarray(a)) for a in arrays]

@@ -1,0 +1,481 @@
+"""HyperVQ models as transformers `PreTrainedModel`s.
+
+- `HyperVQVAEModel`: the image tokenizer, a VQ-VAE (Sonnet/zalando architecture, METHOD.md §6) whose quantizer is
+  any of the five in quantizers.py; pixels -> `image_tokens` (B, h, w) -> pixels.
+- `HyperVQVAEForImageClassification`: the paper's frozen-feature classifier on a tokenizer's quantized latents.
+- `HyperVQSAForImageClassification`: VQ-SA (Yang et al., CVPR 2023) on a transformers ResNet, with HyperVQ as
+  its quantizer.
+
+References: Goswami et al., "HyperVQ", arXiv 2403.13015; van den Oord et al., "Neural Discrete Representation
+Learning", NeurIPS 2017; Yang et al., "Context-Aware Robust Fine-Tuning / VQ-SA", CVPR 2023.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, ResNetForImageClassification, ResNetModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
+from transformers.utils import ModelOutput, can_return_tuple
+
+from .configuration_hypervq import GUMBEL_QUANTIZERS, HYPERBOLIC_QUANTIZERS, HyperVQSAConfig, HyperVQVAEConfig
+from .quantizers import QUANTIZER_CLASSES, VectorQuantizer
+
+
+# The remote-code name (file.class) of the tokenizer, as `save_pretrained` copies it.
+_AUTO_MODEL = "modeling_hypervq.HyperVQVAEModel"
+
+
+def build_quantizer(config, dim: int) -> VectorQuantizer:
+    """The quantizer a config asks for, with the options that apply to its type."""
+    kwargs = {}
+    if config.quantizer_type in HYPERBOLIC_QUANTIZERS:
+        kwargs["curvature"] = config.curvature
+    if config.quantizer_type in GUMBEL_QUANTIZERS:
+        kwargs["temperature"] = tuple(config.gumbel_temperature)
+    if config.quantizer_type != "gumbel":
+        kwargs["commitment_weight"] = config.commitment_weight
+    return QUANTIZER_CLASSES[config.quantizer_type](dim, config.codebook_size, **kwargs)
+
+
+@dataclass
+class HyperVQVAEEncoderOutput(ModelOutput):
+    """Output of `HyperVQVAEModel.encode`.
+
+    Args:
+        latents (`torch.FloatTensor` of shape `(batch_size, embedding_dim, height, width)`):
+            The encoder's output before quantization, z_e.
+        quantized_latents (`torch.FloatTensor` of shape `(batch_size, embedding_dim, height, width)`):
+            The code vectors the decoder receives, z_q.
+        image_tokens (`torch.LongTensor` of shape `(batch_size, height, width)`):
+            The code ids.
+        quantizer_loss (`torch.FloatTensor` of shape `()`):
+            The quantizer's own (weighted) loss terms.
+        perplexity (`torch.FloatTensor` of shape `()`):
+            `exp(entropy)` of the batch's code histogram.
+        logits (`torch.FloatTensor` of shape `(batch_size, height, width, codebook_size)`, *optional*):
+            The quantizer's code scores (MLR/Gumbel quantizers only).
+    """
+
+    latents: torch.FloatTensor | None = None
+    quantized_latents: torch.FloatTensor | None = None
+    image_tokens: torch.LongTensor | None = None
+    quantizer_loss: torch.FloatTensor | None = None
+    perplexity: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+
+
+@dataclass
+class HyperVQVAEModelOutput(ModelOutput):
+    """Output of `HyperVQVAEModel.forward`.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`):
+            `reconstruction_loss + quantizer_loss`, the training objective.
+        reconstruction (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            The decoded images, in the image processor's normalised range.
+        reconstruction_loss (`torch.FloatTensor` of shape `()`):
+            Mean squared error between `reconstruction` and `pixel_values`.
+        quantizer_loss (`torch.FloatTensor` of shape `()`):
+            The quantizer's own (weighted) loss terms.
+        image_tokens (`torch.LongTensor` of shape `(batch_size, height / f, width / f)`):
+            The code ids, f being `config.downsampling_factor`.
+        perplexity (`torch.FloatTensor` of shape `()`):
+            `exp(entropy)` of the batch's code histogram.
+        latents (`torch.FloatTensor` of shape `(batch_size, embedding_dim, height / f, width / f)`):
+            The encoder's output before quantization.
+        quantized_latents (`torch.FloatTensor` of shape `(batch_size, embedding_dim, height / f, width / f)`):
+            The code vectors the decoder received.
+    """
+
+    loss: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    quantizer_loss: torch.FloatTensor | None = None
+    image_tokens: torch.LongTensor | None = None
+    perplexity: torch.FloatTensor | None = None
+    latents: torch.FloatTensor | None = None
+    quantized_latents: torch.FloatTensor | None = None
+
+
+@dataclass
+class HyperVQSAImageClassifierOutput(ModelOutput):
+    """Output of `HyperVQSAForImageClassification`.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Cross-entropy plus the quantizer's loss, when `labels` are given.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Classification scores.
+        image_tokens (`torch.LongTensor` of shape `(batch_size,)`):
+            The code of each image's pooled feature.
+        perplexity (`torch.FloatTensor` of shape `()`):
+            `exp(entropy)` of the batch's code histogram.
+        attentions (`torch.FloatTensor` of shape `(batch_size, 2, 2)`, *optional*):
+            The two-token attention weights (queries × keys, code first), with `output_attentions=True`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    image_tokens: torch.LongTensor | None = None
+    perplexity: torch.FloatTensor | None = None
+    attentions: torch.FloatTensor | None = None
+
+
+class HyperVQPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the precision policy shared by every HyperVQ model."""
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    # The ball's math is unsafe in half precision (METHOD.md §2): the quantizer stays float32 when a model is loaded
+    # with `dtype=torch.bfloat16`/`float16` (the plain `_keep_in_fp32_modules` only covers float16).
+    _keep_in_fp32_modules_strict = ["quantizer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # Only `transformers.initialization` functions: they skip tensors that `from_pretrained` already loaded.
+        if isinstance(module, HyperVQSAAttention):
+            for projection in (module.query, module.key, module.value):
+                init.kaiming_normal_(projection.weight)  # as VQ-SA
+        elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            # PyTorch's own default, as in the Sonnet/zalando VQ-VAE (transformers' default is normal(0, 0.02))
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+                init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        elif isinstance(module, VectorQuantizer):
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """Step the quantizer's schedule (the Gumbel temperature); call after every optimizer update."""
+        for module in self.modules():
+            if isinstance(module, VectorQuantizer):
+                module.set_num_updates(num_updates)
+
+
+class HyperVQVAEResidualStack(nn.Module):
+    """`num_residual_layers` × [ReLU, conv 3×3 (no bias), ReLU, conv 1×1 (no bias)] with identity skips, then ReLU."""
+
+    def __init__(self, config: HyperVQVAEConfig):
+        super().__init__()
+        hidden, bottleneck = config.hidden_size, config.residual_hidden_size
+        self.layers = nn.ModuleList(
+            nn.Sequential(
+                nn.ReLU(),
+                nn.Conv2d(hidden, bottleneck, 3, padding=1, bias=False),
+                nn.ReLU(),
+                nn.Conv2d(bottleneck, hidden, 1, bias=False),
+            )
+            for _ in range(config.num_residual_layers)
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = hidden_states + layer(hidden_states)
+        return F.relu(hidden_states)
+
+
+def _trunk_widths(config: HyperVQVAEConfig) -> list[int]:
+    """Output channels of the strided convs: each has half the next one's width, the last `hidden_size`."""
+    n = config.num_downsamples
+    return [config.hidden_size // 2 ** (n - 1 - i) for i in range(n)]
+
+
+class HyperVQVAEEncoder(nn.Module):
+    """Stride-2 convs 4×4 (+ReLU), a conv 3×3, the residual stack, and a 1×1 conv to `embedding_dim`."""
+
+    def __init__(self, config: HyperVQVAEConfig):
+        super().__init__()
+        layers, channels = [], config.num_channels
+        for width in _trunk_widths(config):
+            layers += [nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.ReLU()]
+            channels = width
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), HyperVQVAEResidualStack(config)]
+        self.layers = nn.Sequential(*layers)
+        self.projection = nn.Conv2d(channels, config.embedding_dim, 1)  # sets the latents' scale before the ball
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.layers(pixel_values))
+
+
+class HyperVQVAEDecoder(nn.Module):
+    """The encoder's mirror: a conv 3×3 from `embedding_dim`, the residual stack, stride-2 transposed convs 4×4."""
+
+    def __init__(self, config: HyperVQVAEConfig):
+        super().__init__()
+        widths = _trunk_widths(config)[::-1]  # e.g. [128, 64]
+        layers = [nn.Conv2d(config.embedding_dim, widths[0], 3, padding=1), HyperVQVAEResidualStack(config)]
+        for width, next_width in zip(widths, [*widths[1:], config.num_channels]):
+            layers += [nn.ConvTranspose2d(width, next_width, 4, stride=2, padding=1), nn.ReLU()]
+        self.layers = nn.Sequential(*layers[:-1])  # no ReLU after the last layer
+
+    def forward(self, quantized_latents: torch.Tensor) -> torch.Tensor:
+        return self.layers(quantized_latents)
+
+
+class HyperVQVAEPreTrainedModel(HyperVQPreTrainedModel):
+    config: HyperVQVAEConfig
+    base_model_prefix = "hypervq"
+    _no_split_modules = ["HyperVQVAEEncoder", "HyperVQVAEDecoder"]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # A classifier checkpoint holds a whole tokenizer: let `AutoModel` load it as one, also through
+        # `trust_remote_code=True` where hf_hypervq is not installed.
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": _AUTO_MODEL}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class HyperVQVAEModel(HyperVQVAEPreTrainedModel):
+    """The HyperVQ-VAE image tokenizer: `encode` / `get_image_tokens` turn pixels into a grid of code ids,
+    `decode` / `decode_tokens` turn codes back into pixels, `forward` does both and computes the training loss.
+
+    Example:
+
+    ```python
+    >>> model = HyperVQVAEModel(HyperVQVAEConfig()).eval()
+    >>> tokens = model.get_image_tokens(torch.randn(2, 3, 32, 32))   # (2, 8, 8)
+    >>> images = model.decode_tokens(tokens)                         # (2, 3, 32, 32)
+    ```
+    """
+
+    def __init__(self, config: HyperVQVAEConfig):
+        super().__init__(config)
+        self.encoder = HyperVQVAEEncoder(config)
+        self.quantizer = build_quantizer(config, dim=config.embedding_dim)
+        self.decoder = HyperVQVAEDecoder(config)
+        self.post_init()
+
+    def _check_pixel_values(self, pixel_values) -> None:
+        factor, channels = self.config.downsampling_factor, self.config.num_channels
+        expected = f"(batch, {channels}, height, width) with height and width multiples of {factor}"
+        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+            got = pixel_values.dtype if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise TypeError(f"`pixel_values` must be a float tensor of shape {expected}; got {got}")
+        shape = tuple(pixel_values.shape)
+        if (
+            len(shape) != 4
+            or shape[1] != channels
+            or min(shape[2:]) < factor
+            or shape[2] % factor
+            or shape[3] % factor
+        ):
+            raise ValueError(f"`pixel_values` must have shape {expected} (the downsampling factor); got {shape}")
+
+    def encode(self, pixel_values: torch.Tensor) -> HyperVQVAEEncoderOutput:
+        """Encode and quantize `pixel_values` `(B, C, H, W)`."""
+        self._check_pixel_values(pixel_values)
+        latents = self.encoder(pixel_values)  # (B, D, h, w)
+        quantized = self.quantizer(latents.permute(0, 2, 3, 1))  # channel-last: (B, h, w, D)
+        return HyperVQVAEEncoderOutput(
+            latents=latents,
+            quantized_latents=quantized.quantized.permute(0, 3, 1, 2),  # (B, D, h, w)
+            image_tokens=quantized.indices,
+            quantizer_loss=quantized.loss,
+            perplexity=quantized.perplexity,
+            logits=quantized.logits,
+        )
+
+    def decode(self, quantized_latents: torch.Tensor) -> torch.Tensor:
+        """Decode code vectors `(B, embedding_dim, h, w)` into images `(B, C, h * f, w * f)`."""
+        return self.decoder(quantized_latents)
+
+    def get_image_tokens(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+        """The code ids `(B, H / f, W / f)` of images `(B, C, H, W)`, f being `config.downsampling_factor`."""
+        return self.encode(pixel_values).image_tokens
+
+    def decode_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Images `(B, C, h * f, w * f)` from code ids `(B, h, w)`; on an image's own tokens this equals the eval
+        reconstruction of that image."""
+        if not isinstance(image_tokens, torch.Tensor) or image_tokens.ndim != 3:
+            got = tuple(image_tokens.shape) if isinstance(image_tokens, torch.Tensor) else type(image_tokens).__name__
+            raise ValueError(f"`image_tokens` must be an integer tensor of shape (batch, height, width); got {got}")
+        if image_tokens.is_floating_point():
+            raise ValueError(f"`image_tokens` must be an integer tensor of code ids; got dtype {image_tokens.dtype}")
+        try:
+            codes = self.quantizer.indices_to_codes(image_tokens)  # (B, h, w, D)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"`image_tokens`: {error}") from None
+        return self.decode(codes.permute(0, 3, 1, 2).to(self.decoder.layers[0].weight.dtype))
+
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> HyperVQVAEModelOutput:
+        r"""Encode, quantize and decode `pixel_values` `(B, C, H, W)`; the loss is the reconstruction MSE plus the
+        quantizer's loss."""
+        encoded = self.encode(pixel_values)
+        reconstruction = self.decode(encoded.quantized_latents)
+        reconstruction_loss = F.mse_loss(reconstruction.float(), pixel_values.float())
+        return HyperVQVAEModelOutput(
+            loss=reconstruction_loss + encoded.quantizer_loss,
+            reconstruction=reconstruction,
+            reconstruction_loss=reconstruction_loss,
+            quantizer_loss=encoded.quantizer_loss,
+            image_tokens=encoded.image_tokens,
+            perplexity=encoded.perplexity,
+            latents=encoded.latents,
+            quantized_latents=encoded.quantized_latents,
+        )
+
+
+class HyperVQVAEForImageClassification(HyperVQVAEPreTrainedModel):
+    """The paper's frozen-feature classifier (§4.3.2): the quantized latents of a trained tokenizer feed a light
+    head (conv 3×3 + ReLU, global average pool, linear + ReLU, linear). The tokenizer stays frozen and in eval mode;
+    only the head trains.
+
+    `HyperVQVAEForImageClassification.from_pretrained(tokenizer_dir, num_labels=...)` loads a tokenizer's weights,
+    freezes them and initialises the head. The whole tokenizer (decoder included) is kept, so a classifier
+    checkpoint also loads as a tokenizer with `AutoModel`.
+    """
+
+    def __init__(self, config: HyperVQVAEConfig):
+        super().__init__(config)
+        self.hypervq = HyperVQVAEModel(config)
+        hidden = config.classifier_hidden_size
+        self.classifier = nn.Sequential(
+            nn.Conv2d(config.embedding_dim, hidden, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, config.num_labels),
+        )
+        self.post_init()
+        self.freeze_tokenizer()
+
+    def freeze_tokenizer(self) -> None:
+        """No gradient to the tokenizer, and eval mode for it (its quantizer then draws no Gumbel noise)."""
+        self.hypervq.requires_grad_(False)
+        self.hypervq.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.hypervq.eval()
+        return self
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` gives a tuple
+        model.freeze_tokenizer()  # loading hands every parameter back with requires_grad=True (HF-NOTES.md §0.9)
+        return loaded
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.LongTensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutputWithNoAttention:
+        r"""labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids for the cross-entropy loss."""
+        with torch.no_grad():
+            features = self.hypervq.encode(pixel_values).quantized_latents  # (B, D, h, w)
+        logits = self.classifier(features)
+        loss = None if labels is None else self.loss_function(labels, logits, self.config)
+        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits)
+
+
+class HyperVQSAAttention(nn.Module):
+    """VQ-SA's self-attention over two tokens, the code vector and the feature: bias-free query/key/value
+    projections, softmax over the keys, scores scaled by `scale` (VQ-SA: 1/sqrt(2), in train and eval alike)."""
+
+    def __init__(self, dim: int, scale: float):
+        super().__init__()
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.scale = scale
+
+    def forward(self, code: torch.Tensor, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.stack([code, feature], dim=1)  # (B, 2, D)
+        query, key, value = self.query(tokens), self.key(tokens), self.value(tokens)
+        weights = torch.softmax(query @ key.transpose(1, 2) * self.scale, dim=-1)  # (B, 2 queries, 2 keys)
+        return (weights @ value).flatten(1), weights  # (B, 2 * D), code token first
+
+
+class HyperVQSAForImageClassification(HyperVQPreTrainedModel):
+    """VQ-SA (Yang et al., CVPR 2023) with a HyperVQ quantizer (METHOD.md §7): ResNet pooled feature f →
+    quantizer → self-attention over (code, f) → fuse (2·D → D) + ReLU → classifier. The loss is the cross-entropy
+    plus the quantizer's loss. Build it from a ResNet image classifier with `from_resnet`.
+    """
+
+    config: HyperVQSAConfig
+    base_model_prefix = "hypervq_sa"
+
+    def __init__(self, config: HyperVQSAConfig):
+        super().__init__(config)
+        dim = config.feature_dim
+        self.resnet = ResNetModel(config.backbone_config)
+        self.quantizer = build_quantizer(config, dim=dim)
+        self.attention = HyperVQSAAttention(dim, config.attention_scale)
+        self.fuse = nn.Sequential(nn.Linear(2 * dim, dim), nn.ReLU())
+        self.classifier = nn.Linear(dim, config.num_labels)
+        self.post_init()
+        if config.freeze_backbone:
+            self.resnet.requires_grad_(False)
+
+    @classmethod
+    def from_resnet(cls, resnet_name_or_path: str, **config_kwargs) -> "HyperVQSAForImageClassification":
+        """VQ-SA on a transformers ResNet image classifier (a folder or a Hub id such as `microsoft/resnet-50`): the
+        backbone and the final linear layer are copied from it; the quantizer, attention and fuse layers are new.
+        `config_kwargs` go to `HyperVQSAConfig` (e.g. `quantizer_type="kmeans"`, `codebook_size=1000`)."""
+        resnet = ResNetForImageClassification.from_pretrained(resnet_name_or_path)
+        labels = {"id2label": resnet.config.id2label, "label2id": resnet.config.label2id}
+        config = HyperVQSAConfig(backbone_config=resnet.config.to_dict(), **labels, **config_kwargs)
+        model = cls(config)
+        model.resnet.load_state_dict(resnet.resnet.state_dict())
+        model.classifier.load_state_dict(resnet.classifier[-1].state_dict())
+        return model
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if model.config.freeze_backbone:  # loading hands every parameter back with requires_grad=True
+            model.resnet.requires_grad_(False)
+        return loaded
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_backbone:
+            self.resnet.eval()  # frozen BatchNorm statistics must not drift
+        return self
+
+    def _scale_features(self, features: torch.Tensor) -> torch.Tensor:
+        if self.config.feature_scale == "sqrt_dim":
+            return features / math.sqrt(features.shape[-1])
+        if self.config.feature_scale == "l2":
+            return F.normalize(features, dim=-1)
+        return features
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.LongTensor | None = None,
+        output_attentions: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> HyperVQSAImageClassifierOutput:
+        r"""labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids for the cross-entropy loss.
+        output_attentions (`bool`, *optional*): also return the two-token attention weights."""
+        features = self._scale_features(self.resnet(pixel_values).pooler_output.flatten(1))  # (B, D)
+        quantized = self.quantizer(features)
+        attended, weights = self.attention(quantized.quantized, features)
+        logits = self.classifier(self.fuse(attended))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config) + quantized.loss
+        return HyperVQSAImageClassifierOutput(
+            loss=loss,
+            logits=logits,
+            image_tokens=quantized.indices,
+            perplexity=quantized.perplexity,
+            attentions=weights if output_attentions else None,
+        )

@@ -1,0 +1,404 @@
+"""The transformers models: tokenizer, frozen-feature classifier, VQ-SA head, image processor, Auto classes, pipelines."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+    pipeline,
+)
+
+from hf_hypervq import (
+    HyperVQImageProcessor,
+    HyperVQSAConfig,
+    HyperVQSAForImageClassification,
+    HyperVQVAEConfig,
+    HyperVQVAEForImageClassification,
+    HyperVQVAEModel,
+)
+from hf_hypervq.models.hypervq.configuration_hypervq import QUANTIZER_TYPES
+from hf_hypervq.models.hypervq.quantizers import QUANTIZER_CLASSES
+
+
+TINY = dict(hidden_size=16, residual_hidden_size=8, embedding_dim=8, codebook_size=16, num_residual_layers=1)
+TINY_RESNET = dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5)
+LABELS = {"id2label": {0: "zero", 1: "one", 2: "two"}, "label2id": {"zero": 0, "one": 1, "two": 2}}
+
+
+def tiny_config(**overrides) -> HyperVQVAEConfig:
+    return HyperVQVAEConfig(**{**TINY, **overrides})
+
+
+def images(batch=2, size=16, seed=0):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def save_tokenizer(model, path, size=16):
+    model.save_pretrained(path)
+    HyperVQImageProcessor(size={"height": size, "width": size}).save_pretrained(path)
+    return str(path)
+
+
+def pil_image(seed=0, size=(20, 17)):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+# ---- configs ----
+
+
+@pytest.mark.parametrize("config_class", [HyperVQVAEConfig, HyperVQSAConfig])
+def test_every_config_field_is_documented(config_class):
+    own_fields = {f.name for f in dataclasses.fields(config_class)} - {
+        f.name for f in dataclasses.fields(config_class.__mro__[1])
+    }
+    assert own_fields
+    for name in own_fields:
+        assert f"    {name} (`" in config_class.__doc__, name
+
+
+def test_config_quantizer_names_match_the_quantizers():
+    assert set(QUANTIZER_TYPES) == set(QUANTIZER_CLASSES)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(quantizer_type="nearest"), "quantizer_type"),
+        (dict(codebook_size=1), "codebook_size"),
+        (dict(embedding_dim=0), "embedding_dim"),
+        (dict(hidden_size=-8), "hidden_size"),
+        (dict(hidden_size=6, num_downsamples=3), "hidden_size"),
+        (dict(num_downsamples=0), "num_downsamples"),
+        (dict(curvature=0.0), "curvature"),
+        (dict(commitment_weight=-1.0), "commitment_weight"),
+        (dict(gumbel_temperature=[0.5, 2.0, 0.9]), "gumbel_temperature"),
+    ],
+)
+def test_bad_config_is_rejected_when_built(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HyperVQVAEConfig(**kwargs)
+
+
+def test_config_field_types_are_checked():
+    with pytest.raises(StrictDataclassError, match="codebook_size"):
+        HyperVQVAEConfig(codebook_size="512")
+    with pytest.raises(ValueError, match="feature_scale"):
+        HyperVQSAConfig(feature_scale="batchnorm")
+    with pytest.raises(ValueError, match="ResNet"):
+        HyperVQSAConfig(backbone_config={"model_type": "vit"})
+
+
+# ---- the tokenizer ----
+
+
+@pytest.mark.parametrize("quantizer_type", QUANTIZER_TYPES)
+def test_tokenizer_forward_and_token_round_trip(quantizer_type):
+    model = HyperVQVAEModel(tiny_config(quantizer_type=quantizer_type))
+    assert type(model.quantizer) is QUANTIZER_CLASSES[quantizer_type]
+    x = images()
+    out = model.train()(x)
+    assert out.reconstruction.shape == x.shape
+    assert out.image_tokens.shape == (2, 4, 4) and out.image_tokens.dtype == torch.int64
+    assert out.latents.shape == out.quantized_latents.shape == (2, 8, 4, 4)
+    torch.testing.assert_close(out.reconstruction_loss, F.mse_loss(out.reconstruction, x))
+    torch.testing.assert_close(out.loss, out.reconstruction_loss + out.quantizer_loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())
+
+    model.eval()
+    with torch.no_grad():
+        tokens = model.get_image_tokens(x)
+        assert torch.equal(model.decode_tokens(tokens), model(x).reconstruction)
+        assert torch.equal(tokens, model(x).image_tokens)
+
+
+def test_set_num_updates_reaches_the_quantizer():
+    model = HyperVQVAEModel(tiny_config(gumbel_temperature=[2.0, 0.5, 0.5]))
+    model.set_num_updates(1)
+    assert model.quantizer.current_temperature == 1.0
+
+
+@pytest.mark.parametrize("quantizer_type", QUANTIZER_TYPES)
+def test_save_and_from_pretrained_give_identical_outputs(quantizer_type, tmp_path):
+    """Guards the re-initialisation traps of transformers 5 loading (HF-NOTES.md §0)."""
+    model = HyperVQVAEModel(tiny_config(quantizer_type=quantizer_type)).eval()
+    with torch.no_grad():  # move every parameter away from its init, so a re-init would show
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_tokenizer(model, tmp_path)
+    for loaded in (HyperVQVAEModel.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path)):
+        assert type(loaded) is HyperVQVAEModel
+        for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(a, b), name
+        x = images()
+        with torch.no_grad():
+            assert torch.equal(model(x).reconstruction, loaded.eval()(x).reconstruction)
+    assert AutoConfig.from_pretrained(tmp_path).quantizer_type == quantizer_type
+    assert (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "pixel_values, error, match",
+    [
+        (torch.randn(2, 1, 16, 16), ValueError, r"\(batch, 3, height, width\)"),
+        (torch.randn(2, 3, 2, 2), ValueError, "multiples of 4"),
+        (torch.randn(2, 3, 18, 16), ValueError, "multiples of 4"),
+        (torch.randn(3, 16, 16), ValueError, "shape"),
+        (torch.randint(0, 255, (2, 3, 16, 16)), TypeError, "float tensor"),
+    ],
+)
+def test_tokenizer_rejects_bad_images(pixel_values, error, match):
+    with pytest.raises(error, match=match):
+        HyperVQVAEModel(tiny_config())(pixel_values)
+
+
+def test_decode_tokens_rejects_bad_tokens():
+    model = HyperVQVAEModel(tiny_config())
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        model.decode_tokens(torch.full((1, 4, 4), 16))
+    with pytest.raises(ValueError, match=r"\(batch, height, width\)"):
+        model.decode_tokens(torch.zeros(16, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        model.decode_tokens(torch.zeros(1, 4, 4))
+
+
+def test_bf16_load_keeps_the_quantizer_in_fp32_and_trains_finite(tmp_path):
+    save_tokenizer(HyperVQVAEModel(tiny_config()), tmp_path)
+    model = HyperVQVAEModel.from_pretrained(tmp_path, dtype=torch.bfloat16).train()
+    assert model.encoder.projection.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.quantizer.parameters())
+    out = model(images().to(torch.bfloat16))
+    assert torch.isfinite(out.loss) and out.reconstruction.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+    fp32_model = HyperVQVAEModel(tiny_config()).train()  # bf16 autocast training of an fp32 model
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fp32_model(images() * 30)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in fp32_model.parameters() if p.grad is not None)
+
+
+# ---- the frozen-feature classifier ----
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path):
+    model = HyperVQVAEModel(tiny_config())
+    return save_tokenizer(model, tmp_path / "tokenizer")
+
+
+@pytest.mark.parametrize("loader", [HyperVQVAEForImageClassification, AutoModelForImageClassification])
+def test_classifier_from_tokenizer_is_frozen_and_trains_only_its_head(loader, tokenizer_dir):
+    tokenizer = HyperVQVAEModel.from_pretrained(tokenizer_dir)
+    model = loader.from_pretrained(tokenizer_dir, num_labels=3, **LABELS)
+    assert type(model) is HyperVQVAEForImageClassification
+    for name, p in tokenizer.state_dict().items():
+        assert torch.equal(model.hypervq.state_dict()[name], p), name
+    assert not any(p.requires_grad for p in model.hypervq.parameters())
+    assert all(p.requires_grad for p in model.classifier.parameters())
+
+    model.train()
+    assert not model.hypervq.training and model.classifier.training
+    frozen_before = {k: v.clone() for k, v in model.hypervq.state_dict().items()}
+    head_before = {k: v.clone() for k, v in model.classifier.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    labels = torch.tensor([0, 2])
+    out = model(images(), labels=labels)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
+    out.loss.backward()
+    optimizer.step()
+    assert all(torch.equal(v, model.hypervq.state_dict()[k]) for k, v in frozen_before.items())
+    assert any(not torch.equal(v, model.classifier.state_dict()[k]) for k, v in head_before.items())
+    assert out.logits.shape == (2, 3)
+
+
+def test_classifier_checkpoint_round_trip_and_loads_as_a_tokenizer(tokenizer_dir, tmp_path):
+    model = HyperVQVAEForImageClassification.from_pretrained(tokenizer_dir, num_labels=3, **LABELS).eval()
+    save_tokenizer(model, tmp_path / "classifier")
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "classifier").eval()
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+    assert not any(p.requires_grad for p in loaded.hypervq.parameters())
+    assert loaded.config.id2label == LABELS["id2label"]
+    as_tokenizer = AutoModel.from_pretrained(tmp_path / "classifier").eval()
+    assert type(as_tokenizer) is HyperVQVAEModel
+    assert torch.equal(as_tokenizer.get_image_tokens(x), model.hypervq.get_image_tokens(x))
+
+
+# ---- VQ-SA ----
+
+
+@pytest.fixture
+def resnet_dir(tmp_path):
+    resnet = ResNetForImageClassification(ResNetConfig(**TINY_RESNET))
+    resnet.save_pretrained(tmp_path / "resnet")
+    return tmp_path / "resnet"
+
+
+@pytest.mark.parametrize("quantizer_type", ["hyperbolic", "kmeans"])
+def test_vqsa_from_resnet_copies_backbone_and_classifier(resnet_dir, quantizer_type):
+    resnet = ResNetForImageClassification.from_pretrained(resnet_dir)
+    model = HyperVQSAForImageClassification.from_resnet(
+        str(resnet_dir), quantizer_type=quantizer_type, codebook_size=8
+    )
+    assert model.config.feature_dim == 16 and model.config.num_labels == 5
+    for name, p in resnet.resnet.state_dict().items():
+        assert torch.equal(model.resnet.state_dict()[name], p), name
+    assert torch.equal(model.classifier.weight, resnet.classifier[1].weight)
+    labels = torch.tensor([1, 4])
+    out = model.train()(images(size=32), labels=labels, output_attentions=True)
+    assert out.logits.shape == (2, 5) and out.image_tokens.shape == (2,)
+    torch.testing.assert_close(out.attentions.sum(-1), torch.ones(2, 2))
+    out.loss.backward()
+    assert model.resnet.embedder.embedder.convolution.weight.grad is not None  # VQ-SA fine-tunes the backbone
+
+
+def test_vqsa_attention_scale_is_the_same_in_train_and_eval():
+    model = HyperVQSAForImageClassification(HyperVQSAConfig(backbone_config=TINY_RESNET, codebook_size=8))
+    code, feature = torch.randn(3, 16), torch.randn(3, 16)
+    tokens = torch.stack([code, feature], 1)
+    attention = model.attention
+    scores = attention.query(tokens) @ attention.key(tokens).transpose(1, 2) / 2**0.5
+    for mode in (True, False):
+        attention.train(mode)
+        _, weights = attention(code, feature)
+        torch.testing.assert_close(weights, scores.softmax(-1))
+
+
+@pytest.mark.parametrize("feature_scale", ["sqrt_dim", "l2", "none"])
+def test_vqsa_round_trip_and_pipeline(feature_scale, resnet_dir, tmp_path):
+    model = HyperVQSAForImageClassification.from_resnet(str(resnet_dir), codebook_size=8, feature_scale=feature_scale)
+    model.eval()
+    model.save_pretrained(tmp_path / "vqsa")
+    HyperVQImageProcessor.for_imagenet(
+        size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(tmp_path / "vqsa")
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "vqsa")
+    assert type(loaded) is HyperVQSAForImageClassification
+    x = images(size=32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+    classify = pipeline("image-classification", model=str(tmp_path / "vqsa"), trust_remote_code=False)
+    result = classify(pil_image())
+    assert {r["label"] for r in result} <= set(model.config.id2label.values())
+
+
+def test_vqsa_frozen_backbone_stays_frozen_after_loading(tmp_path):
+    model = HyperVQSAForImageClassification(HyperVQSAConfig(backbone_config=TINY_RESNET, freeze_backbone=True))
+    model.save_pretrained(tmp_path)
+    loaded = HyperVQSAForImageClassification.from_pretrained(tmp_path).train()
+    assert not any(p.requires_grad for p in loaded.resnet.parameters())
+    assert not loaded.resnet.training
+
+
+# ---- image processor and pipelines ----
+
+
+def test_image_processor_round_trip(tmp_path):
+    processor = HyperVQImageProcessor()
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "preprocessor_config.json").exists()
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is HyperVQImageProcessor
+    image = pil_image(size=(32, 32))
+    pixel_values = loaded(images=image, return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (1, 3, 32, 32) and -1 <= pixel_values.min() and pixel_values.max() <= 1
+    back = loaded.postprocess_reconstruction(pixel_values)[0]
+    assert back.size == (32, 32) and (np.asarray(back) == np.asarray(image)).all()
+
+
+def test_classification_pipeline_uses_id2label(tokenizer_dir, tmp_path):
+    model = HyperVQVAEForImageClassification.from_pretrained(tokenizer_dir, num_labels=3, **LABELS)
+    path = save_tokenizer(model, tmp_path / "classifier")
+    classify = pipeline("image-classification", model=path, trust_remote_code=False)
+    result = classify(pil_image(), top_k=3)
+    assert sorted(r["label"] for r in result) == ["one", "two", "zero"]
+    assert sum(r["score"] for r in result) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_image_tokenization_pipeline(tokenizer_dir, tmp_path):
+    tokenize = pipeline("image-tokenization", model=tokenizer_dir)
+    model = HyperVQVAEModel.from_pretrained(tokenizer_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(tokenizer_dir)
+    image = pil_image()
+    path = tmp_path / "image.png"
+    image.save(path)
+    expected = model.get_image_tokens(processor(images=image, return_tensors="pt")["pixel_values"])[0].tolist()
+    assert tokenize(image)["image_tokens"] == expected
+    result = tokenize(str(path), return_reconstruction=True)
+    assert result["image_tokens"] == expected
+    assert isinstance(result["reconstruction"], Image.Image) and result["reconstruction"].size == (16, 16)
+    assert [r["image_tokens"] for r in tokenize([image, image])] == [expected, expected]
+
+
+# ---- remote code: a Python without hf_hypervq ----
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["hf_hypervq"] = None  # importing it now fails: only the code saved with the weights can be used
+    import torch
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
+    from PIL import Image
+
+    path, image_path = sys.argv[1], sys.argv[2]
+    tokenizer = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+    classifier = AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=True)
+    pixel_values = processor(images=Image.open(image_path), return_tensors="pt")["pixel_values"]
+    classify = pipeline("image-classification", model=path, trust_remote_code=True)
+    print(json.dumps({
+        "modules": [type(m).__module__ for m in (tokenizer, classifier, processor)],
+        "frozen": not any(p.requires_grad for p in classifier.hypervq.parameters()),
+        "tokens": tokenizer.get_image_tokens(pixel_values).tolist(),
+        "logits": classifier(pixel_values).logits.tolist(),
+        "top_label": classify(Image.open(image_path))[0]["label"],
+    }))
+    """
+)
+
+
+def test_remote_code_loads_without_the_package(tokenizer_dir, tmp_path):
+    model = HyperVQVAEForImageClassification.from_pretrained(tokenizer_dir, num_labels=3, **LABELS).eval()
+    path = save_tokenizer(model, tmp_path / "classifier")
+    config = json.loads((tmp_path / "classifier" / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_hypervq.HyperVQVAEModel"
+    assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_hypervq.HyperVQVAEForImageClassification"
+    image_path = tmp_path / "image.png"
+    pil_image().save(image_path)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    run = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, path, str(image_path)], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    remote = json.loads(run.stdout.strip().splitlines()[-1])
+    assert all(m.startswith("transformers_modules.") for m in remote["modules"]), remote["modules"]
+    assert remote["frozen"]
+
+    processor = HyperVQImageProcessor.from_pretrained(path)
+    pixel_values = processor(images=Image.open(image_path), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        assert remote["tokens"] == model.hypervq.get_image_tokens(pixel_values).tolist()
+        torch.testing.assert_close(torch.tensor(remote["logits"]), model(pixel_values).logits)
+    assert remote["top_label"] in LABELS["label2id"]
