@@ -31,8 +31,9 @@ import time
 
 import torch
 
+from hf_hypervq.benchmarking import cpu_clock, others_cpu, rerun_with_tuned_allocator
 
-TUNED_ALLOCATOR = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
 # For the memory children: every tensor above 64 KiB gets its own mapping, so freeing it lowers the RSS.
 MEASURING_ALLOCATOR = "glibc.malloc.mmap_threshold=65536"
 VARIANTS = [
@@ -134,25 +135,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def cpu_clock():
-    """(busy CPU seconds of the whole machine, this process's CPU seconds, wall seconds), or None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:8]]
-    except OSError:
-        return None
-    busy_jiffies = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
-    return busy_jiffies / os.sysconf("SC_CLK_TCK"), time.process_time(), time.perf_counter()
-
-
-def others_cpu(start, end):
-    """Share of the machine's CPU time that other processes used between two `cpu_clock()` readings."""
-    if start is None or end is None:
-        return float("nan")
-    others = (end[0] - start[0]) - (end[1] - start[1])
-    return max(0.0, others / ((os.cpu_count() or 1) * (end[2] - start[2])))
-
-
 def time_shape(names, n, k, dim, device, rounds):
     """Median, min and max milliseconds of each (variant, mode), round-robin."""
     steps = {name: build(name, dim, k, device) for name in names}
@@ -238,9 +220,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.memory_child:
         return memory_child(args.memory_child)
-    on_linux_cpu = sys.platform.startswith("linux") and args.device == "cpu"
-    if on_linux_cpu and not args.default_allocator and os.environ.get("GLIBC_TUNABLES") != TUNED_ALLOCATOR:
-        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, GLIBC_TUNABLES=TUNED_ALLOCATOR))
+    if args.device == "cpu" and not args.default_allocator:
+        rerun_with_tuned_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [v for v in VARIANTS if v in args.variants]

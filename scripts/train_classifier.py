@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Train the paper's frozen-feature classifier on a trained HyperVQ-VAE tokenizer, with accelerate.
+
+    python scripts/train_classifier.py --tokenizer outputs/tokenizer --output_dir outputs/classifier   # digits
+    accelerate launch scripts/train_classifier.py --tokenizer outputs/cifar100 --dataset uoft-cs/cifar100 \\
+        --label_column fine_label --output_dir outputs/cifar100-classifier
+
+The tokenizer's encoder and quantizer stay frozen (and in eval mode); only the head (conv 3×3 + ReLU, global average
+pool, two linear layers) trains, with cross-entropy. Images are preprocessed with the tokenizer's own image
+processor. The output folder holds the classifier (`AutoModelForImageClassification.from_pretrained(output_dir)`;
+it also loads as the tokenizer with `AutoModel`), `eval_results.json` (top-1 accuracy) and `all_results.json`.
+"""
+
+import argparse
+
+import torch
+from transformers import AutoImageProcessor
+
+from hf_hypervq import HyperVQVAEForImageClassification
+from hf_hypervq.training.data import DataError, collate, label_names, with_image_transform
+from hf_hypervq.training.evaluation import evaluate_classifier
+from hf_hypervq.training.loop import (
+    add_common_arguments,
+    check_common_arguments,
+    load_splits,
+    make_accelerator,
+    make_loader,
+    reported_errors,
+    save_model,
+    train,
+    write_results,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", required=True, help="a trained tokenizer: a folder or a Hub id")
+    parser.add_argument(
+        "--classifier_hidden_size", type=int, default=None, help="head width (default: the tokenizer config's, 128)"
+    )
+    add_common_arguments(parser, learning_rate=1e-3, epochs=20, batch_size=128)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_common_arguments(args, parser)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with reported_errors():
+        accelerator = make_accelerator(args)
+        processor = AutoImageProcessor.from_pretrained(args.tokenizer)
+        with accelerator.main_process_first():
+            train_data, eval_data = load_splits(args, require_labels=True)
+        names = label_names(train_data)
+        if names is None:
+            raise DataError("the label column is not a ClassLabel feature, so the class names are unknown")
+        head = {} if args.classifier_hidden_size is None else {"classifier_hidden_size": args.classifier_hidden_size}
+        model = HyperVQVAEForImageClassification.from_pretrained(
+            args.tokenizer,
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={name: i for i, name in enumerate(names)},
+            **head,
+        )
+        batch_sizes = args.per_device_train_batch_size, args.per_device_eval_batch_size
+        train_loader = make_loader(with_image_transform(train_data, processor), batch_sizes[0], collate, args, True)
+        eval_loader = make_loader(with_image_transform(eval_data, processor), batch_sizes[1], collate, args, False)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # the head only
+        optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+        results = train(
+            args,
+            accelerator,
+            model,
+            optimizer,
+            train_loader,
+            lambda m: evaluate_classifier(m, eval_loader, accelerator),
+        )
+        save_model(accelerator, model, processor, args.output_dir)
+        if accelerator.is_main_process:
+            write_results(args, {**results, "tokenizer": args.tokenizer})
+        accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Train VQ-SA (a ResNet with a quantized two-token self-attention head) with HyperVQ, with accelerate.
+
+    python scripts/train_vqsa.py --output_dir outputs/vqsa                   # digits, a small ResNet from scratch
+    accelerate launch --multi_gpu --num_processes 4 scripts/train_vqsa.py --resnet microsoft/resnet-50 \\
+        --dataset ILSVRC/imagenet-1k --eval_split validation --image_size 224 --output_dir outputs/vqsa-imagenet
+
+As in VQ-SA (Yang et al., CVPR 2023; METHOD.md §7): the backbone is fine-tuned with SGD (momentum 0.9, weight decay
+5e-4, cosine schedule); each training image is randomly resized-cropped and flipped, then left clean or corrupted with
+one of the 15 common ImageNet-C corruptions at severity 1-5 (`imagecorruptions-imaug`, pip install
+"hf-hypervq[vqsa]"); the loss is the cross-entropy plus the quantizer's loss. `--resnet` takes a ResNet image
+classifier (a folder or a Hub id such as microsoft/resnet-50) whose backbone and last layer are copied; without it a
+small ResNet (3 stages of 16-64 channels) starts from scratch. Evaluate robustness (mCE) with
+`scripts/evaluate.py --corruptions all`.
+"""
+
+import argparse
+import math
+import random
+
+import torch
+
+from hf_hypervq import HyperVQImageProcessor, HyperVQSAConfig, HyperVQSAForImageClassification
+from hf_hypervq.models.hypervq.configuration_hypervq import QUANTIZER_TYPES
+from hf_hypervq.training.corruptions import CorruptionAugmentation
+from hf_hypervq.training.data import DataError, collate, label_names, with_image_transform
+from hf_hypervq.training.evaluation import evaluate_classifier
+from hf_hypervq.training.loop import (
+    add_common_arguments,
+    check_common_arguments,
+    load_splits,
+    make_accelerator,
+    make_loader,
+    reported_errors,
+    save_model,
+    train,
+    write_results,
+)
+
+
+SMALL_RESNET = dict(embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resnet", default=None, help="ResNet image classifier to start from (folder or Hub id)")
+    parser.add_argument("--quantizer", default="hyperbolic", choices=QUANTIZER_TYPES, help="the quantizer")
+    parser.add_argument("--codebook_size", type=int, default=1000, help="number of codes K (default: 1000)")
+    parser.add_argument(
+        "--feature_scale", default="sqrt_dim", choices=["sqrt_dim", "l2", "none"], help="scaling of the feature"
+    )
+    parser.add_argument("--curvature", type=float, default=1.0, help="ball curvature c (hyperbolic quantizers)")
+    parser.add_argument("--commitment_weight", type=float, default=0.25, help="commitment loss weight (0.25)")
+    parser.add_argument("--freeze_backbone", action="store_true", help="train only the VQ-SA head")
+    parser.add_argument("--image_size", type=int, default=None, help="crop size (default: 224; digits: 32)")
+    parser.add_argument("--no_corruptions", action="store_true", help="train without the corruption augmentation")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    add_common_arguments(parser, learning_rate=1e-3, epochs=30, batch_size=64)
+    parser.set_defaults(weight_decay=5e-4, lr_scheduler_type="cosine")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_common_arguments(args, parser)
+    if args.image_size is None:
+        args.image_size = 224 if args.dataset else 32
+    return args
+
+
+class TrainAugmentation:
+    """Random resized crop (scale 0.08-1, aspect 3/4-4/3) to the processor's input size, random flip, then VQ-SA's
+    corruption augmentation."""
+
+    def __init__(self, size: int, seed: int, corruptions: bool):
+        self.size, self.rng = size, random.Random(seed)
+        self.corrupt = CorruptionAugmentation(seed) if corruptions else None
+
+    def __call__(self, image):
+        width, height = image.size
+        for _ in range(10):
+            area = width * height * self.rng.uniform(0.08, 1.0)
+            ratio = math.exp(self.rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                left, top = self.rng.randint(0, width - w), self.rng.randint(0, height - h)
+                image = image.crop((left, top, left + w, top + h))
+                break
+        image = image.resize((self.size, self.size))
+        if self.rng.random() < 0.5:
+            image = image.transpose(0)  # left-right flip
+        return self.corrupt(image) if self.corrupt else image
+
+
+def build_model(args, num_labels: int, names: list[str]) -> HyperVQSAForImageClassification:
+    options = dict(
+        quantizer_type=args.quantizer,
+        codebook_size=args.codebook_size,
+        feature_scale=args.feature_scale,
+        curvature=args.curvature,
+        commitment_weight=args.commitment_weight,
+        freeze_backbone=args.freeze_backbone,
+    )
+    labels = dict(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}, num_labels=num_labels)
+    if args.resnet is None:
+        return HyperVQSAForImageClassification(HyperVQSAConfig(backbone_config=SMALL_RESNET, **options, **labels))
+    model = HyperVQSAForImageClassification.from_resnet(args.resnet, **options)
+    if model.config.num_labels != num_labels:
+        raise DataError(f"--resnet {args.resnet} has {model.config.num_labels} classes, the data set {num_labels}")
+    return model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with reported_errors():
+        accelerator = make_accelerator(args)
+        with accelerator.main_process_first():
+            train_data, eval_data = load_splits(args, require_labels=True)
+        names = label_names(train_data)
+        if names is None:
+            raise DataError("the label column is not a ClassLabel feature, so the class names are unknown")
+        model = build_model(args, len(names), names)
+        size = args.image_size
+        if args.dataset:
+            processor = HyperVQImageProcessor.for_imagenet(
+                size={"shortest_edge": round(size * 256 / 224)}, crop_size={"height": size, "width": size}
+            )
+        else:  # digits are tiny: no crop at evaluation
+            processor = HyperVQImageProcessor.for_imagenet(size={"height": size, "width": size}, do_center_crop=False)
+        seed = args.seed + accelerator.process_index  # a different augmentation stream per process
+        augment = TrainAugmentation(size, seed, corruptions=not args.no_corruptions)
+        batch_sizes = args.per_device_train_batch_size, args.per_device_eval_batch_size
+        train_loader = make_loader(
+            with_image_transform(train_data, processor, augment), batch_sizes[0], collate, args, True
+        )
+        eval_loader = make_loader(with_image_transform(eval_data, processor), batch_sizes[1], collate, args, False)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(
+            parameters, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay
+        )
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+        scheduler = make_scheduler(args, optimizer, len(train_loader))
+        results = train(
+            args, accelerator, model, optimizer, train_loader,
+            lambda m: evaluate_classifier(m, eval_loader, accelerator), scheduler=scheduler,
+        )  # fmt: skip
+        save_model(accelerator, model, processor, args.output_dir)
+        if accelerator.is_main_process:
+            write_results(args, {**results, "resnet": args.resnet})
+        accelerator.end_training()
+
+
+def make_scheduler(args, optimizer, batches_per_epoch: int):
+    from transformers import get_scheduler
+
+    total = args.max_train_steps or args.num_train_epochs * math.ceil(
+        batches_per_epoch / args.gradient_accumulation_steps
+    )
+    return get_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps, num_training_steps=total
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Train a HyperVQ-VAE image tokenizer (any of the five quantizers) with accelerate.
+
+    python scripts/train_vqvae.py --output_dir outputs/tokenizer        # embedded digits, a few minutes on 2 cores
+    accelerate launch scripts/train_vqvae.py --dataset uoft-cs/cifar100 --output_dir outputs/cifar100
+    accelerate launch --multi_gpu --num_processes 8 scripts/train_vqvae.py --dataset ILSVRC/imagenet-1k \\
+        --image_size 128 --streaming --max_train_steps 250000 --output_dir outputs/imagenet
+
+The loss is the reconstruction MSE plus the quantizer's loss, and the quantizer's Gumbel temperature follows the
+number of optimizer updates. The output folder ends up with the model and its image processor
+(`AutoModel.from_pretrained(output_dir)`), `all_results.json`, `eval_results.json`, `reconstructions.png` (inputs
+above, reconstructions below), `codebook_usage.png`, and resumable checkpoints in `checkpoints/`.
+"""
+
+import argparse
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+
+from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
+from hf_hypervq.models.hypervq.configuration_hypervq import QUANTIZER_TYPES
+from hf_hypervq.training.data import collate, with_image_transform
+from hf_hypervq.training.evaluation import evaluate_tokenizer
+from hf_hypervq.training.loop import (
+    add_common_arguments,
+    check_common_arguments,
+    load_splits,
+    make_accelerator,
+    make_loader,
+    reported_errors,
+    save_figure,
+    save_model,
+    train,
+    write_results,
+)
+from hf_hypervq.training.plots import save_codebook_usage, save_reconstruction_grid
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, learning_rate=1e-3, epochs=40, batch_size=128)
+    model = parser.add_argument_group("model")
+    model.add_argument("--quantizer", default="hyperbolic", choices=QUANTIZER_TYPES, help="the quantizer")
+    model.add_argument("--image_size", type=int, default=None, help="square input size (default: 32; digits: 16)")
+    model.add_argument("--codebook_size", type=int, default=512, help="number of codes K (default: 512)")
+    model.add_argument("--embedding_dim", type=int, default=64, help="latent vector size d (default: 64)")
+    model.add_argument("--hidden_size", type=int, default=128, help="encoder/decoder channels (default: 128)")
+    model.add_argument("--residual_hidden_size", type=int, default=32, help="residual bottleneck (default: 32)")
+    model.add_argument("--num_residual_layers", type=int, default=2, help="residual blocks (default: 2)")
+    model.add_argument("--num_downsamples", type=int, default=2, help="stride-2 convs; tokens = image / 2**n")
+    model.add_argument("--curvature", type=float, default=1.0, help="ball curvature c (hyperbolic quantizers)")
+    model.add_argument("--commitment_weight", type=float, default=0.25, help="commitment loss weight (0.25)")
+    model.add_argument(
+        "--gumbel_temperature", type=float, nargs=3, default=[2.0, 0.5, 0.999995], metavar=("MAX", "MIN", "DECAY"),
+        help="Gumbel temperature max(MAX * DECAY**update, MIN) (default: 2 0.5 0.999995)",
+    )  # fmt: skip
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_common_arguments(args, parser)
+    if args.image_size is None:
+        args.image_size = 16 if args.dataset is None else 32
+    try:
+        build_config(args)
+    except (ValueError, StrictDataclassError) as error:
+        parser.error(str(error).splitlines()[-1].strip())
+    return args
+
+
+def build_config(args) -> HyperVQVAEConfig:
+    return HyperVQVAEConfig(
+        quantizer_type=args.quantizer,
+        embedding_dim=args.embedding_dim,
+        codebook_size=args.codebook_size,
+        hidden_size=args.hidden_size,
+        residual_hidden_size=args.residual_hidden_size,
+        num_residual_layers=args.num_residual_layers,
+        num_downsamples=args.num_downsamples,
+        curvature=args.curvature,
+        commitment_weight=args.commitment_weight,
+        gumbel_temperature=list(args.gumbel_temperature),
+    )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with reported_errors():
+        accelerator = make_accelerator(args)
+        processor = HyperVQImageProcessor(size={"height": args.image_size, "width": args.image_size})
+        model = HyperVQVAEModel(build_config(args))
+        with accelerator.main_process_first():
+            train_data, eval_data = load_splits(args)
+        sample_images = [eval_data[i]["image"] for i in range(min(8, len(eval_data)))]
+        batch_sizes = args.per_device_train_batch_size, args.per_device_eval_batch_size
+        train_loader = make_loader(with_image_transform(train_data, processor), batch_sizes[0], collate, args, True)
+        eval_loader = make_loader(with_image_transform(eval_data, processor), batch_sizes[1], collate, args, False)
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+        results = train(
+            args,
+            accelerator,
+            model,
+            optimizer,
+            train_loader,
+            lambda m: evaluate_tokenizer(m, eval_loader, accelerator),
+        )
+        save_model(accelerator, model, processor, args.output_dir)
+        if accelerator.is_main_process:
+            write_outputs(args, accelerator.unwrap_model(model).eval(), processor, sample_images, results)
+        accelerator.end_training()
+
+
+@torch.no_grad()
+def write_outputs(args, tokenizer, processor, sample_images, results):
+    """`reconstructions.png`, `codebook_usage.png`, `eval_results.json` and `all_results.json`."""
+    pixel_values = processor(images=[image.convert("RGB") for image in sample_images], return_tensors="pt")
+    pixel_values = pixel_values["pixel_values"].to(tokenizer.device)
+    inputs = processor.postprocess_reconstruction(pixel_values)
+    reconstructions = processor.postprocess_reconstruction(tokenizer(pixel_values).reconstruction)
+    output_dir = args.output_dir
+    save_figure(
+        lambda path: save_reconstruction_grid(inputs, reconstructions, path), f"{output_dir}/reconstructions.png"
+    )
+    save_figure(
+        lambda path: save_codebook_usage(results["code_counts"], path, title=args.quantizer),
+        f"{output_dir}/codebook_usage.png",
+    )
+    write_results(args, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""ImageNet-C corruptions (Hendrycks & Dietterich 2019) for VQ-SA training and robustness evaluation.
+
+The corruptions come from `imagecorruptions` as packaged by `imagecorruptions-imaug` (a maintained fork of
+bethgelab/imagecorruptions that runs on NumPy 2 and current scikit-image; the original 1.1.2 fails on glass_blur,
+gaussian_blur and fog there). Install it with `pip install "hf-hypervq[vqsa]"`.
+"""
+
+import numpy as np
+from PIL import Image
+
+from .metrics import COMMON_CORRUPTIONS
+
+
+def _corrupt():
+    try:
+        from imagecorruptions import corrupt
+    except ImportError:
+        raise ImportError(
+            "ImageNet-C corruptions need the `imagecorruptions-imaug` package: pip install 'hf-hypervq[vqsa]'"
+        ) from None
+    return corrupt
+
+
+# The library refuses smaller images.
+MIN_SIZE = 32
+
+
+def corrupt_image(image: Image.Image, corruption: str, severity: int) -> Image.Image:
+    """`image` (as RGB) with one ImageNet-C corruption at severity 1-5; an image under 32 pixels a side is
+    upscaled to 32 first (the library's minimum)."""
+    if not 1 <= severity <= 5:
+        raise ValueError(f"`severity` must be 1-5, got {severity}")
+    image = image.convert("RGB")
+    if min(image.size) < MIN_SIZE:
+        scale = MIN_SIZE / min(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+    corrupted = _corrupt()(np.asarray(image), corruption_name=corruption, severity=severity)
+    return Image.fromarray(np.uint8(corrupted)).resize(image.size)
+
+
+class CorruptionAugmentation:
+    """VQ-SA's training augmentation (METHOD.md §7.2): each image is left clean or gets one of the 15 common
+    corruptions, at severity 1-5. The 16 × 5 = 80 (corruption, severity) pairs are drawn without replacement from a
+    shuffled cycle, so every pair comes up equally often; the cycle is seeded."""
+
+    def __init__(self, seed: int = 0, corruptions: tuple[str, ...] = COMMON_CORRUPTIONS):
+        _corrupt()  # fail early if the library is missing
+        self.pairs = [(name, severity) for name in (None, *corruptions) for severity in range(1, 6)]
+        self.rng = np.random.default_rng(seed)
+        self.queue: list[tuple[str | None, int]] = []
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if not self.queue:
+            self.queue = [self.pairs[i] for i in self.rng.permutation(len(self.pairs))]
+        corruption, severity = self.queue.pop()
+        return image if corruption is None else corrupt_image(image, corruption, severity)

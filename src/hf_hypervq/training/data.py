@@ -1,0 +1,166 @@
+"""Data sets for the training scripts: a Hub id, a local image folder / saved data set / data file, or the embedded
+default, scikit-learn's handwritten digits (real data that needs no network)."""
+
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset
+from datasets import Image as ImageFeature
+from PIL import Image
+
+
+# Columns of well-known Hub data sets (their dataset cards), tried when --image_column/--label_column are not given.
+IMAGE_COLUMNS = ("image", "img", "pixel_values", "png", "jpg")
+LABEL_COLUMNS = ("label", "labels", "fine_label", "cls")
+DEFAULT_DATASET = "scikit-learn digits"
+# Local data sets up to this size have every image opened before training starts.
+MAX_IMAGES_TO_CHECK = 50_000
+
+
+class DataError(ValueError):
+    """A problem with the data the user asked for, reported as one line before training starts."""
+
+
+def digits_dataset() -> DatasetDict:
+    """scikit-learn's 1,797 handwritten digits (8×8, 16 grey levels) as a `DatasetDict` with a stratified 80/20
+    train/test split; `image` is a PIL grey image, `label` a `ClassLabel` of "0" ... "9"."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.clip(digits.images * 16, 0, 255).astype(np.uint8)  # 0..16 -> 0..255
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+    data = Dataset.from_dict(
+        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target.tolist()}, features=features
+    )
+    return data.train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
+
+
+def _load(name_or_path: str, config_name: str | None, split: str, streaming: bool):
+    path = Path(name_or_path)
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, DatasetDict):
+            if split not in loaded:
+                raise DataError(f"split {split!r} is not in {name_or_path} (splits: {list(loaded)})")
+            loaded = loaded[split]
+        return loaded.to_iterable_dataset() if streaming else loaded
+    if path.is_dir():
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming)
+    if path.is_file():
+        builder = {".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".json": "json"}.get(path.suffix)
+        if builder is None:
+            raise DataError(f"{name_or_path}: data files must be .parquet, .csv, .json or .jsonl")
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
+    return datasets.load_dataset(name_or_path, config_name, split=split, streaming=streaming)
+
+
+def _pick_column(columns, explicit: str | None, candidates, flag: str, name: str, required: bool) -> str | None:
+    if explicit is not None:
+        if explicit not in columns:
+            raise DataError(f"{flag} {explicit!r} is not a column of {name}; its columns are {sorted(columns)}")
+        return explicit
+    found = next((c for c in candidates if c in columns), None)
+    if found is None and required:
+        raise DataError(f"{name} has no {flag[2:].replace('_', ' ')} among {sorted(columns)}; pass {flag}")
+    return found
+
+
+def load_image_dataset(
+    name_or_path: str | None = None,
+    *,
+    split: str = "train",
+    config_name: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    require_labels: bool = False,
+    streaming: bool = False,
+) -> Dataset | IterableDataset:
+    """One split of an image data set, with its columns renamed to `image` (and `label` when there is one).
+
+    `name_or_path` is a Hub id (`uoft-cs/cifar100`, `ylecun/mnist`, `ILSVRC/imagenet-1k`), a folder of
+    `split/class/*.png` images, a folder written by `save_to_disk`, a data file, or `None` for the embedded digits.
+    Every problem (no such data set offline, a missing column, an unreadable image) raises `DataError` with one
+    line that names it.
+    """
+    name = name_or_path or DEFAULT_DATASET
+    if name_or_path is None:
+        splits = digits_dataset()
+        if split not in splits:
+            raise DataError(f"split {split!r} is not in {DEFAULT_DATASET} (splits: {list(splits)})")
+        data = splits[split].to_iterable_dataset() if streaming else splits[split]
+    else:
+        try:
+            data = _load(name_or_path, config_name, split, streaming)
+        except DataError:
+            raise
+        except Exception as error:  # datasets raises many types here: not found, offline, bad split, ...
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DataError(f"cannot load data set {name!r} (split {split!r}): {message}") from None
+    columns = list(data.column_names or data.features or [])
+    image = _pick_column(columns, image_column, IMAGE_COLUMNS, "--image_column", name, required=True)
+    label = _pick_column(columns, label_column, LABEL_COLUMNS, "--label_column", name, required=require_labels)
+    renames = {old: new for old, new in ((image, "image"), (label, "label")) if old is not None and old != new}
+    keep = ["image"] + (["label"] if label else [])
+    data = data.rename_columns(renames) if renames else data
+    data = data.select_columns(keep)
+    if not streaming:
+        check_images(data, name)
+    return data
+
+
+def check_images(data: Dataset, name: str, limit: int = MAX_IMAGES_TO_CHECK) -> None:
+    """Open every image of a data set up to `limit` rows (the first 64 otherwise), so that an unreadable file
+    stops the run before training rather than in the middle of it."""
+    raw = data.cast_column("image", ImageFeature(decode=False))
+    count = len(raw) if len(raw) <= limit else 64
+    for index in range(count):
+        entry = raw[index]["image"]
+        try:
+            if entry is None:
+                raise ValueError("no image")
+            source = entry.get("path") if entry.get("bytes") is None else _bytes_io(entry["bytes"])
+            with Image.open(source) as image:
+                image.verify()
+        except Exception as error:
+            where = entry.get("path") if isinstance(entry, dict) and entry.get("path") else f"row {index}"
+            raise DataError(f"unreadable image in {name}: {where} ({type(error).__name__}: {error})") from None
+
+
+def _bytes_io(data: bytes):
+    import io
+
+    return io.BytesIO(data)
+
+
+def label_names(data: Dataset | IterableDataset) -> list[str] | None:
+    """Class names of the `label` column (from its `ClassLabel` feature), or None."""
+    feature = (data.features or {}).get("label")
+    return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+
+def with_image_transform(data, processor, image_transform=None):
+    """Lazily turn `image` into `pixel_values` with `processor`; `image_transform(pil_image) -> pil_image` runs
+    first (augmentation). Works for map-style and streaming data sets."""
+
+    def transform(batch):
+        pil_images = [image.convert("RGB") if processor.do_convert_rgb else image for image in batch["image"]]
+        if image_transform is not None:
+            pil_images = [image_transform(image) for image in pil_images]
+        out = {"pixel_values": processor(images=pil_images, return_tensors="pt")["pixel_values"]}
+        if "label" in batch:
+            out["labels"] = torch.as_tensor(batch["label"])
+        return out
+
+    if isinstance(data, IterableDataset):
+        return data.map(transform, batched=True, remove_columns=data.column_names)
+    return data.with_transform(transform)
+
+
+def collate(examples: list[dict]) -> dict:
+    """Stack `pixel_values` (and `labels`) of a list of examples into a batch."""
+    batch = {"pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples])}
+    if "labels" in examples[0]:
+        batch["labels"] = torch.as_tensor([int(e["labels"]) for e in examples])
+    return batch

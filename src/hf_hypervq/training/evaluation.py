@@ -1,0 +1,89 @@
+"""Evaluation of the three model kinds over a data loader, distributed-safe (`gather_for_metrics` drops the samples
+accelerate pads onto uneven last batches), shared by the training scripts and `scripts/evaluate.py`."""
+
+import torch
+from accelerate import Accelerator
+
+from .metrics import (
+    codebook_usage,
+    davies_bouldin_index,
+    mean_corruption_error,
+    perturb,
+    silhouette_score,
+    top1_accuracy,
+)
+
+
+# Cluster metrics use at most this many latent vectors (silhouette is quadratic in them).
+MAX_CLUSTER_POINTS = 4000
+
+
+@torch.no_grad()
+def evaluate_tokenizer(model, loader, accelerator: Accelerator, seed: int = 0) -> dict:
+    """Reconstruction MSE, codebook perplexity and usage (with the per-code counts), and the cluster quality of the
+    pre-quantization latents with code ids as clusters (silhouette, Davies-Bouldin), on clean inputs and on
+    perturbed ones (paper Table 5)."""
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    codebook_size = unwrapped.config.codebook_size
+    generator = torch.Generator().manual_seed(seed)
+    squared_errors, tokens = [], []
+    clusters = {"": ([], []), "noisy_": ([], [])}  # latent vectors and their codes, clean and perturbed
+    for batch in loader:
+        pixel_values = batch["pixel_values"]
+        out = model(pixel_values=pixel_values)
+        noisy = unwrapped.encode(perturb(pixel_values.cpu(), generator).to(pixel_values))
+        per_image_mse = (out.reconstruction.float() - pixel_values.float()).pow(2).flatten(1).mean(1)
+        per_image_mse, image_tokens, latents, noisy_tokens, noisy_latents = accelerator.gather_for_metrics(
+            (per_image_mse, out.image_tokens, out.latents.float(), noisy.image_tokens, noisy.latents.float())
+        )
+        squared_errors.append(per_image_mse.cpu())
+        tokens.append(image_tokens.cpu())
+        for (vectors, codes), (z, k) in zip(
+            clusters.values(), [(latents, image_tokens), (noisy_latents, noisy_tokens)]
+        ):
+            if sum(len(c) for c in codes) < MAX_CLUSTER_POINTS:
+                vectors.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).cpu())  # (B·h·w, D)
+                codes.append(k.reshape(-1).cpu())
+    squared_errors, tokens = torch.cat(squared_errors), torch.cat(tokens)
+    results = {"reconstruction_mse": squared_errors.mean().item(), "num_eval_samples": len(squared_errors)}
+    results.update(codebook_usage(tokens, codebook_size))
+    for prefix, (vectors, codes) in clusters.items():
+        vectors, codes = torch.cat(vectors), torch.cat(codes)
+        keep = torch.randperm(len(codes), generator=torch.Generator().manual_seed(seed))[:MAX_CLUSTER_POINTS]
+        if len(codes[keep].unique()) >= 2:
+            results[f"{prefix}silhouette"] = silhouette_score(vectors[keep], codes[keep])
+            results[f"{prefix}davies_bouldin"] = davies_bouldin_index(vectors[keep], codes[keep])
+    results["code_counts"] = torch.bincount(tokens.reshape(-1), minlength=codebook_size).tolist()
+    return results
+
+
+@torch.no_grad()
+def evaluate_classifier(model, loader, accelerator: Accelerator) -> dict:
+    """Top-1 accuracy and mean cross-entropy of an image classifier."""
+    model.eval()
+    logits, labels = [], []
+    for batch in loader:
+        out = model(pixel_values=batch["pixel_values"])
+        gathered_logits, gathered_labels = accelerator.gather_for_metrics((out.logits.float(), batch["labels"]))
+        logits.append(gathered_logits.cpu())
+        labels.append(gathered_labels.cpu())
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    return {
+        "accuracy": top1_accuracy(logits, labels),
+        "eval_loss": torch.nn.functional.cross_entropy(logits, labels).item(),
+        "num_eval_samples": len(labels),
+    }
+
+
+def evaluate_corruptions(evaluate_loader, corruptions, severities=(1, 2, 3, 4, 5)) -> dict:
+    """Top-1 error under each (corruption, severity), then AlexNet-normalised CE and mCE (METHOD.md §7.3).
+
+    `evaluate_loader(corruption, severity) -> {"accuracy": ...}` evaluates the model on the corrupted split."""
+    errors = {name: [1 - evaluate_loader(name, s)["accuracy"] for s in severities] for name in corruptions}
+    summary = mean_corruption_error(errors)
+    return {
+        "mCE": summary["mCE"],
+        "unknown_mCE": summary["unknown_mCE"],
+        "corruption_errors": summary["corruption_errors"],
+    }

@@ -1,0 +1,398 @@
+"""What the training scripts share: their common flags, the accelerate setup, the training loop with resumable
+checkpoints, and atomic writes of everything they leave in the output folder.
+
+The loop follows transformers' `run_image_classification_no_trainer.py` and accelerate's examples, with their known
+defects fixed (STYLE.md §5): `--resume_from_checkpoint latest` really finds the latest checkpoint, a checkpoint is
+written under a temporary name and renamed (a run killed while saving never leaves a half-written one behind), data
+order and random numbers are restored so a resumed run ends with the weights of an uninterrupted one, and every run
+ends with `accelerator.end_training()`.
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import DataError, load_image_dataset
+
+
+logger = get_logger(__name__)
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, epochs: int, batch_size: int):
+    """The flags every training script takes."""
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        default=None,
+        help="Hub id (uoft-cs/cifar100, ylecun/mnist, ILSVRC/imagenet-1k), a local image folder (split/class/*.png), "
+        "a folder written by datasets' save_to_disk, or a .parquet/.csv/.json file. Default: scikit-learn's "
+        "handwritten digits, which ship with scikit-learn and need no network.",
+    )
+    data.add_argument("--dataset_config", default=None, help="configuration name of a Hub data set")
+    data.add_argument("--train_split", default="train", help="split to train on (default: train)")
+    data.add_argument("--eval_split", default=None, help="split to evaluate on (default: test, else validation)")
+    data.add_argument("--image_column", default=None, help="image column (default: image, img, ... whichever exists)")
+    data.add_argument("--label_column", default=None, help="label column (default: label, fine_label, ...)")
+    data.add_argument("--streaming", action="store_true", help="stream the data set instead of downloading it")
+    data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training examples")
+    data.add_argument("--max_eval_samples", type=int, default=None, help="use only the first N evaluation examples")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="worker processes per data loader")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", required=True, help="where the model, checkpoints and results go")
+    train.add_argument("--seed", type=int, default=0, help="random seed (initialisation, data order, noise)")
+    train.add_argument("--num_train_epochs", type=int, default=epochs, help=f"epochs (default: {epochs})")
+    train.add_argument(
+        "--max_train_steps", type=int, default=None, help="optimizer updates in total; overrides --num_train_epochs"
+    )
+    train.add_argument(
+        "--per_device_train_batch_size",
+        type=int,
+        default=batch_size,
+        help=f"batch per process (default: {batch_size})",
+    )
+    train.add_argument("--per_device_eval_batch_size", type=int, default=256, help="eval batch per process")
+    train.add_argument(
+        "--learning_rate", type=float, default=learning_rate, help=f"peak learning rate ({learning_rate})"
+    )
+    train.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer update")
+    train.add_argument(
+        "--lr_scheduler_type",
+        default="constant",
+        choices=["constant", "cosine", "linear"],
+        help="learning-rate schedule",
+    )
+    train.add_argument("--num_warmup_steps", type=int, default=0, help="linear warm-up updates")
+    train.add_argument(
+        "--mixed_precision", default=None, choices=["no", "bf16", "fp16"], help="autocast dtype (quantizer stays fp32)"
+    )
+    train.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    train.add_argument(
+        "--checkpointing_steps", default=None, help="save a resumable checkpoint every N updates, or 'epoch'"
+    )
+    train.add_argument(
+        "--checkpoints_total_limit", type=int, default=2, help="keep only the newest N checkpoints (default: 2)"
+    )
+    train.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="a checkpoint folder, or 'latest' for the newest in --output_dir",
+    )
+    train.add_argument("--with_tracking", action="store_true", help="log scalars to TensorBoard in --output_dir/runs")
+    train.add_argument("--logging_steps", type=int, default=10, help="updates between tracker logs (default: 10)")
+    train.add_argument(
+        "--compile_quantizer", action="store_true", help="fuse the quantizer's elementwise kernels with torch.compile"
+    )
+    hub = parser.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="push the final model to the Hub")
+    hub.add_argument("--hub_model_id", default=None, help="repo id to push to, e.g. user/hypervq-cifar100")
+    hub.add_argument("--hub_private", action="store_true", help="create the Hub repo as private")
+    return parser
+
+
+def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Reject inconsistent flags with argparse's one-line error (exit status 2)."""
+    for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "logging_steps"):  # fmt: skip
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error("--max_train_steps must be >= 1")
+    if args.learning_rate <= 0:
+        parser.error("--learning_rate must be > 0")
+    if args.checkpointing_steps not in (None, "epoch") and not str(args.checkpointing_steps).isdigit():
+        parser.error("--checkpointing_steps must be a positive integer or 'epoch'")
+    if args.streaming and args.max_train_steps is None:
+        parser.error("--streaming needs --max_train_steps (a stream has no known length)")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id")
+
+
+@contextlib.contextmanager
+def reported_errors():
+    """Turn the errors a user can fix (bad data, a model or checkpoint that is not there, a missing optional
+    package) into one `error:` line and exit status 2."""
+    try:
+        yield
+    except (DataError, OSError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with="tensorboard" if args.with_tracking else None,
+        project_dir=args.output_dir,
+        # data order from (seed, epoch) alone, so a resumed run sees the batches an uninterrupted one would
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logging.getLogger().setLevel(logging.ERROR)
+    logger.info(
+        f"distributed: {accelerator.distributed_type}, processes: {accelerator.num_processes}, "
+        f"device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}",
+        main_process_only=True,
+    )
+    set_seed(args.seed)
+    if args.compile_quantizer:
+        from ..models.hypervq.kernels import set_compiled_kernels
+
+        set_compiled_kernels(True)
+    return accelerator
+
+
+def make_loader(dataset, batch_size: int, collate_fn, args, shuffle: bool) -> DataLoader:
+    # The loader's own generator keeps its per-epoch seed draw off the global RNG, which the quantizer's Gumbel
+    # noise uses and a checkpoint restores.
+    shuffle = shuffle and not args.streaming
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+
+def load_splits(args, require_labels: bool = False):
+    """The training and evaluation splits the flags ask for, cut to --max_train_samples / --max_eval_samples.
+    The main process loads first, so the others find the data set in the cache."""
+    common = dict(
+        config_name=args.dataset_config,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        require_labels=require_labels,
+    )
+    train_data = load_image_dataset(args.dataset, split=args.train_split, streaming=args.streaming, **common)
+    if args.eval_split is not None:
+        eval_data = load_image_dataset(args.dataset, split=args.eval_split, **common)
+    else:  # test, else validation (ImageNet has no labelled test split)
+        try:
+            eval_data = load_image_dataset(args.dataset, split="test", **common)
+        except DataError:
+            eval_data = load_image_dataset(args.dataset, split="validation", **common)
+    if args.max_train_samples:
+        if args.streaming:
+            train_data = train_data.take(args.max_train_samples)
+        else:
+            train_data = train_data.select(range(min(args.max_train_samples, len(train_data))))
+    if args.max_eval_samples:
+        eval_data = eval_data.select(range(min(args.max_eval_samples, len(eval_data))))
+    return train_data, eval_data
+
+
+# ---- checkpoints ----
+
+
+def checkpoint_steps(output_dir) -> list[int]:
+    folder = Path(output_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir())
+
+
+def resolve_checkpoint(resume_from_checkpoint: str, output_dir) -> Path | None:
+    """The folder to resume from: 'latest' gives the newest complete checkpoint in `output_dir` (None if there is
+    none yet, so a first run with 'latest' simply starts), anything else must be a checkpoint folder."""
+    if resume_from_checkpoint == "latest":
+        steps = checkpoint_steps(output_dir)
+        return Path(output_dir) / "checkpoints" / f"step_{steps[-1]}" if steps else None
+    path = Path(resume_from_checkpoint)
+    if not CHECKPOINT_PATTERN.match(path.name) or not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint folder")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit: int | None) -> None:
+    """`accelerator.save_state` into a temporary folder, renamed to `checkpoints/step_N` once complete."""
+    folder = Path(output_dir) / "checkpoints"
+    final, partial = folder / f"step_{step}", folder / f".partial-step_{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        for old in checkpoint_steps(output_dir)[: -total_limit or None] if total_limit else []:
+            shutil.rmtree(folder / f"step_{old}", ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# ---- the loop ----
+
+
+def train(args, accelerator: Accelerator, model, optimizer, train_loader, evaluate, scheduler=None) -> dict:
+    """Train `model` (already prepared) until `args.max_train_steps` updates, evaluating after every epoch with
+    `evaluate(model) -> dict of floats`; returns the last evaluation plus the training loss. Calls the model's
+    `set_num_updates` after every update, writes checkpoints, logs to the trackers and shows a progress bar."""
+    steps_per_epoch = None if args.streaming else math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch) if steps_per_epoch else sys.maxsize
+    every = int(args.checkpointing_steps) if str(args.checkpointing_steps).isdigit() else None
+
+    completed_steps, start_epoch, skip_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            completed_steps = int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
+            if steps_per_epoch:
+                start_epoch = completed_steps // steps_per_epoch
+                skip_batches = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+            logger.info(f"resumed from {checkpoint} at update {completed_steps}", main_process_only=True)
+        else:
+            logger.info("no checkpoint to resume from yet: starting from scratch", main_process_only=True)
+
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.set_num_updates(completed_steps)
+    if args.with_tracking:
+        accelerator.init_trackers(Path(sys.argv[0]).stem, config=_tracker_config(args))
+    logger.info(
+        f"***** training: {args.max_train_steps} updates, {num_epochs if steps_per_epoch else '?'} epochs, batch "
+        f"{args.per_device_train_batch_size} × {accelerator.num_processes} processes × "
+        f"{args.gradient_accumulation_steps} accumulation *****",
+        main_process_only=True,
+    )
+    progress = tqdm(
+        total=args.max_train_steps,
+        initial=completed_steps,
+        disable=not accelerator.is_local_main_process,
+        desc="train",
+    )
+    results: dict = {}
+    for epoch in range(start_epoch, num_epochs):
+        model.train()
+        train_loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        skip_batches = 0
+        loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                accelerator.backward(outputs.loss)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                optimizer.zero_grad()
+            loss_sum += outputs.loss.detach().float()
+            loss_count += 1
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            unwrapped.set_num_updates(completed_steps)
+            progress.update(1)
+            shown = {"loss": f"{outputs.loss.item():.4f}"}
+            if getattr(outputs, "perplexity", None) is not None:
+                shown["perplexity"] = f"{outputs.perplexity.item():.1f}"
+            progress.set_postfix(shown)
+            if args.with_tracking and completed_steps % args.logging_steps == 0:
+                scalars = {f"train/{k}": float(v) for k, v in shown.items()}
+                scalars["train/learning_rate"] = optimizer.param_groups[0]["lr"]
+                accelerator.log(scalars, step=completed_steps)
+            if every and completed_steps % every == 0:
+                save_checkpoint(accelerator, args.output_dir, completed_steps, args.checkpoints_total_limit)
+            if completed_steps >= args.max_train_steps:
+                break
+
+        train_loss = accelerator.reduce(loss_sum, reduction="sum").item() / max(
+            1, loss_count * accelerator.num_processes
+        )
+        results = {"epoch": epoch, "step": completed_steps, "train_loss": train_loss, **evaluate(model)}
+        logger.info(
+            f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float)),
+            main_process_only=True,
+        )
+        if args.with_tracking:
+            accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step=completed_steps)
+        if args.checkpointing_steps == "epoch":
+            save_checkpoint(accelerator, args.output_dir, completed_steps, args.checkpoints_total_limit)
+        if completed_steps >= args.max_train_steps:
+            break
+    progress.close()
+    if not results:  # resumed at the very end: evaluate once anyway
+        results = {"step": completed_steps, **evaluate(model)}
+    results["num_processes"] = accelerator.num_processes
+    results["weights_identical_across_processes"] = _same_weights_everywhere(accelerator, model)
+    return results
+
+
+def _same_weights_everywhere(accelerator: Accelerator, model) -> bool:
+    """Whether every process ended with the same weights (a checksum of all parameters, gathered)."""
+    checksum = sum(p.detach().double().sum() + p.detach().double().pow(2).sum() for p in model.parameters())
+    checksums = accelerator.gather(checksum.reshape(1).to(accelerator.device))
+    return bool((checksums == checksums[0]).all())
+
+
+def _tracker_config(args) -> dict:
+    # TensorBoard's hparams accept numbers, strings and booleans only
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+
+
+# ---- the output folder ----
+
+
+def save_model(accelerator: Accelerator, model, processor, output_dir) -> None:
+    """Write the final model and image processor into `output_dir`: first into a temporary folder, then moved in
+    with `config.json` last, so a folder with a `config.json` always holds complete weights."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output_dir = Path(output_dir)
+        partial = output_dir / ".partial-model"
+        shutil.rmtree(partial, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(partial)
+        processor.save_pretrained(partial)
+        (output_dir / "config.json").unlink(missing_ok=True)
+        for path in sorted(partial.iterdir(), key=lambda p: p.name == "config.json"):
+            os.replace(path, output_dir / path.name)
+        partial.rmdir()
+    accelerator.wait_for_everyone()
+
+
+def write_json(path, data: dict) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    partial = path.with_name(f".partial-{path.name}")
+    partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, path)
+
+
+def write_results(args, results: dict) -> None:
+    """`eval_results.json` (the final evaluation, what model cards read) and `all_results.json` (that plus the
+    training loss, the step count and every flag)."""
+    evaluation = {k: v for k, v in results.items() if k not in ("epoch", "step", "train_loss")}
+    source = {"dataset": args.dataset or "scikit-learn/digits", "split": args.eval_split or "test"}
+    write_json(Path(args.output_dir) / "eval_results.json", {**source, **evaluation})
+    write_json(Path(args.output_dir) / "all_results.json", {**source, **results, "args": vars(args)})
+
+
+def save_figure(save, path) -> None:
+    """Call `save(temporary_path)` and rename the result to `path`."""
+    path = Path(path)
+    partial = path.with_name(f".partial-{path.name}")
+    save(partial)
+    os.replace(partial, path)

@@ -1,0 +1,41 @@
+"""Pictures a training run leaves in its output folder: a reconstruction grid and a codebook-usage histogram."""
+
+import matplotlib
+
+
+matplotlib.use("Agg")  # files only, no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def image_grid(rows: list[list[Image.Image]], pad: int = 2, scale: int = 1) -> Image.Image:
+    """Tile equally sized PIL images row by row on a white background, optionally upscaled (nearest)."""
+    width, height = rows[0][0].size
+    columns = max(len(row) for row in rows)
+    grid = Image.new("RGB", (columns * (width + pad) + pad, len(rows) * (height + pad) + pad), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image.convert("RGB"), (pad + c * (width + pad), pad + r * (height + pad)))
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST) if scale > 1 else grid
+
+
+def save_reconstruction_grid(inputs: list[Image.Image], reconstructions: list[Image.Image], path) -> None:
+    """`reconstructions.png`: the inputs on the top row, their reconstructions below."""
+    scale = max(1, 64 // inputs[0].size[1])
+    image_grid([inputs, reconstructions], scale=scale).save(path)
+
+
+def save_codebook_usage(code_counts: list[int], path, title: str = "") -> None:
+    """`codebook_usage.png`: the share of tokens each code takes, codes sorted by frequency."""
+    counts = torch.as_tensor(code_counts, dtype=torch.float64).sort(descending=True).values
+    codebook_size, used = len(counts), int((counts > 0).sum())
+    figure, axis = plt.subplots(figsize=(6, 3), dpi=120)
+    axis.bar(range(codebook_size), (counts / counts.sum()).numpy(), width=1.0, color="#4C72B0")
+    axis.set_xlabel("code rank (most used first)")
+    axis.set_ylabel("share of tokens")
+    axis.set_title(f"{title} {used}/{codebook_size} codes used".strip())
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -1,0 +1,93 @@
+"""Metrics against values computed by hand or by scikit-learn."""
+
+import math
+
+import numpy as np
+import pytest
+import sklearn.metrics
+import torch
+
+from hf_hypervq.training.metrics import (
+    ALEXNET_ERRORS,
+    COMMON_CORRUPTIONS,
+    EXTRA_CORRUPTIONS,
+    codebook_usage,
+    davies_bouldin_index,
+    mean_corruption_error,
+    perturb,
+    reconstruction_mse,
+    silhouette_score,
+    top1_accuracy,
+)
+
+
+def clustered_points(seed=0, n=600, clusters=7, dim=5):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, dim, generator=g) * 3
+    labels = torch.randint(0, clusters, (n,), generator=g)
+    return centres[labels] + torch.randn(n, dim, generator=g), labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_silhouette_and_davies_bouldin_match_scikit_learn(seed):
+    points, labels = clustered_points(seed)
+    labels[0] = 99  # a cluster of one point (silhouette 0 by convention)
+    expected = sklearn.metrics.silhouette_score(points.double().numpy(), labels.numpy())
+    assert silhouette_score(points, labels, chunk_size=97) == pytest.approx(expected, abs=1e-10)
+    expected_db = sklearn.metrics.davies_bouldin_score(points.double().numpy(), labels.numpy())
+    assert davies_bouldin_index(points, labels) == pytest.approx(expected_db, rel=1e-10)
+
+
+def test_silhouette_by_hand():
+    points = torch.tensor([[0.0], [1.0], [5.0], [7.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    a = [1, 1, 2, 2]  # mean distance to the own cluster
+    b = [6, 5, 4.5, 6.5]  # mean distance to the other cluster
+    expected = np.mean([(bi - ai) / max(ai, bi) for ai, bi in zip(a, b)])
+    assert silhouette_score(points, labels) == pytest.approx(expected)
+
+
+def test_cluster_metrics_need_two_clusters():
+    with pytest.raises(ValueError, match="clusters"):
+        silhouette_score(torch.randn(10, 2), torch.zeros(10))
+
+
+def test_codebook_usage_by_hand():
+    tokens = torch.tensor([0, 0, 1, 3])
+    usage = codebook_usage(tokens, codebook_size=8)
+    entropy = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    assert usage["perplexity"] == pytest.approx(math.exp(entropy))
+    assert usage["codes_used"] == pytest.approx(3 / 8)
+    assert codebook_usage(torch.zeros(5, dtype=torch.long), 4)["perplexity"] == pytest.approx(1.0)
+
+
+def test_accuracy_and_mse_by_hand():
+    logits = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    assert top1_accuracy(logits, torch.tensor([1, 1, 1])) == pytest.approx(2 / 3)
+    assert reconstruction_mse(torch.zeros(2, 2), torch.tensor([[1.0, 2.0], [0.0, 1.0]])) == pytest.approx(1.5)
+
+
+def test_mce_by_hand_and_the_known_unknown_split():
+    errors = {"gaussian_noise": [0.2, 0.4, 0.6, 0.8, 1.0], "brightness": [0.1] * 5, "spatter": [0.5] * 5}
+    result = mean_corruption_error(errors)
+    ce_gauss = 100 * 0.6 / 0.886
+    ce_bright = 100 * 0.1 / 0.565
+    assert result["corruption_errors"]["gaussian_noise"] == pytest.approx(ce_gauss)
+    assert result["mCE"] == pytest.approx((ce_gauss + ce_bright) / 2)
+    assert result["unknown_mCE"] == pytest.approx(100 * 0.5 / 0.718)
+    assert len(COMMON_CORRUPTIONS) == 15 and len(EXTRA_CORRUPTIONS) == 4 and len(ALEXNET_ERRORS) == 19
+    with pytest.raises(ValueError, match="unknown corruptions"):
+        mean_corruption_error({"rain": [0.1]})
+
+
+def test_perturb_is_seeded_and_changes_images():
+    images = torch.randn(4, 3, 16, 16)
+    a = perturb(images, torch.Generator().manual_seed(0))
+    b = perturb(images, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == images.shape
+    assert not torch.allclose(a, images, atol=0.05)
+    still = perturb(images, torch.Generator().manual_seed(0), max_degrees=0.0, noise_std=0.0)
+    flipped = still.flip(-1)  # with no rotation and no noise only flips remain
+    assert all(
+        torch.allclose(s, i, atol=1e-5) or torch.allclose(f, i, atol=1e-5) for s, f, i in zip(still, flipped, images)
+    )

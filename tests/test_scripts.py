@@ -1,0 +1,217 @@
+"""The training and evaluation scripts, run for real as subprocesses: outputs, two-process training, kill and
+resume, and clear errors."""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForImageClassification, pipeline
+
+import hf_hypervq  # noqa: F401
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+# A tokenizer small enough for a test: 8×8 digits -> 2×2 codes of 8 dims from 16.
+TINY_VQVAE = [
+    "--hidden_size", "16", "--residual_hidden_size", "8", "--embedding_dim", "8", "--codebook_size", "16",
+    "--image_size", "8", "--per_device_train_batch_size", "32", "--max_train_samples", "200",
+    "--max_eval_samples", "51", "--per_device_eval_batch_size", "20",
+]  # fmt: skip
+
+
+def run_script(name, *args, timeout=300, check=True):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *map(str, args)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    output = tmp_path_factory.mktemp("tokenizer")
+    run_script("train_vqvae.py", "--output_dir", output, "--max_train_steps", "12", *TINY_VQVAE)
+    return output
+
+
+@pytest.mark.parametrize("name", ["train_vqvae", "train_classifier", "train_vqsa", "evaluate"])
+def test_help_documents_every_flag(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = module.build_parser()
+    for action in parser._actions:
+        if action.help != "==SUPPRESS==":
+            assert action.help, action.option_strings
+    assert "--output_dir" in parser.format_help() or name == "evaluate"
+
+
+def test_train_vqvae_output_folder(tokenizer_dir):
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "reconstructions.png",
+                 "codebook_usage.png", "eval_results.json", "all_results.json", "modeling_hypervq.py"):  # fmt: skip
+        assert (tokenizer_dir / name).exists(), name
+    model = AutoModel.from_pretrained(tokenizer_dir)
+    assert model.config.codebook_size == 16
+    results = json.loads((tokenizer_dir / "all_results.json").read_text())
+    assert results["step"] == 12 and results["num_eval_samples"] == 51
+    assert 1 <= results["perplexity"] <= 16 and results["reconstruction_mse"] > 0
+    assert sum(results["code_counts"]) == 51 * 2 * 2
+    assert results["weights_identical_across_processes"]
+    evaluation = json.loads((tokenizer_dir / "eval_results.json").read_text())
+    assert (
+        evaluation["dataset"] == "scikit-learn/digits"
+        and "silhouette" in evaluation
+        and "noisy_silhouette" in evaluation
+    )
+
+
+def test_classifier_and_evaluate_scripts(tokenizer_dir, tmp_path):
+    output = tmp_path / "classifier"
+    run_script(
+        "train_classifier.py", "--tokenizer", tokenizer_dir, "--output_dir", output, "--max_train_steps", "10",
+        "--max_train_samples", "200", "--max_eval_samples", "51", "--classifier_hidden_size", "16",
+    )  # fmt: skip
+    model = AutoModelForImageClassification.from_pretrained(output)
+    assert model.config.id2label[3] == "3" and not any(p.requires_grad for p in model.hypervq.parameters())
+    tokenizer_weights = load_file(tokenizer_dir / "model.safetensors")
+    for name, value in model.hypervq.state_dict().items():  # the tokenizer really stayed frozen
+        assert torch.equal(value, tokenizer_weights[name]), name
+    accuracy = json.loads((output / "eval_results.json").read_text())["accuracy"]
+    assert 0 <= accuracy <= 1
+    assert pipeline("image-classification", model=str(output), trust_remote_code=False)(
+        str(ROOT / "tests" / "data" / "digit.png")
+    )[0]["label"] in {str(d) for d in range(10)}
+
+    result = run_script("evaluate.py", output, "--max_eval_samples", "51", "--output_file", tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text())["accuracy"] == pytest.approx(accuracy)
+    run_script("evaluate.py", tokenizer_dir, "--max_eval_samples", "51", "--output_file", tmp_path / "tok.json")
+    saved = json.loads((tokenizer_dir / "eval_results.json").read_text())
+    again = json.loads((tmp_path / "tok.json").read_text())
+    assert again["reconstruction_mse"] == pytest.approx(saved["reconstruction_mse"], rel=1e-5)
+    assert "tok.json" in result.stdout or result.returncode == 0
+
+
+def test_train_vqsa_with_corruptions_and_mce(tmp_path):
+    output = tmp_path / "vqsa"
+    run_script(
+        "train_vqsa.py", "--output_dir", output, "--max_train_steps", "4", "--max_train_samples", "64",
+        "--max_eval_samples", "20", "--per_device_train_batch_size", "16", "--codebook_size", "8",
+        "--image_size", "32",
+    )  # fmt: skip
+    model = AutoModelForImageClassification.from_pretrained(output)
+    assert type(model).__name__ == "HyperVQSAForImageClassification"
+    assert 0 <= json.loads((output / "eval_results.json").read_text())["accuracy"] <= 1
+    run_script(
+        "evaluate.py", output, "--max_eval_samples", "8", "--corruptions", "extra", "--severities", "1", "5",
+        "--output_file", tmp_path / "mce.json",
+    )  # fmt: skip
+    result = json.loads((tmp_path / "mce.json").read_text())
+    assert set(result["corruption_errors"]) == {"speckle_noise", "gaussian_blur", "spatter", "saturate"}
+    assert result["mCE"] is None and result["unknown_mCE"] >= 0
+
+
+def test_two_cpu_processes_train_in_sync(tmp_path):
+    output = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(SCRIPTS / "train_vqvae.py"), "--cpu",
+        "--output_dir", str(output), "--max_train_steps", "6", *TINY_VQVAE,
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "MULTI_CPU" in result.stderr and "processes: 2" in result.stderr
+    results = json.loads((output / "all_results.json").read_text())
+    assert results["num_processes"] == 2
+    assert results["weights_identical_across_processes"]
+    assert results["num_eval_samples"] == 51  # 51 images over 2 processes: the padded duplicate is dropped
+    AutoModel.from_pretrained(output)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    args = ["--max_train_steps", "60", "--checkpointing_steps", "5", "--seed", "3", *TINY_VQVAE]
+    run_script("train_vqvae.py", "--output_dir", tmp_path / "straight", *args)
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "train_vqvae.py"), "--output_dir", str(interrupted), *args],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while not (interrupted / "checkpoints" / "step_10").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "config.json").exists()  # no final model from a killed run
+    steps = sorted(p.name for p in (interrupted / "checkpoints").iterdir())
+    assert all(not name.startswith(".partial") for name in steps) or len(steps) > 1
+
+    run_script("train_vqvae.py", "--output_dir", interrupted, "--resume_from_checkpoint", "latest", *args)
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(interrupted / "model.safetensors")
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert json.loads((interrupted / "all_results.json").read_text())["step"] == 60
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quantizer", "nearest"], "invalid choice: 'nearest'"),
+        (["--codebook_size", "1"], "codebook_size"),
+        (["--dataset", "nobody/no-such-dataset"], "cannot load data set 'nobody/no-such-dataset'"),
+        (["--image_column", "pixels"], "--image_column 'pixels' is not a column"),
+        (["--resume_from_checkpoint", "/no/such/step_3"], "is not a checkpoint folder"),
+    ],
+)
+def test_bad_input_is_one_clear_error_before_training(args, message, tmp_path):
+    result = run_script("train_vqvae.py", "--output_dir", tmp_path / "out", *TINY_VQVAE, *args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_unreadable_image_in_a_folder_is_reported(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        folder = tmp_path / "data" / split / "a"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i, i, i)).save(folder / f"{i}.png")
+    (tmp_path / "data" / "train" / "a" / "bad.png").write_bytes(b"not an image")
+    result = run_script(
+        "train_classifier.py", "--tokenizer", tmp_path / "missing-tokenizer", "--output_dir", tmp_path / "out",
+        "--dataset", tmp_path / "data", check=False,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    result = run_script(
+        "train_vqvae.py", "--output_dir", tmp_path / "out", "--dataset", tmp_path / "data", check=False
+    )
+    assert result.returncode == 2 and "unreadable image" in result.stderr and "bad.png" in result.stderr

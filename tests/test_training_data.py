@@ -1,0 +1,109 @@
+"""Loading data sets for the scripts: the embedded digits, local folders and files, columns, and clear errors."""
+
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features
+from datasets import Image as ImageFeature
+from PIL import Image
+
+from hf_hypervq import HyperVQImageProcessor
+from hf_hypervq.training.data import (
+    DataError,
+    collate,
+    digits_dataset,
+    label_names,
+    load_image_dataset,
+    with_image_transform,
+)
+
+
+def make_image_folder(root, per_class=3, size=(12, 10)):
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", size, (i * 40, 80, 160 if name == "dog" else 20)).save(folder / f"{i}.png")
+    return root
+
+
+def test_digits_is_real_data_split_80_20():
+    splits = digits_dataset()
+    assert len(splits["train"]) + len(splits["test"]) == 1797
+    assert len(splits["test"]) == 360
+    assert label_names(splits["train"]) == [str(d) for d in range(10)]
+    image = splits["train"][0]["image"]
+    assert image.size == (8, 8) and image.mode == "L"
+
+
+def test_default_dataset_is_digits():
+    data = load_image_dataset(None, split="test", require_labels=True)
+    assert data.column_names == ["image", "label"] and len(data) == 360
+
+
+def test_image_folder_save_to_disk_and_parquet(tmp_path):
+    folder = make_image_folder(tmp_path / "folder")
+    data = load_image_dataset(str(folder), split="train", require_labels=True)
+    assert len(data) == 6 and label_names(data) == ["cat", "dog"]
+
+    features = Features({"img": ImageFeature(), "fine_label": ClassLabel(names=["a", "b"])})
+    table = Dataset.from_dict({"img": [Image.new("RGB", (8, 8))] * 4, "fine_label": [0, 1, 0, 1]}, features=features)
+    DatasetDict({"train": table, "test": table}).save_to_disk(tmp_path / "saved")
+    saved = load_image_dataset(str(tmp_path / "saved"), split="test", require_labels=True)  # columns found by name
+    assert saved.column_names == ["image", "label"] and label_names(saved) == ["a", "b"]
+
+    table.to_parquet(tmp_path / "data.parquet")
+    parquet = load_image_dataset(str(tmp_path / "data.parquet"), image_column="img", label_column="fine_label")
+    assert parquet.column_names == ["image", "label"] and len(parquet) == 4
+
+
+def test_streaming_yields_examples():
+    stream = load_image_dataset(None, split="train", streaming=True)
+    first = next(iter(stream))
+    assert set(first) == {"image", "label"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(image_column="pixels"), "--image_column 'pixels' is not a column"),
+        (dict(label_column="target"), "--label_column 'target' is not a column"),
+        (dict(split="validation"), "split 'validation'"),
+    ],
+)
+def test_bad_columns_and_splits(kwargs, match):
+    with pytest.raises(DataError, match=match):
+        load_image_dataset(None, **{"split": "train", **kwargs})
+
+
+def test_missing_labels_are_reported(tmp_path):
+    Dataset.from_dict(
+        {"image": [Image.new("RGB", (4, 4))]}, features=Features({"image": ImageFeature()})
+    ).save_to_disk(tmp_path / "unlabelled")
+    assert load_image_dataset(str(tmp_path / "unlabelled")).column_names == ["image"]
+    with pytest.raises(DataError, match="no label column"):
+        load_image_dataset(str(tmp_path / "unlabelled"), require_labels=True)
+
+
+def test_hub_dataset_offline_is_one_clear_error():
+    with pytest.raises(DataError, match=r"cannot load data set 'nobody/no-such-dataset'"):
+        load_image_dataset("nobody/no-such-dataset")
+
+
+def test_unreadable_image_is_reported_before_training(tmp_path):
+    folder = make_image_folder(tmp_path / "folder")
+    (folder / "train" / "cat" / "broken.png").write_bytes(b"this is not a png")
+    with pytest.raises(DataError, match=r"unreadable image .*broken\.png"):
+        load_image_dataset(str(folder), split="train")
+
+
+def test_transform_and_collate(tmp_path):
+    data = load_image_dataset(None, split="test", require_labels=True).select(range(5))
+    processed = with_image_transform(data, HyperVQImageProcessor(size={"height": 16, "width": 16}))
+    batch = collate([processed[i] for i in range(5)])
+    assert batch["pixel_values"].shape == (5, 3, 16, 16) and batch["labels"].dtype == torch.int64
+    assert torch.equal(batch["labels"], torch.tensor(data["label"]))
+    flipped = with_image_transform(
+        data, HyperVQImageProcessor(size={"height": 16, "width": 16}), lambda im: im.transpose(0)
+    )
+    assert torch.equal(collate([flipped[0]])["pixel_values"], batch["pixel_values"][:1].flip(-1))
