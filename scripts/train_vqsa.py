@@ -31,6 +31,7 @@ from hf_hypervq.training.loop import (
     load_splits,
     make_accelerator,
     make_loader,
+    push_if_asked,
     reported_errors,
     save_model,
     train,
@@ -148,6 +149,7 @@ def main(argv=None):
         save_model(accelerator, model, processor, args.output_dir)
         if accelerator.is_main_process:
             write_results(args, {**results, "resnet": args.resnet})
+            push_if_asked(args)
         accelerator.end_training()
 
 

@@ -27,6 +27,7 @@ from hf_hypervq.training.loop import (
     load_splits,
     make_accelerator,
     make_loader,
+    push_if_asked,
     reported_errors,
     save_figure,
     save_model,
@@ -111,6 +112,7 @@ def main(argv=None):
         save_model(accelerator, model, processor, args.output_dir)
         if accelerator.is_main_process:
             write_outputs(args, accelerator.unwrap_model(model).eval(), processor, sample_images, results)
+            push_if_asked(args)
         accelerator.end_training()
 
 

@@ -5,6 +5,8 @@ import torch
 from accelerate import Accelerator
 
 from .metrics import (
+    COMMON_CORRUPTIONS,
+    EXTRA_CORRUPTIONS,
     codebook_usage,
     davies_bouldin_index,
     mean_corruption_error,
@@ -82,8 +84,15 @@ def evaluate_corruptions(evaluate_loader, corruptions, severities=(1, 2, 3, 4, 5
     `evaluate_loader(corruption, severity) -> {"accuracy": ...}` evaluates the model on the corrupted split."""
     errors = {name: [1 - evaluate_loader(name, s)["accuracy"] for s in severities] for name in corruptions}
     summary = mean_corruption_error(errors)
+
+    def mean_accuracy(names):  # paper Table 6's "Known" and "Unknown" columns
+        rates = [1 - e for name in names if name in errors for e in errors[name]]
+        return sum(rates) / len(rates) if rates else None
+
     return {
         "mCE": summary["mCE"],
         "unknown_mCE": summary["unknown_mCE"],
+        "known_accuracy": mean_accuracy(COMMON_CORRUPTIONS),
+        "unknown_accuracy": mean_accuracy(EXTRA_CORRUPTIONS),
         "corruption_errors": summary["corruption_errors"],
     }

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import DataError, load_image_dataset
+from .hub import PublishError, push_to_hub
 
 
 logger = get_logger(__name__)
@@ -97,6 +99,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, learning_rate: floa
     train.add_argument("--with_tracking", action="store_true", help="log scalars to TensorBoard in --output_dir/runs")
     train.add_argument("--logging_steps", type=int, default=10, help="updates between tracker logs (default: 10)")
     train.add_argument(
+        "--eval_at_end_only", action="store_true", help="evaluate once after training instead of after every epoch"
+    )
+    train.add_argument(
         "--compile_quantizer", action="store_true", help="fuse the quantizer's elementwise kernels with torch.compile"
     )
     hub = parser.add_argument_group("hub")
@@ -130,7 +135,7 @@ def reported_errors():
     package) into one `error:` line and exit status 2."""
     try:
         yield
-    except (DataError, OSError, ImportError) as error:
+    except (DataError, PublishError, OSError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -322,7 +327,9 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
         train_loss = accelerator.reduce(loss_sum, reduction="sum").item() / max(
             1, loss_count * accelerator.num_processes
         )
-        results = {"epoch": epoch, "step": completed_steps, "train_loss": train_loss, **evaluate(model)}
+        last_epoch = completed_steps >= args.max_train_steps or epoch == num_epochs - 1
+        evaluation = evaluate(model) if last_epoch or not args.eval_at_end_only else {}
+        results = {"epoch": epoch, "step": completed_steps, "train_loss": train_loss, **evaluation}
         logger.info(
             f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float)),
             main_process_only=True,
@@ -386,8 +393,18 @@ def write_results(args, results: dict) -> None:
     training loss, the step count and every flag)."""
     evaluation = {k: v for k, v in results.items() if k not in ("epoch", "step", "train_loss")}
     source = {"dataset": args.dataset or "scikit-learn/digits", "split": args.eval_split or "test"}
+    command = shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])  # how this run was started
     write_json(Path(args.output_dir) / "eval_results.json", {**source, **evaluation})
-    write_json(Path(args.output_dir) / "all_results.json", {**source, **results, "args": vars(args)})
+    write_json(
+        Path(args.output_dir) / "all_results.json", {**source, **results, "command": command, "args": vars(args)}
+    )
+
+
+def push_if_asked(args) -> None:
+    """With --push_to_hub: push the output folder with a generated model card (`hub.push_to_hub`)."""
+    if args.push_to_hub:
+        url = push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private)
+        logger.info(f"pushed to {url}", main_process_only=True)
 
 
 def save_figure(save, path) -> None:

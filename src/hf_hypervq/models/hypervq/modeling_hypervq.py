@@ -7,7 +7,8 @@
   its quantizer.
 
 References: Goswami et al., "HyperVQ", arXiv 2403.13015; van den Oord et al., "Neural Discrete Representation
-Learning", NeurIPS 2017; Yang et al., "Context-Aware Robust Fine-Tuning / VQ-SA", CVPR 2023.
+Learning", NeurIPS 2017; Yang et al., "Vector Quantization with Self-Attention for Quality-Independent Representation
+Learning" (VQ-SA), CVPR 2023.
 """
 
 import math

@@ -1,0 +1,184 @@
+"""Publishing to the Hub: a model card generated from a template and the run's result files, and the model folder
+pushed in one commit (`create_repo` + `upload_folder`).
+
+Numbers in a card are read from `eval_results.json` / `all_results.json`, never typed. The templates live in the
+repository's `model_cards/` folder (one per model kind), so publishing runs from a checkout of hf-hypervq.
+"""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+
+TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "model_cards"
+# architecture -> (template / kind, pipeline tag, training script)
+MODEL_KINDS = {
+    "HyperVQVAEModel": ("tokenizer", "image-feature-extraction", "scripts/train_vqvae.py"),
+    "HyperVQVAEForImageClassification": ("classifier", "image-classification", "scripts/train_classifier.py"),
+    "HyperVQSAForImageClassification": ("vqsa", "image-classification", "scripts/train_vqsa.py"),
+}
+QUANTIZER_NAMES = {
+    "hyperbolic": "HyperVQ",
+    "kmeans": "KmeansVQ",
+    "gumbel": "GumbelVQ",
+    "hyperbolic_kmeans": "HyperKmeansVQ",
+    "hyperbolic_embedding": "HyperEmbMatVQ",
+}
+# Files of an output folder that are not published.
+PRIVATE_PARTS = ("checkpoints", "runs")
+METRIC_NAMES = {
+    "reconstruction_mse": "Reconstruction MSE",
+    "perplexity": "Codebook perplexity",
+    "codes_used": "Fraction of codes used",
+    "silhouette": "Silhouette (latents by code)",
+    "davies_bouldin": "Davies-Bouldin (latents by code)",
+    "noisy_silhouette": "Silhouette under noise",
+    "noisy_davies_bouldin": "Davies-Bouldin under noise",
+    "accuracy": "Top-1 accuracy",
+    "known_accuracy": "Accuracy under the 15 known corruptions",
+    "unknown_accuracy": "Accuracy under the 4 unknown corruptions",
+    "mCE": "mCE (15 known corruptions)",
+    "unknown_mCE": "mCE (4 unknown corruptions)",
+}
+
+
+class PublishError(ValueError):
+    """Something stops a push before anything is sent (or the Hub refused it)."""
+
+
+def read_model_folder(folder) -> tuple[dict, str]:
+    """The config of a saved hf-hypervq model and its kind; `PublishError` if `folder` is not one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PublishError(f"{folder} is not a folder")
+    if not (folder / "config.json").exists():
+        raise PublishError(f"{folder} is not a saved model: it has no config.json")
+    if not any(folder.glob("*.safetensors")):
+        raise PublishError(f"{folder} is not a saved model: it has no .safetensors weights")
+    config = json.loads((folder / "config.json").read_text())
+    architecture = (config.get("architectures") or [None])[0]
+    if architecture not in MODEL_KINDS:
+        raise PublishError(f"{folder} holds a {architecture or config.get('model_type')!r}, not an hf-hypervq model")
+    return config, MODEL_KINDS[architecture][0]
+
+
+def _read_json(path) -> dict:
+    return json.loads(Path(path).read_text()) if Path(path).exists() else {}
+
+
+def _is_hub_id(name) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return isinstance(name, str) and "/" in name and not Path(name).exists()
+
+
+def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR) -> ModelCard:
+    """The model card of a saved model, from `template_dir/<kind>.md` and the folder's result files."""
+    config, kind = read_model_folder(folder)
+    architecture = config["architectures"][0]
+    _, pipeline_tag, script = MODEL_KINDS[architecture]
+    evaluation = _read_json(Path(folder) / "eval_results.json")
+    everything = _read_json(Path(folder) / "all_results.json")
+    dataset = evaluation.get("dataset") or everything.get("dataset") or "unknown"
+    split = evaluation.get("split", "test")
+    metrics = {k: v for k, v in evaluation.items() if k in METRIC_NAMES and isinstance(v, (int, float))}
+    base_model = everything.get("resnet") if kind == "vqsa" else everything.get("tokenizer")
+    quantizer = QUANTIZER_NAMES.get(config.get("quantizer_type"), config.get("quantizer_type"))
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        license="apache-2.0",
+        tags=["hf-hypervq", "hypervq", "vector-quantization", "hyperbolic", quantizer.lower(), kind],
+        datasets=[dataset] if _is_hub_id(dataset) else None,
+        base_model=base_model if _is_hub_id(base_model) else None,
+        model_name=repo_id.split("/")[-1],
+        eval_results=[
+            EvalResult(
+                task_type=pipeline_tag,
+                dataset_type=dataset,
+                dataset_name=dataset,
+                dataset_split=split,
+                metric_type=name,
+                metric_name=METRIC_NAMES[name],
+                metric_value=value,
+            )
+            for name, value in metrics.items()
+        ]
+        or None,
+    )
+    arguments = everything.get("args", {})
+    hyperparameters = {
+        k: v for k, v in arguments.items() if v not in (None, False) and k not in ("output_dir", "hub_model_id")
+    }
+    return ModelCard.from_template(
+        card_data,
+        template_path=Path(template_dir) / f"{kind}.md",
+        repo_id=repo_id,
+        model_name=repo_id.split("/")[-1],
+        quantizer=quantizer,
+        quantizer_type=config.get("quantizer_type"),
+        config=config,
+        metrics={METRIC_NAMES[k]: v for k, v in metrics.items()},
+        eval_dataset=dataset,
+        eval_split=split,
+        num_eval_samples=evaluation.get("num_eval_samples"),
+        command=everything.get("command") or f"{script} ...",
+        hyperparameters=hyperparameters,
+        num_processes=everything.get("num_processes"),
+        steps=everything.get("step"),
+        base_model_name=base_model,
+        corruption_errors=evaluation.get("corruption_errors"),
+    )
+
+
+def push_to_hub(
+    folder,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    template_dir=TEMPLATES_DIR,
+) -> str:
+    """Push a saved model folder with a generated `README.md` card to `repo_id`, in one commit; returns its URL.
+
+    Everything is checked before the first request (the repo id, the folder, the card), and the files go up in a
+    single commit, so a failure never leaves a half-pushed model. Checkpoints and TensorBoard runs stay local.
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise PublishError(f"--repo_id {repo_id!r} is not a valid repo id ({error})") from None
+    if "/" not in repo_id:
+        raise PublishError(f"--repo_id {repo_id!r} must be 'user/name' or 'org/name'")
+    card = build_model_card(folder, repo_id, template_dir)
+    with tempfile.TemporaryDirectory() as staging:
+        staging = Path(staging)
+        for path in Path(folder).iterdir():
+            if path.name in PRIVATE_PARTS or path.name.startswith(".") or path.name == "README.md":
+                continue
+            (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging / path.name)
+        card.save(staging / "README.md")
+        api = HfApi(token=token)
+        try:
+            repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True)
+            commit = api.upload_folder(
+                repo_id=repo_url.repo_id,
+                folder_path=staging,
+                revision=revision,
+                commit_message=commit_message or f"Upload {card.data.model_name} with hf-hypervq",
+            )
+        except Exception as error:  # HTTP errors, refused connections, timeouts: one clear line
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise PublishError(f"pushing to {repo_id} failed: {reason}") from None
+    return commit.commit_url

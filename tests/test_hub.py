@@ -1,0 +1,178 @@
+"""Publishing: generated model cards, and the real push -> load round trip against a local Hub-protocol server."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import LocalHub
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from hf_hypervq import (
+    HyperVQImageProcessor,
+    HyperVQSAConfig,
+    HyperVQSAForImageClassification,
+    HyperVQVAEConfig,
+    HyperVQVAEModel,
+)
+from hf_hypervq.training.hub import PublishError, build_model_card, push_to_hub
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(hidden_size=16, residual_hidden_size=8, embedding_dim=8, codebook_size=16, num_residual_layers=1)
+TOKENIZER_RESULTS = {"dataset": "uoft-cs/cifar100", "split": "test", "reconstruction_mse": 0.0312, "perplexity": 7.25,
+                     "codes_used": 0.5, "silhouette": 0.125, "num_eval_samples": 51}  # fmt: skip
+
+
+def saved_tokenizer(folder, results=TOKENIZER_RESULTS):
+    HyperVQVAEModel(HyperVQVAEConfig(**TINY)).save_pretrained(folder)
+    HyperVQImageProcessor(size={"height": 8, "width": 8}).save_pretrained(folder)
+    (folder / "eval_results.json").write_text(json.dumps(results))
+    command = "scripts/train_vqvae.py --output_dir out --quantizer hyperbolic --max_train_steps 12"
+    all_results = {**results, "step": 12, "num_processes": 1, "command": command,
+                   "args": {"quantizer": "hyperbolic", "learning_rate": 0.001, "output_dir": "out"}}  # fmt: skip
+    (folder / "all_results.json").write_text(json.dumps(all_results))
+    (folder / "checkpoints" / "step_12").mkdir(parents=True)
+    return folder
+
+
+def test_tokenizer_card_metadata_and_numbers_come_from_the_files(tmp_path):
+    card = build_model_card(saved_tokenizer(tmp_path), "org/hypervq-tiny")
+    data = card.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "image-feature-extraction"
+    assert data.license == "apache-2.0" and "hypervq" in data.tags and data.datasets == ["uoft-cs/cifar100"]
+    values = {r.metric_type: r.metric_value for r in data.eval_results}
+    assert values == {
+        k: TOKENIZER_RESULTS[k] for k in ("reconstruction_mse", "perplexity", "codes_used", "silhouette")
+    }
+    assert all(r.dataset_split == "test" and r.dataset_type == "uoft-cs/cifar100" for r in data.eval_results)
+    text = str(card)
+    assert 'AutoModel.from_pretrained("org/hypervq-tiny")' in text
+    assert 'AutoModel.from_pretrained("org/hypervq-tiny", trust_remote_code=True)' in text
+    assert "accelerate launch scripts/train_vqvae.py --output_dir out" in text and "| learning_rate | 0.001 |" in text
+    assert "@article{goswami2024hypervq" in text and "boundary" in text
+    card.save(tmp_path / "README.md")
+    reloaded = ModelCard.load(tmp_path / "README.md").data.eval_results
+    assert {r.metric_type: r.metric_value for r in reloaded} == values
+
+
+def test_vqsa_card_names_its_base_model_and_robustness(tmp_path):
+    config = HyperVQSAConfig(
+        backbone_config=dict(hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"), num_labels=3
+    )
+    HyperVQSAForImageClassification(config).save_pretrained(tmp_path)
+    results = {"dataset": "ILSVRC/imagenet-1k", "split": "validation", "accuracy": 0.74, "mCE": 47.6,
+               "unknown_mCE": 50.1, "corruption_errors": {"fog": 40.0}}  # fmt: skip
+    (tmp_path / "eval_results.json").write_text(json.dumps(results))
+    (tmp_path / "all_results.json").write_text(json.dumps({**results, "resnet": "microsoft/resnet-50"}))
+    card = build_model_card(tmp_path, "org/hypervq-sa")
+    assert card.data.base_model == "microsoft/resnet-50" and card.data.pipeline_tag == "image-classification"
+    assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "mCE", "unknown_mCE"}
+    assert "| fog | 40.0 |" in str(card) and "Vector Quantization with Self-Attention" in str(card)
+
+
+@pytest.mark.parametrize(
+    "make_folder, repo_id, message",
+    [
+        (lambda p: p, "org/x", "has no config.json"),
+        (lambda p: (p / "config.json").write_text("{}") and p, "org/x", "no .safetensors"),
+        (lambda p: saved_tokenizer(p), "org/bad--name", "not a valid repo id"),
+        (lambda p: saved_tokenizer(p), "just-a-name", "must be 'user/name'"),
+    ],
+)
+def test_push_refuses_bad_input_before_any_request(make_folder, repo_id, message, tmp_path):
+    folder = make_folder(tmp_path)
+    with pytest.raises(PublishError, match=message):
+        push_to_hub(folder or tmp_path, repo_id)
+
+
+def test_network_error_is_one_line_and_a_failed_exit(tmp_path):
+    saved_tokenizer(tmp_path / "model")
+    with LocalHub(tmp_path / "hub") as hub:
+        env = hub.client_env(tmp_path / "hf_home")
+    # the server has stopped: nothing listens at HF_ENDPOINT any more
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), str(tmp_path / "model"), "--repo_id", "org/x"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: pushing to org/x failed") and "Traceback" not in result.stderr
+
+
+CLIENT = textwrap.dedent(
+    """
+    import json, sys
+    if sys.argv[1] == "remote":
+        sys.modules["hf_hypervq"] = None  # a Python without the package: only the code in the repo can be used
+    else:
+        import hf_hypervq
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel, pipeline
+
+    repo, image = sys.argv[2], Image.open(sys.argv[3])
+    remote = sys.argv[1] == "remote"
+    model = AutoModel.from_pretrained(repo, trust_remote_code=remote).eval()
+    processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=remote)
+    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
+    out = {"module": type(model).__module__, "tokens": model.get_image_tokens(pixel_values).tolist(),
+           "reconstruction": model(pixel_values).reconstruction.tolist()}
+    if not remote:
+        out["pipeline_tokens"] = pipeline("image-tokenization", model=repo)(image)["image_tokens"]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_train_push_and_load_back_from_the_hub(tmp_path):
+    with LocalHub(tmp_path / "hub", lfs_threshold=64 * 1024) as hub:
+        env = hub.client_env(tmp_path / "hf_home")
+        output = tmp_path / "tokenizer"
+        train = [
+            sys.executable, str(ROOT / "scripts" / "train_vqvae.py"), "--output_dir", str(output),
+            "--max_train_steps", "4", "--checkpointing_steps", "2", "--max_train_samples", "64",
+            "--max_eval_samples", "20", "--image_size", "8", "--hidden_size", "16", "--residual_hidden_size", "8",
+            "--embedding_dim", "8", "--codebook_size", "16", "--push_to_hub", "--hub_model_id", "org/tiny-direct",
+        ]  # fmt: skip
+        result = subprocess.run(train, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        push = [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), str(output), "--repo_id", "org/tiny"]
+        result = subprocess.run(push, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+        files = set(hub.snapshot("model", "org/tiny", "main")[1])
+        assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json", "modeling_hypervq.py",
+                "eval_results.json", "reconstructions.png", "codebook_usage.png"} <= files  # fmt: skip
+        assert not any(name.startswith("checkpoints/") for name in files)
+        assert set(hub.snapshot("model", "org/tiny-direct", "main")[1]) == files
+        commits = [r for r in hub.requests if r[0] == "POST" and "/commit/" in r[1] and "org/tiny/" in r[1]]
+        assert len(commits) == 1  # one commit for the whole model
+
+        image_path = tmp_path / "digit.png"
+        Image.open(ROOT / "tests" / "data" / "digit.png").convert("RGB").save(image_path)
+        outputs = {}
+        for mode in ("installed", "remote"):
+            run = subprocess.run(
+                [sys.executable, "-c", CLIENT, mode, "org/tiny", str(image_path)],
+                env={**env, "HF_HOME": str(tmp_path / f"hf_home_{mode}")}, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert run.returncode == 0, run.stderr[-3000:]
+            outputs[mode] = json.loads(run.stdout.strip().splitlines()[-1])
+
+    local = HyperVQVAEModel.from_pretrained(output).eval()
+    processor = HyperVQImageProcessor.from_pretrained(output)
+    pixel_values = processor(images=Image.open(image_path), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        tokens, reconstruction = local.get_image_tokens(pixel_values).tolist(), local(pixel_values).reconstruction
+    assert outputs["installed"]["module"].startswith("hf_hypervq.")
+    assert outputs["remote"]["module"].startswith("transformers_modules.")
+    for out in outputs.values():
+        assert out["tokens"] == tokens
+        torch.testing.assert_close(torch.tensor(out["reconstruction"]), reconstruction)
+    assert [outputs["installed"]["pipeline_tokens"]] == tokens
+    card = ModelCard.load(output / "README.md") if (output / "README.md").exists() else None
+    assert card is None  # the card is generated for the push, not written into the training folder
