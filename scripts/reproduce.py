@@ -176,7 +176,12 @@ def main(argv=None):
     minutes = (time.time() - started) / 60
     dataset = args.dataset or "scikit-learn's handwritten digits (1,437 training / 360 test images, 16×16)"
     setup = (
-        f"Data: {dataset}. Every quantizer uses the same VQ-VAE (`{' '.join(map(str, model_flags))}`, 4× downsampling), "
+        (
+            "**Quick mode: a smoke test of the pipeline, far too short to be evidence for or against any claim.** "
+            if args.quick
+            else ""
+        )
+        + f"Data: {dataset}. Every quantizer uses the same VQ-VAE (`{' '.join(map(str, model_flags))}`, 4× downsampling), "
         f"{args.tokenizer_steps} tokenizer updates and {args.classifier_steps} classifier updates at learning rate "
         f"{args.learning_rate}, batch 128, seeds {args.seeds}; nothing was tuned per quantizer. "
         f"Versions: hf-hypervq {hf_hypervq.__version__}, torch {torch.__version__}, transformers "

@@ -9,7 +9,8 @@
 The loss is the reconstruction MSE plus the quantizer's loss, and the quantizer's Gumbel temperature follows the
 number of optimizer updates. The output folder ends up with the model and its image processor
 (`AutoModel.from_pretrained(output_dir)`), `all_results.json`, `eval_results.json`, `reconstructions.png` (inputs
-above, reconstructions below), `codebook_usage.png`, and resumable checkpoints in `checkpoints/`.
+above, reconstructions below), `codebook_usage.png`, `codebook.png` (every code decoded on its own, the paper's
+Figure 5), and resumable checkpoints in `checkpoints/`.
 """
 
 import argparse
@@ -34,7 +35,7 @@ from hf_hypervq.training.loop import (
     train,
     write_results,
 )
-from hf_hypervq.training.plots import save_codebook_usage, save_reconstruction_grid
+from hf_hypervq.training.plots import save_codebook_grid, save_codebook_usage, save_reconstruction_grid
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +119,7 @@ def main(argv=None):
 
 @torch.no_grad()
 def write_outputs(args, tokenizer, processor, sample_images, results):
-    """`reconstructions.png`, `codebook_usage.png`, `eval_results.json` and `all_results.json`."""
+    """`reconstructions.png`, `codebook_usage.png`, `codebook.png`, `eval_results.json` and `all_results.json`."""
     pixel_values = processor(images=[image.convert("RGB") for image in sample_images], return_tensors="pt")
     pixel_values = pixel_values["pixel_values"].to(tokenizer.device)
     inputs = processor.postprocess_reconstruction(pixel_values)
@@ -131,6 +132,8 @@ def write_outputs(args, tokenizer, processor, sample_images, results):
         lambda path: save_codebook_usage(results["code_counts"], path, title=args.quantizer),
         f"{output_dir}/codebook_usage.png",
     )
+    code_images = processor.postprocess_reconstruction(tokenizer.decode_codebook())
+    save_figure(lambda path: save_codebook_grid(code_images, path), f"{output_dir}/codebook.png")
     write_results(args, results)
 
 

@@ -12,7 +12,7 @@ from transformers import (
 )
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .models.hypervq.configuration_hypervq import HyperVQSAConfig, HyperVQVAEConfig
+from .models.hypervq.configuration_hypervq import HyperVQPriorConfig, HyperVQSAConfig, HyperVQVAEConfig
 from .models.hypervq.image_processing_hypervq import HyperVQImageProcessor
 from .models.hypervq.kernels import set_compiled_kernels
 from .models.hypervq.modeling_hypervq import (
@@ -20,6 +20,7 @@ from .models.hypervq.modeling_hypervq import (
     HyperVQVAEForImageClassification,
     HyperVQVAEModel,
 )
+from .models.hypervq.modeling_hypervq_prior import HyperVQPriorModel
 from .models.hypervq.pipeline_hypervq import ImageTokenizationPipeline
 from .models.hypervq.quantizers import (
     GumbelVQ,
@@ -42,10 +43,14 @@ def _register() -> None:
             config_class, image_processor_classes={"pil": HyperVQImageProcessor}, exist_ok=True
         )
         config_class.register_for_auto_class()
+    AutoConfig.register(HyperVQPriorConfig.model_type, HyperVQPriorConfig, exist_ok=True)
+    HyperVQPriorConfig.register_for_auto_class()
     AutoModel.register(HyperVQVAEConfig, HyperVQVAEModel, exist_ok=True)
+    AutoModel.register(HyperVQPriorConfig, HyperVQPriorModel, exist_ok=True)
     AutoModelForImageClassification.register(HyperVQVAEConfig, HyperVQVAEForImageClassification, exist_ok=True)
     AutoModelForImageClassification.register(HyperVQSAConfig, HyperVQSAForImageClassification, exist_ok=True)
     HyperVQVAEModel.register_for_auto_class("AutoModel")
+    HyperVQPriorModel.register_for_auto_class("AutoModel")
     HyperVQVAEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
     HyperVQSAForImageClassification.register_for_auto_class("AutoModelForImageClassification")
     HyperVQImageProcessor.register_for_auto_class("AutoImageProcessor")
@@ -62,6 +67,8 @@ __all__ = [
     "HyperKmeansVQ",
     "HyperVQ",
     "HyperVQImageProcessor",
+    "HyperVQPriorConfig",
+    "HyperVQPriorModel",
     "HyperVQSAConfig",
     "HyperVQSAForImageClassification",
     "HyperVQVAEConfig",

@@ -160,3 +160,29 @@ def mean_corruption_error(errors: Mapping[str, Sequence[float]]) -> dict:
         return sum(present) / len(present) if present else None
 
     return {"corruption_errors": ce, "mCE": average(COMMON_CORRUPTIONS), "unknown_mCE": average(EXTRA_CORRUPTIONS)}
+
+
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets `(N, F)` (FID when the features are
+    Inception-v3's pool features): `|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))`, in float64. The trace of
+    the matrix square root is the sum of the square roots of the eigenvalues of `S_a^(1/2) S_b S_a^(1/2)`."""
+    a, b = features_a.double(), features_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov_a)
+    sqrt_a = eigenvectors @ torch.diag(eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.T
+    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp_min(0).sqrt().sum()
+    return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def inception_score(probabilities: torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """Inception Score (Salimans et al. 2016) of class probabilities `(N, C)`: `exp(E_x KL(p(y|x) || p(y)))`,
+    mean and standard deviation over `splits` equal parts, as usually reported."""
+    p = probabilities.double().clamp_min(1e-12)
+    scores = []
+    for part in p.chunk(splits):
+        marginal = part.mean(0, keepdim=True)
+        scores.append((part * (part.log() - marginal.log())).sum(1).mean().exp().item())
+    mean = sum(scores) / len(scores)
+    std = (sum((s - mean) ** 2 for s in scores) / len(scores)) ** 0.5
+    return mean, std

@@ -27,6 +27,12 @@ def save_reconstruction_grid(inputs: list[Image.Image], reconstructions: list[Im
     image_grid([inputs, reconstructions], scale=scale).save(path)
 
 
+def save_codebook_grid(code_images: list[Image.Image], path, columns: int = 32) -> None:
+    """`codebook.png`: every code decoded on its own (the paper's Figure 5), in code order, row by row."""
+    rows = [code_images[i : i + columns] for i in range(0, len(code_images), columns)]
+    image_grid(rows, pad=1, scale=max(1, 16 // code_images[0].size[1])).save(path)
+
+
 def save_codebook_usage(code_counts: list[int], path, title: str = "") -> None:
     """`codebook_usage.png`: the share of tokens each code takes, codes sorted by frequency."""
     counts = torch.as_tensor(code_counts, dtype=torch.float64).sort(descending=True).values

@@ -55,6 +55,12 @@ def _fmt(cell, digits=3):
     return f"{mean:.{digits}g} ± {std:.2g}" if n > 1 else f"{mean:.{digits}g}"
 
 
+def _verdict(holds: bool, *values: float) -> str:
+    if any(not math.isfinite(v) for v in values):
+        return "not measurable"  # e.g. a quantizer that used a single code has no cluster scores
+    return "holds" if holds else "does not hold"
+
+
 def check_claims(table: dict, codebook_sizes: list[int], scatter: dict | None) -> list[tuple[str, str, str]]:
     """(claim, verdict, evidence) for each claim of the paper, decided from the measured means."""
     claims = []
@@ -96,13 +102,13 @@ def check_claims(table: dict, codebook_sizes: list[int], scatter: dict | None) -
         compact = get(h, "silhouette") > get(km, "silhouette") and get(h, "davies_bouldin") < get(km, "davies_bouldin")
         claims.append((
             f"HyperVQ's clusters are more compact than KmeansVQ's: higher silhouette, lower Davies-Bouldin (Table 5), {label}",
-            "holds" if compact else "does not hold",
+            _verdict(compact, *(get(c, m) for c in (h, km) for m in ("silhouette", "davies_bouldin"))),
             f"silhouette {get(h, 'silhouette'):.3f} vs {get(km, 'silhouette'):.3f}; Davies-Bouldin "
             f"{get(h, 'davies_bouldin'):.3g} vs {get(km, 'davies_bouldin'):.3g} (paper: 0.565 vs 0.487; 0.553 vs 0.732)",
         ))  # fmt: skip
         claims.append((
             f"HyperVQ's clusters stay more compact under noise (Table 5), {label}",
-            "holds" if get(h, "noisy_silhouette") > get(km, "noisy_silhouette") else "does not hold",
+            _verdict(get(h, "noisy_silhouette") > get(km, "noisy_silhouette"), get(h, "noisy_silhouette"), get(km, "noisy_silhouette")),
             f"noisy silhouette {get(h, 'noisy_silhouette'):.3f} vs {get(km, 'noisy_silhouette'):.3f} (paper: 0.564 vs 0.310)",
         ))  # fmt: skip
 

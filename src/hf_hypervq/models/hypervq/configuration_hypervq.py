@@ -187,3 +187,63 @@ class HyperVQSAConfig(PreTrainedConfig):
     def feature_dim(self) -> int:
         """Size of the backbone's pooled feature (2048 for ResNet-50)."""
         return self.backbone_config.hidden_sizes[-1]
+
+
+@strict
+class HyperVQPriorConfig(PreTrainedConfig):
+    r"""Configuration of `HyperVQPriorModel`, a Gated PixelCNN (van den Oord et al. 2016) over a tokenizer's token
+    grids; the paper's generative experiment trains a 15-layer one (Table 2).
+
+    Args:
+        codebook_size (`int`, *optional*, defaults to 512):
+            Number of codes K of the tokenizer whose tokens are modelled.
+        hidden_size (`int`, *optional*, defaults to 64):
+            Channels of the gated layers (and size of the token embedding).
+        num_layers (`int`, *optional*, defaults to 15):
+            Gated masked convolution layers.
+        kernel_size (`int`, *optional*, defaults to 3):
+            Kernel size of every gated layer but the first, which uses `first_kernel_size`.
+        first_kernel_size (`int`, *optional*, defaults to 7):
+            Kernel size of the first (type "A", current-token-blind) layer.
+        head_hidden_size (`int`, *optional*, defaults to 256):
+            Width of the 1×1-conv output head.
+        num_classes (`int`, *optional*, defaults to 0):
+            Number of classes for class-conditional generation; 0 for an unconditional prior.
+        grid_size (`list[int]`, *optional*, defaults to `[8, 8]`):
+            `(height, width)` of the token grids it was trained on, the default for sampling.
+        tokenizer_name_or_path (`str`, *optional*):
+            The tokenizer whose tokens it models (a folder or Hub id), so samples can be decoded to images.
+
+    Example:
+
+    ```python
+    >>> from hf_hypervq import HyperVQPriorConfig, HyperVQPriorModel
+    >>> prior = HyperVQPriorModel(HyperVQPriorConfig(codebook_size=512, grid_size=[8, 8]))
+    ```
+    """
+
+    model_type = "hypervq_prior"
+
+    codebook_size: int = 512
+    hidden_size: int = 64
+    num_layers: int = 15
+    kernel_size: int = 3
+    first_kernel_size: int = 7
+    head_hidden_size: int = 256
+    num_classes: int = 0
+    grid_size: list[int] | tuple[int, ...] = (8, 8)
+    tokenizer_name_or_path: str | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.codebook_size < 2:
+            raise ValueError(f"`codebook_size` must be >= 2, got {self.codebook_size}")
+        _check_positive(self, "hidden_size", "num_layers", "head_hidden_size")
+        for name in ("kernel_size", "first_kernel_size"):
+            if getattr(self, name) < 1 or getattr(self, name) % 2 == 0:
+                raise ValueError(f"`{name}` must be a positive odd number, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ValueError(f"`num_classes` must be >= 0, got {self.num_classes}")
+        if len(self.grid_size) != 2 or min(self.grid_size) < 1:
+            raise ValueError(f"`grid_size` must be (height, width) with positive sizes, got {self.grid_size}")
+        self.grid_size = [int(s) for s in self.grid_size]
+        super().__post_init__(**kwargs)

@@ -304,6 +304,11 @@ class HyperVQVAEModel(HyperVQVAEPreTrainedModel):
             raise ValueError(f"`image_tokens`: {error}") from None
         return self.decode(codes.permute(0, 3, 1, 2).to(self.decoder.layers[0].weight.dtype))
 
+    def decode_codebook(self) -> torch.Tensor:
+        """Every code decoded on its own, as a 1×1 latent (the paper's Figure 5): `(codebook_size, C, f, f)` images."""
+        codebook = self.quantizer.codebook.detach()  # (K, D)
+        return self.decode(codebook[:, :, None, None].to(self.decoder.layers[0].weight.dtype))
+
     @can_return_tuple
     def forward(self, pixel_values: torch.Tensor, return_dict: bool | None = None, **kwargs) -> HyperVQVAEModelOutput:
         r"""Encode, quantize and decode `pixel_values` `(B, C, H, W)`; the loss is the reconstruction MSE plus the

@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Sample images from a trained token prior through its tokenizer; optionally measure FID and Inception Score.
+
+    python scripts/sample.py --prior outputs/prior --output samples.png                  # a grid of 16 samples
+    python scripts/sample.py --prior outputs/prior --num_samples 500 --feature_extractor outputs/classifier
+    python scripts/sample.py --prior outputs/imagenet-prior --num_samples 50000 --dataset ILSVRC/imagenet-1k \\
+        --split validation                                            # Inception-v3 features (needs timm + the Hub)
+
+FID compares the Gaussians fitted to the pool features of the samples and of `--num_samples` real images of the data
+set; IS uses the extractor's class probabilities. The standard extractor is Inception-v3
+(timm/inception_v3.tv_in1k, loaded through transformers); where it cannot be loaded, any image classifier works (a
+folder or Hub id, e.g. one trained with scripts/train_classifier.py). The output always says which extractor produced
+the numbers: FID and IS are only comparable between runs that used the same one.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoModel
+
+import hf_hypervq  # noqa: F401  (registers the models)
+from hf_hypervq.training.data import load_image_dataset
+from hf_hypervq.training.generation import INCEPTION_V3, load_feature_extractor, sample_images
+from hf_hypervq.training.loop import reported_errors
+from hf_hypervq.training.metrics import frechet_distance, inception_score
+from hf_hypervq.training.plots import image_grid
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prior", required=True, help="a trained prior (folder or Hub id)")
+    parser.add_argument("--tokenizer", default=None, help="its tokenizer (default: the one the prior records)")
+    parser.add_argument("--num_images", type=int, default=16, help="images in the PNG grid (default: 16)")
+    parser.add_argument("--output", default="samples.png", help="where the grid goes (default: samples.png)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
+    parser.add_argument("--class_labels", type=int, nargs="+", default=None, help="classes, for a conditional prior")
+    parser.add_argument("--num_samples", type=int, default=None, help="also compute FID/IS on this many samples")
+    parser.add_argument("--feature_extractor", default=INCEPTION_V3, help=f"FID/IS network (default: {INCEPTION_V3})")
+    parser.add_argument("--dataset", default=None, help="real images for FID (default: scikit-learn digits)")
+    parser.add_argument("--split", default="test", help="split of --dataset (default: test)")
+    parser.add_argument("--image_column", default=None, help="image column of --dataset")
+    parser.add_argument("--metrics_file", default=None, help="where FID/IS go (default: next to --output)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    with reported_errors():
+        prior = AutoModel.from_pretrained(args.prior).eval()
+        tokenizer_path = args.tokenizer or prior.config.tokenizer_name_or_path
+        if tokenizer_path is None:
+            raise FileNotFoundError("the prior does not record its tokenizer: pass --tokenizer")
+        tokenizer = AutoModel.from_pretrained(tokenizer_path).eval()
+        processor = AutoImageProcessor.from_pretrained(tokenizer_path)
+
+        def labels(count):
+            if not prior.config.num_classes:
+                return {}
+            chosen = args.class_labels or list(range(prior.config.num_classes))
+            return {"class_labels": torch.tensor([chosen[i % len(chosen)] for i in range(count)])}
+
+        grid = sample_images(
+            prior,
+            tokenizer,
+            processor,
+            args.num_images,
+            temperature=args.temperature,
+            seed=args.seed,
+            **labels(args.num_images),
+        )
+        rows = [grid[i : i + 8] for i in range(0, len(grid), 8)]
+        image_grid(rows, scale=max(1, 64 // grid[0].size[1])).save(args.output)
+        print(f"wrote {args.output} ({args.num_images} samples)")
+        if args.num_samples:
+            extractor = load_feature_extractor(args.feature_extractor)
+            samples = sample_images(
+                prior,
+                tokenizer,
+                processor,
+                args.num_samples,
+                temperature=args.temperature,
+                seed=args.seed + 1,
+                **labels(args.num_samples),
+            )
+            real = load_image_dataset(args.dataset, split=args.split, image_column=args.image_column)
+            real_images = [real[i]["image"] for i in range(min(args.num_samples, len(real)))]
+            sample_features, sample_probabilities = extractor(samples)
+            real_features, _ = extractor(real_images)
+            score, score_std = inception_score(sample_probabilities, splits=min(10, len(samples)))
+            metrics = {
+                "fid": frechet_distance(sample_features, real_features),
+                "inception_score": score,
+                "inception_score_std": score_std,
+                "feature_extractor": extractor.name,
+                "num_samples": len(samples),
+                "num_real_images": len(real_images),
+                "real_images": f"{args.dataset or 'scikit-learn/digits'}:{args.split}",
+                "temperature": args.temperature,
+            }
+            path = Path(args.metrics_file or Path(args.output).with_name("sample_metrics.json"))
+            path.write_text(json.dumps(metrics, indent=2) + "\n")
+            print(
+                f"FID {metrics['fid']:.2f}, IS {score:.2f} ± {score_std:.2f} over {len(samples)} samples, "
+                f"features from {extractor.name} (wrote {path})"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Train a Gated PixelCNN token prior on the tokens a frozen HyperVQ-VAE tokenizer gives a data set, with accelerate.
+
+    python scripts/train_prior.py --tokenizer outputs/tokenizer --output_dir outputs/prior     # digits, minutes
+    accelerate launch scripts/train_prior.py --tokenizer outputs/imagenet --dataset ILSVRC/imagenet-1k \\
+        --image_size 128 --num_layers 15 --class_conditional --output_dir outputs/imagenet-prior
+
+The data set is tokenized once, up front, with the frozen tokenizer (spread over the processes and gathered); the
+prior then learns each token given the tokens before it (cross-entropy, raster order), optionally conditioned on the
+image's class. The output folder gets the prior (`AutoModel.from_pretrained(output_dir)`; it records its tokenizer),
+`samples.png` (images decoded from sampled token grids), `eval_results.json` (held-out nats and bits per token) and
+`all_results.json`. Then `scripts/sample.py --prior OUTPUT_DIR` samples more and measures FID/IS.
+"""
+
+import argparse
+import math
+
+import torch
+from torch.utils.data import Dataset
+from transformers import AutoImageProcessor, AutoModel
+
+from hf_hypervq import HyperVQPriorConfig, HyperVQPriorModel
+from hf_hypervq.training.data import DataError, collate, label_names, with_image_transform
+from hf_hypervq.training.generation import sample_images
+from hf_hypervq.training.loop import (
+    add_common_arguments,
+    check_common_arguments,
+    load_splits,
+    make_accelerator,
+    make_loader,
+    push_if_asked,
+    reported_errors,
+    save_figure,
+    save_model,
+    train,
+    write_results,
+)
+from hf_hypervq.training.plots import image_grid
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", required=True, help="a trained tokenizer: a folder or a Hub id")
+    parser.add_argument("--hidden_size", type=int, default=64, help="channels of the gated layers (default: 64)")
+    parser.add_argument("--num_layers", type=int, default=15, help="gated layers (default: 15, as in the paper)")
+    parser.add_argument("--head_hidden_size", type=int, default=256, help="width of the output head (default: 256)")
+    parser.add_argument("--class_conditional", action="store_true", help="condition on the data set's labels")
+    parser.add_argument("--num_sample_images", type=int, default=16, help="images in samples.png (default: 16)")
+    add_common_arguments(parser, learning_rate=1e-3, epochs=30, batch_size=64)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_common_arguments(args, parser)
+    if args.streaming:
+        parser.error("--streaming is not supported: the prior trains on the tokens of the whole data set")
+    return args
+
+
+class TokenDataset(Dataset):
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor | None):
+        self.tokens, self.labels = tokens, labels
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, index):
+        item = {"image_tokens": self.tokens[index]}
+        if self.labels is not None:
+            item["class_labels"] = self.labels[index]
+        return item
+
+
+@torch.no_grad()
+def tokenize(data, tokenizer, processor, accelerator, args) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The token grids (and labels) of a whole split, computed once, spread over the processes and gathered."""
+    loader = make_loader(with_image_transform(data, processor), args.per_device_eval_batch_size, collate, args, False)
+    loader = accelerator.prepare(loader)
+    tokens, labels = [], []
+    for batch in loader:
+        image_tokens = tokenizer.get_image_tokens(batch["pixel_values"].to(tokenizer.device))
+        gathered = accelerator.gather_for_metrics(
+            (
+                image_tokens,
+                batch.get("labels", torch.zeros(len(image_tokens), dtype=torch.long, device=image_tokens.device)),
+            )
+        )
+        tokens.append(gathered[0].cpu())
+        labels.append(gathered[1].cpu())
+    return torch.cat(tokens), torch.cat(labels) if "label" in data.column_names else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with reported_errors():
+        accelerator = make_accelerator(args)
+        tokenizer = AutoModel.from_pretrained(args.tokenizer).eval().to(accelerator.device)
+        processor = AutoImageProcessor.from_pretrained(args.tokenizer)
+        with accelerator.main_process_first():
+            train_data, eval_data = load_splits(args, require_labels=args.class_conditional)
+        names = label_names(train_data) if args.class_conditional else None
+        if args.class_conditional and names is None:
+            raise DataError("--class_conditional needs a ClassLabel label column")
+        train_tokens, train_labels = tokenize(train_data, tokenizer, processor, accelerator, args)
+        eval_tokens, eval_labels = tokenize(eval_data, tokenizer, processor, accelerator, args)
+        config = HyperVQPriorConfig(
+            codebook_size=tokenizer.config.codebook_size,
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
+            head_hidden_size=args.head_hidden_size,
+            num_classes=len(names) if names else 0,
+            grid_size=list(train_tokens.shape[1:]),
+            tokenizer_name_or_path=args.tokenizer,
+            id2label=dict(enumerate(names)) if names else None,
+        )
+        prior = HyperVQPriorModel(config)
+        stack = lambda items: {k: torch.stack([item[k] for item in items]) for k in items[0]}  # noqa: E731
+        labels = (train_labels, eval_labels) if names else (None, None)
+        train_loader = make_loader(
+            TokenDataset(train_tokens, labels[0]), args.per_device_train_batch_size, stack, args, True
+        )
+        eval_loader = make_loader(
+            TokenDataset(eval_tokens, labels[1]), args.per_device_eval_batch_size, stack, args, False
+        )
+        optimizer = torch.optim.AdamW(prior.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        prior, optimizer, train_loader, eval_loader = accelerator.prepare(prior, optimizer, train_loader, eval_loader)
+        results = train(
+            args, accelerator, prior, optimizer, train_loader, lambda m: evaluate(m, eval_loader, accelerator)
+        )
+        save_model(accelerator, prior, processor, args.output_dir)
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(prior).eval()
+            conditional = {"class_labels": torch.arange(args.num_sample_images) % len(names)} if names else {}
+            samples = sample_images(
+                unwrapped, tokenizer, processor, args.num_sample_images, seed=args.seed, **conditional
+            )
+            rows = [samples[i : i + 8] for i in range(0, len(samples), 8)]
+            save_figure(
+                lambda path: image_grid(rows, scale=max(1, 64 // samples[0].size[1])).save(path),
+                f"{args.output_dir}/samples.png",
+            )
+            write_results(args, {**results, "tokenizer": args.tokenizer})
+            push_if_asked(args)
+        accelerator.end_training()
+
+
+@torch.no_grad()
+def evaluate(prior, loader, accelerator) -> dict:
+    """Held-out negative log-likelihood of the tokens, in nats and in bits per token."""
+    prior.eval()
+    losses = []
+    for batch in loader:
+        logits = prior(**batch).logits
+        per_grid = (
+            torch.nn.functional.cross_entropy(logits.float(), batch["image_tokens"], reduction="none")
+            .flatten(1)
+            .mean(1)
+        )
+        losses.append(accelerator.gather_for_metrics(per_grid).cpu())
+    nats = torch.cat(losses).mean().item()
+    return {"eval_loss": nats, "bits_per_token": nats / math.log(2), "num_eval_samples": sum(len(x) for x in losses)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The token prior (Gated PixelCNN), sampling, codebook pictures, FID and IS, and the generation scripts."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from transformers import AutoModel
+
+from hf_hypervq import (
+    HyperVQImageProcessor,
+    HyperVQPriorConfig,
+    HyperVQPriorModel,
+    HyperVQVAEConfig,
+    HyperVQVAEForImageClassification,
+    HyperVQVAEModel,
+)
+from hf_hypervq.training.metrics import frechet_distance, inception_score
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+TINY_PRIOR = dict(codebook_size=12, hidden_size=8, num_layers=3, head_hidden_size=16, grid_size=[4, 5])
+
+
+def tiny_prior(**overrides) -> HyperVQPriorModel:
+    return HyperVQPriorModel(HyperVQPriorConfig(**{**TINY_PRIOR, **overrides})).eval()
+
+
+@pytest.mark.parametrize("num_layers, first_kernel", [(1, 3), (3, 7), (5, 5)])
+def test_logits_of_a_token_do_not_depend_on_it_or_later_tokens(num_layers, first_kernel):
+    prior = tiny_prior(num_layers=num_layers, first_kernel_size=first_kernel)
+    tokens = torch.randint(0, 12, (2, 4, 5))
+    with torch.no_grad():
+        logits = prior(image_tokens=tokens).logits
+        for position in range(20):
+            changed = tokens.clone().view(2, -1)
+            changed[:, position:] = (changed[:, position:] + torch.randint(1, 12, changed[:, position:].shape)) % 12
+            row, column = divmod(position, 5)
+            after = prior(image_tokens=changed.view(2, 4, 5)).logits
+            torch.testing.assert_close(after[:, :, row, column], logits[:, :, row, column])
+
+
+def test_logits_see_earlier_tokens_including_above_right():
+    """No blind spot: a token's logits depend on the row above to its right (gated PixelCNN's vertical stack)."""
+    prior = tiny_prior(num_layers=3, first_kernel_size=3)
+    tokens = torch.randint(0, 12, (1, 4, 5))
+    with torch.no_grad():
+        logits = prior(image_tokens=tokens).logits
+        for earlier in [(1, 3), (2, 1), (2, 0)]:  # above-right, directly left, further left of (2, 2)
+            changed = tokens.clone()
+            changed[0, earlier[0], earlier[1]] = (changed[0, earlier[0], earlier[1]] + 1) % 12
+            assert not torch.allclose(prior(image_tokens=changed).logits[0, :, 2, 2], logits[0, :, 2, 2]), earlier
+
+
+def test_class_conditioning_and_bad_inputs():
+    prior = tiny_prior(num_classes=3)
+    tokens = torch.randint(0, 12, (2, 4, 5))
+    a = prior(image_tokens=tokens, class_labels=torch.tensor([0, 0])).logits
+    b = prior(image_tokens=tokens, class_labels=torch.tensor([2, 2])).logits
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="class-conditional"):
+        prior(image_tokens=tokens)
+    with pytest.raises(ValueError, match="unconditional"):
+        tiny_prior()(image_tokens=tokens, class_labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"\[0, 12\)"):
+        tiny_prior()(image_tokens=torch.full((1, 4, 5), 12))
+    with pytest.raises(ValueError, match="height, width"):
+        tiny_prior()(image_tokens=torch.zeros(4, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="odd"):
+        HyperVQPriorConfig(kernel_size=4)
+
+
+def test_loss_is_cross_entropy_and_training_lowers_it():
+    prior = tiny_prior().train()
+    tokens = torch.randint(0, 3, (16, 4, 5))  # a skewed distribution a prior can learn
+    out = prior(image_tokens=tokens)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, tokens))
+    optimizer = torch.optim.Adam(prior.parameters(), lr=1e-2)
+    first = out.loss.item()
+    for _ in range(30):
+        loss = prior(image_tokens=tokens).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < first - 0.5
+
+
+def test_sampling_is_seeded_and_temperature_sharpens(tmp_path):
+    prior = tiny_prior()
+    a, b = prior.sample(6, seed=1), prior.sample(6, seed=1)
+    assert torch.equal(a, b) and a.shape == (6, 4, 5) and a.dtype == torch.int64
+    assert not torch.equal(a, prior.sample(6, seed=2))
+    assert prior.sample(2, grid_size=(3, 3), seed=0).shape == (2, 3, 3)
+    cold, hot = prior.sample(200, seed=0, temperature=0.1), prior.sample(200, seed=0, temperature=10.0)
+    assert len(cold[:, 0, 0].unique()) < len(hot[:, 0, 0].unique())
+    with pytest.raises(ValueError, match="temperature"):
+        prior.sample(1, temperature=0)
+
+    prior.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded) is HyperVQPriorModel
+    tokens = torch.randint(0, 12, (2, 4, 5))
+    assert torch.equal(loaded(image_tokens=tokens).logits, prior(image_tokens=tokens).logits)
+    assert torch.equal(loaded.sample(3, seed=5), prior.sample(3, seed=5))
+
+
+def test_decode_codebook_is_each_code_as_a_one_by_one_latent():
+    tokenizer = HyperVQVAEModel(
+        HyperVQVAEConfig(hidden_size=16, residual_hidden_size=8, embedding_dim=8, codebook_size=16)
+    )
+    images = tokenizer.decode_codebook()
+    assert images.shape == (16, 3, 4, 4)
+    torch.testing.assert_close(images[5:6], tokenizer.decode_tokens(torch.tensor([[[5]]])))
+
+
+def test_frechet_distance_against_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(400, 6, generator=g, dtype=torch.float64) * 2 + 1
+    mu_a, mu_b = a.mean(0).numpy(), b.mean(0).numpy()
+    cov_a, cov_b = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    expected = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    # diagonal covariances: sum((sqrt(s_a) - sqrt(s_b))^2) + |mu_a - mu_b|^2, exactly
+    x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [2.0, 4.0]])
+    y = x * 3 + 1
+    sx, sy = x.double().var(0), y.double().var(0)
+    closed = ((x.double().mean(0) - y.double().mean(0)) ** 2).sum() + ((sx.sqrt() - sy.sqrt()) ** 2).sum()
+    assert frechet_distance(x, y) == pytest.approx(closed.item())
+
+
+def test_inception_score_by_hand():
+    assert inception_score(torch.full((100, 10), 0.1), splits=5) == pytest.approx((1.0, 0.0))
+    one_hot = torch.eye(4).repeat(25, 1)  # confident and evenly spread over 4 classes
+    assert inception_score(one_hot, splits=1)[0] == pytest.approx(4.0, rel=1e-6)
+    p = torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float64)
+    marginal = p.mean(0)
+    kl = (p * (p / marginal).log()).sum(1).mean()
+    assert inception_score(p, splits=1)[0] == pytest.approx(kl.exp().item(), rel=1e-9)
+
+
+def run(script, *args, check=True):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
+        env={**__import__("os").environ, **ENV}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_train_prior_and_sample_with_fid_and_is(tmp_path):
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer = HyperVQVAEModel(
+        HyperVQVAEConfig(hidden_size=16, residual_hidden_size=8, embedding_dim=8, codebook_size=16)
+    )
+    tokenizer.save_pretrained(tokenizer_dir)
+    HyperVQImageProcessor(size={"height": 8, "width": 8}).save_pretrained(tokenizer_dir)
+    classifier = HyperVQVAEForImageClassification.from_pretrained(tokenizer_dir, num_labels=10)
+    classifier.save_pretrained(tmp_path / "classifier")
+    HyperVQImageProcessor(size={"height": 8, "width": 8}).save_pretrained(tmp_path / "classifier")
+
+    prior_dir = tmp_path / "prior"
+    run("train_prior.py", "--tokenizer", tokenizer_dir, "--output_dir", prior_dir, "--max_train_steps", "6",
+        "--num_layers", "3", "--hidden_size", "8", "--head_hidden_size", "16", "--class_conditional",
+        "--max_train_samples", "128", "--max_eval_samples", "30", "--num_sample_images", "8")  # fmt: skip
+    prior = AutoModel.from_pretrained(prior_dir)
+    assert prior.config.grid_size == [2, 2] and prior.config.num_classes == 10
+    assert prior.config.tokenizer_name_or_path == str(tokenizer_dir)
+    results = json.loads((prior_dir / "eval_results.json").read_text())
+    assert results["num_eval_samples"] == 30 and results["bits_per_token"] > 0
+    assert (prior_dir / "samples.png").exists()
+
+    result = run("sample.py", "--prior", prior_dir, "--output", tmp_path / "grid.png", "--num_samples", "40",
+                 "--feature_extractor", tmp_path / "classifier", "--class_labels", "3", "7")  # fmt: skip
+    metrics = json.loads((tmp_path / "sample_metrics.json").read_text())
+    assert metrics["feature_extractor"].startswith("HyperVQVAEForImageClassification from")
+    assert metrics["fid"] >= 0 and metrics["inception_score"] >= 1 and metrics["num_samples"] == 40
+    assert "features from HyperVQVAEForImageClassification" in result.stdout
+    assert (tmp_path / "grid.png").exists()
+
+    offline = run(
+        "sample.py", "--prior", prior_dir, "--output", tmp_path / "g2.png", "--num_samples", "4", check=False
+    )
+    assert (
+        offline.returncode == 2 and "cannot load the feature extractor 'timm/inception_v3.tv_in1k'" in offline.stderr
+    )
+    assert "Traceback" not in offline.stderr
