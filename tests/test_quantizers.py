@@ -59,6 +59,9 @@ def test_hypervq_codebook_is_offset_times_unit_normal():
     q = HyperVQ(DIM, K)
     unit = q.normals / q.normals.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(q.codebook, q.offsets[:, None] * unit)
+    # weight norm (HNN++): a_k = g_k v_k / |v_k|, with g_k = |v_k| at initialisation
+    torch.testing.assert_close(q.normals.norm(dim=-1), q.normal_scales.abs())
+    torch.testing.assert_close(q.normal_scales, q.normal_directions.norm(dim=-1))
     z = torch.randn(3, 5, DIM)
     torch.testing.assert_close(q.logits(z), q.eval()(z).logits)
 
@@ -67,7 +70,8 @@ def test_hypervq_train_samples_codes_from_softmax_of_logits():
     """Gumbel-max: the training codes are draws from Categorical(softmax(logits)), whatever the temperature."""
     q = HyperVQ(4, 3, curvature=1.0)
     with torch.no_grad():
-        q.normals.copy_(torch.eye(3, 4))
+        q.normal_directions.copy_(torch.eye(3, 4))
+        q.normal_scales.fill_(1.0)
         q.offsets.fill_(0.1)
     z = torch.full((40000, 4), 0.3)
     z[:, 3] = 0.0
@@ -88,8 +92,9 @@ def test_gumbel_straight_through_equals_gumbel_softmax_reference():
     torch.manual_seed(7)
     out = q(z)
     (out.quantized * weights).sum().backward()
-    grads = [t.grad.clone() for t in (z, q.normals, q.offsets)]
-    for t in (z, q.normals, q.offsets):
+    parameters = (z, q.normal_directions, q.normal_scales, q.offsets)
+    grads = [t.grad.clone() for t in parameters]
+    for t in parameters:
         t.grad = None
 
     torch.manual_seed(7)
@@ -101,7 +106,7 @@ def test_gumbel_straight_through_equals_gumbel_softmax_reference():
     (quantized * weights).sum().backward()
     assert torch.equal(out.indices, y_soft.argmax(-1))
     torch.testing.assert_close(out.quantized, quantized)
-    for got, t in zip(grads, (z, q.normals, q.offsets)):
+    for got, t in zip(grads, parameters):
         torch.testing.assert_close(got, t.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -118,8 +123,8 @@ def _grads(q, z, term):
 
 # Which parameters receive gradient from the decoder's side (a loss on `quantized`) and from `out.loss`.
 GRADIENT_PATHS = {
-    HyperVQ: ({"z", "normals", "offsets"}, {"z"}),
-    HyperEmbMatVQ: ({"z", "normals", "offsets", "embedding"}, {"z"}),
+    HyperVQ: ({"z", "normal_directions", "normal_scales", "offsets"}, {"z"}),
+    HyperEmbMatVQ: ({"z", "normal_directions", "normal_scales", "offsets", "embedding"}, {"z"}),
     GumbelVQ: ({"z", "projection_weight", "projection_bias", "embedding"}, set()),
     KmeansVQ: ({"z"}, {"z", "embedding"}),
     HyperKmeansVQ: ({"z"}, {"z", "embedding"}),

@@ -1,6 +1,7 @@
 """Data sets for the training scripts: a Hub id, a local image folder / saved data set / data file, or the embedded
 default, scikit-learn's handwritten digits (real data that needs no network)."""
 
+import io
 from pathlib import Path
 
 import datasets
@@ -120,18 +121,12 @@ def check_images(data: Dataset, name: str, limit: int = MAX_IMAGES_TO_CHECK) -> 
         try:
             if entry is None:
                 raise ValueError("no image")
-            source = entry.get("path") if entry.get("bytes") is None else _bytes_io(entry["bytes"])
+            source = entry.get("path") if entry.get("bytes") is None else io.BytesIO(entry["bytes"])
             with Image.open(source) as image:
                 image.verify()
         except Exception as error:
             where = entry.get("path") if isinstance(entry, dict) and entry.get("path") else f"row {index}"
             raise DataError(f"unreadable image in {name}: {where} ({type(error).__name__}: {error})") from None
-
-
-def _bytes_io(data: bytes):
-    import io
-
-    return io.BytesIO(data)
 
 
 def label_names(data: Dataset | IterableDataset) -> list[str] | None:

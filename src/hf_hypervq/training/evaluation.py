@@ -31,22 +31,26 @@ def evaluate_tokenizer(model, loader, accelerator: Accelerator, seed: int = 0) -
     generator = torch.Generator().manual_seed(seed)
     squared_errors, tokens = [], []
     clusters = {"": ([], []), "noisy_": ([], [])}  # latent vectors and their codes, clean and perturbed
+    collected = 0  # the same on every process: it counts gathered vectors
     for batch in loader:
         pixel_values = batch["pixel_values"]
         out = model(pixel_values=pixel_values)
-        noisy = unwrapped.encode(perturb(pixel_values.cpu(), generator).to(pixel_values))
         per_image_mse = (out.reconstruction.float() - pixel_values.float()).pow(2).flatten(1).mean(1)
-        per_image_mse, image_tokens, latents, noisy_tokens, noisy_latents = accelerator.gather_for_metrics(
-            (per_image_mse, out.image_tokens, out.latents.float(), noisy.image_tokens, noisy.latents.float())
-        )
+        per_image_mse, image_tokens = accelerator.gather_for_metrics((per_image_mse, out.image_tokens))
         squared_errors.append(per_image_mse.cpu())
         tokens.append(image_tokens.cpu())
+        if collected >= MAX_CLUSTER_POINTS:  # enough latents for the cluster scores: skip the rest
+            continue
+        noisy = unwrapped.encode(perturb(pixel_values.cpu(), generator).to(pixel_values))
+        latents, noisy_tokens, noisy_latents = accelerator.gather_for_metrics(
+            (out.latents.float(), noisy.image_tokens, noisy.latents.float())
+        )
         for (vectors, codes), (z, k) in zip(
             clusters.values(), [(latents, image_tokens), (noisy_latents, noisy_tokens)]
         ):
-            if sum(len(c) for c in codes) < MAX_CLUSTER_POINTS:
-                vectors.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).cpu())  # (B·h·w, D)
-                codes.append(k.reshape(-1).cpu())
+            vectors.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).cpu())  # (B·h·w, D)
+            codes.append(k.reshape(-1).cpu())
+        collected += image_tokens.numel()
     squared_errors, tokens = torch.cat(squared_errors), torch.cat(tokens)
     results = {"reconstruction_mse": squared_errors.mean().item(), "num_eval_samples": len(squared_errors)}
     results.update(codebook_usage(tokens, codebook_size))

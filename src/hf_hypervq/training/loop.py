@@ -182,7 +182,7 @@ def make_loader(dataset, batch_size: int, collate_fn, args, shuffle: bool) -> Da
 
 def load_splits(args, require_labels: bool = False):
     """The training and evaluation splits the flags ask for, cut to --max_train_samples / --max_eval_samples.
-    The main process loads first, so the others find the data set in the cache."""
+    Call it inside `accelerator.main_process_first()`, so that the other processes find the data set cached."""
     common = dict(
         config_name=args.dataset_config,
         image_column=args.image_column,
@@ -242,8 +242,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        for old in checkpoint_steps(output_dir)[: -total_limit or None] if total_limit else []:
-            shutil.rmtree(folder / f"step_{old}", ignore_errors=True)
+        if total_limit:
+            for old in checkpoint_steps(output_dir)[:-total_limit]:
+                shutil.rmtree(folder / f"step_{old}", ignore_errors=True)
     accelerator.wait_for_everyone()
 
 

@@ -209,6 +209,12 @@ def _check_curvature(curvature: float) -> float:
     return float(curvature)
 
 
+def _check_ball_eps(ball_eps: float | None) -> float | None:
+    if ball_eps is not None and not 0 < ball_eps < 1:
+        raise ValueError(f"`ball_eps` must lie in (0, 1), got {ball_eps!r}")
+    return ball_eps
+
+
 def _check_weight(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"`{name}` must be a number >= 0, got {value!r}")
@@ -242,16 +248,19 @@ class HyperVQ(_GumbelTemperature, VectorQuantizer):
 
     Choices where the paper is silent (METHOD.md §9), each a documented decision:
 
-    - The normals :math:`a_k` are plain parameters, not HNN++'s weight norm `(g, v)`: same forward, and
-      :math:`\|a_k\| \ge 0` keeps the codebook direction :math:`a_k/\|a_k\|` equal to the hyperplane's normal.
-      Initialised :math:`\mathcal{N}(0, 1/(c \cdot dim))` per entry, so :math:`\|a_k\| \approx 1/\sqrt{c}` (HNN++).
+    - The normals use HNN++'s weight norm, :math:`a_k = g_k v_k/\|v_k\|` (`normal_scales` g, `normal_directions`
+      v; `normals` gives :math:`a_k`), initialised as HNN++ does: v entries :math:`\mathcal{N}(0, 1/(c \cdot dim))`,
+      :math:`g_k = \|v_k\|` (so :math:`\|a_k\| \approx 1/\sqrt{c}`). The forward equals plain :math:`a_k`
+      parameters, but Adam then moves a norm by about one learning rate per step instead of :math:`\sqrt{dim}`:
+      with plain :math:`a_k` the norms of the most used codes grow fastest, their logits win everywhere, and usage
+      drops (same digits check at K = 128: eval perplexity 22-31 against 16-23).
     - The offsets :math:`r_k` start Uniform(0, :math:`1/\sqrt{c \cdot dim}`), not at HNN++'s zero and never
       negative. With :math:`r_k \ge 0` the origin is on the negative side of every hyperplane, so at step 0 the
       codes split the ball by direction and each code vector points into the region its code wins. A negative
       :math:`r_k` puts the origin on code k's positive side, and the most negative offset then wins every latent
-      near the origin. Measured on scikit-learn's digits (tiny autoencoder, K = 32, 300 steps, 3 seeds): eval
-      perplexity 10.5-14.4 with this init against 2.7-2.9 for symmetric offsets and 3.0-3.6 for zeros (with
-      zeros every code vector is also 0 at step 0).
+      near the origin. Measured on scikit-learn's digits (`tests/test_codebook_usage.py`: tiny autoencoder, K = 32,
+      300 steps, 3 seeds): eval perplexity 11.1-14.0 with this init against 2.0-2.8 for symmetric offsets and
+      2.8-3.8 for zeros (with zeros every code vector is also 0 at step 0).
     - Gumbel noise is float32 and the estimator is the hard straight-through one of `F.gumbel_softmax`
       (METHOD.md §9 Q8). The encoder learns through the logits and the commitment term; there is no
       :math:`z + \operatorname{sg}(z_q - z)` path (§9 Q9).
@@ -280,24 +289,32 @@ class HyperVQ(_GumbelTemperature, VectorQuantizer):
         self.curvature = _check_curvature(curvature)
         self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
         self._init_temperature(temperature)
-        if ball_eps is not None and not 0 < ball_eps < 1:
-            raise ValueError(f"`ball_eps` must lie in (0, 1), got {ball_eps!r}")
-        self.ball_eps = ball_eps
-        self.normals = nn.Parameter(torch.empty(codebook_size, dim))
+        self.ball_eps = _check_ball_eps(ball_eps)
+        self.normal_directions = nn.Parameter(torch.empty(codebook_size, dim))  # HNN++'s weight_v
+        self.normal_scales = nn.Parameter(torch.empty(codebook_size))  # HNN++'s weight_g
         self.offsets = nn.Parameter(torch.empty(codebook_size))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         scale = (self.curvature * self.dim) ** -0.5
-        init.normal_(self.normals, std=scale)
+        init.normal_(self.normal_directions, std=scale)
+        init.copy_(self.normal_scales, self.normal_directions.detach().norm(dim=-1))
         init.uniform_(self.offsets, 0.0, scale)
+
+    @property
+    def normals(self) -> torch.Tensor:
+        """`(K, dim)`: the hyperplanes' normals a_k, their norms included (`normal_scales * unit directions`)."""
+        directions = self.normal_directions.float()
+        return (
+            self.normal_scales.float()[:, None] * directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-15)
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, curvature={self.curvature}, commitment_weight={self.commitment_weight}"
 
     @property
     def codebook(self) -> torch.Tensor:
-        normals = self.normals.float()
+        normals = self.normals
         return self.offsets.float()[:, None] * normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-15)
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
@@ -310,7 +327,7 @@ class HyperVQ(_GumbelTemperature, VectorQuantizer):
         return expmap0_projected(z, c=self.curvature, eps=self.ball_eps)
 
     def _logits(self, z: torch.Tensor) -> torch.Tensor:
-        return mlr_logits(self._to_ball(z), self.normals.float(), self.offsets.float(), c=self.curvature)
+        return mlr_logits(self._to_ball(z), self.normals, self.offsets.float(), c=self.curvature)
 
     def _quantize(self, z):
         logits = self._logits(z)  # (N, K)
@@ -454,9 +471,7 @@ class HyperKmeansVQ(VectorQuantizer):
         super().__init__(dim, codebook_size)
         self.curvature = _check_curvature(curvature)
         self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
-        if ball_eps is not None and not 0 < ball_eps < 1:
-            raise ValueError(f"`ball_eps` must lie in (0, 1), got {ball_eps!r}")
-        self.ball_eps = ball_eps
+        self.ball_eps = _check_ball_eps(ball_eps)
         self.embedding = nn.Parameter(torch.empty(codebook_size, dim))
         self.reset_parameters()
 
