@@ -192,3 +192,29 @@ def test_train_prior_and_sample_with_fid_and_is(tmp_path):
         offline.returncode == 2 and "cannot load the feature extractor 'timm/inception_v3.tv_in1k'" in offline.stderr
     )
     assert "Traceback" not in offline.stderr
+
+
+def test_train_prior_on_two_cpu_processes(tmp_path):
+    import socket
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    HyperVQVAEModel(
+        HyperVQVAEConfig(hidden_size=16, residual_hidden_size=8, embedding_dim=8, codebook_size=16)
+    ).save_pretrained(tokenizer_dir)
+    HyperVQImageProcessor(size={"height": 8, "width": 8}).save_pretrained(tokenizer_dir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        str(ROOT / "scripts" / "train_prior.py"), "--cpu", "--tokenizer", str(tokenizer_dir),
+        "--output_dir", str(tmp_path / "prior"), "--max_train_steps", "4", "--num_layers", "2", "--hidden_size", "8",
+        "--head_hidden_size", "16", "--max_train_samples", "101", "--max_eval_samples", "31", "--num_sample_images", "4",
+    ]  # fmt: skip
+    env = {**__import__("os").environ, **ENV, "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "prior" / "all_results.json").read_text())
+    assert results["num_processes"] == 2 and results["weights_identical_across_processes"]
+    assert results["num_eval_samples"] == 31  # every held-out grid once: gathered without the padded duplicates

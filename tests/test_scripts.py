@@ -52,7 +52,10 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     output = tmp_path_factory.mktemp("tokenizer")
-    run_script("train_vqvae.py", "--output_dir", output, "--max_train_steps", "12", *TINY_VQVAE)
+    run_script(
+        "train_vqvae.py", "--output_dir", output, "--max_train_steps", "12", "--with_tracking", "--logging_steps", "4",
+        *TINY_VQVAE,
+    )  # fmt: skip
     return output
 
 
@@ -85,6 +88,15 @@ def test_train_vqvae_output_folder(tokenizer_dir):
         and "silhouette" in evaluation
         and "noisy_silhouette" in evaluation
     )
+
+
+def test_with_tracking_writes_tensorboard_scalars(tokenizer_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tokenizer_dir / "runs" / "train_vqvae")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/perplexity", "train/learning_rate", "eval/reconstruction_mse"} <= tags
+    assert [event.step for event in events.Scalars("train/loss")] == [4, 8, 12]
 
 
 def test_classifier_and_evaluate_scripts(tokenizer_dir, tmp_path):
