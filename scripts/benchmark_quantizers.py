@@ -15,7 +15,7 @@ On Linux CPUs the timing process re-executes itself with glibc's allocator set t
 (PERF-NOTES.md §1: otherwise every fresh N×K tensor above 32 MiB is page-faulted again, which costs more than the
 matmul); pass `--default-allocator` to measure without it.
 
-    python scripts/benchmark_quantizers.py                       # the README table (CPU, ~10 minutes)
+    python scripts/benchmark_quantizers.py                       # the README table (CPU, ~15 minutes)
     python scripts/benchmark_quantizers.py --device cuda         # on a GPU
     python scripts/benchmark_quantizers.py --sizes 8192 --codebook-sizes 512 --rounds 3 --no-memory   # quick
 """

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head_hidden_size", type=int, default=256, help="width of the output head (default: 256)")
     parser.add_argument("--class_conditional", action="store_true", help="condition on the data set's labels")
     parser.add_argument("--num_sample_images", type=int, default=16, help="images in samples.png (default: 16)")
-    add_common_arguments(parser, learning_rate=1e-3, epochs=30, batch_size=64)
+    # 15 epochs: on the default digits the held-out bits per token stop improving after about 17 and then rise
+    add_common_arguments(parser, learning_rate=1e-3, epochs=15, batch_size=64)
     return parser
 
 

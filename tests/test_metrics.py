@@ -38,6 +38,13 @@ def test_silhouette_and_davies_bouldin_match_scikit_learn(seed):
     assert davies_bouldin_index(points, labels) == pytest.approx(expected_db, rel=1e-10)
 
 
+def test_davies_bouldin_with_many_clusters_matches_scikit_learn():
+    """64 clusters, as a tokenizer's codes give: more than the 25 rows above which cdist would take its matmul path."""
+    points, labels = clustered_points(0, clusters=64, n=2000, dim=64)
+    expected = sklearn.metrics.davies_bouldin_score(points.double().numpy(), labels.numpy())
+    assert davies_bouldin_index(points, labels) == pytest.approx(expected, rel=1e-10)
+
+
 def test_silhouette_by_hand():
     points = torch.tensor([[0.0], [1.0], [5.0], [7.0]])
     labels = torch.tensor([0, 0, 1, 1])

@@ -1,5 +1,7 @@
 """The five quantizers behind the shared interface (DESIGN.md, "Public API")."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,16 @@ from hf_hypervq import GumbelVQ, HyperEmbMatVQ, HyperKmeansVQ, HyperVQ, KmeansVQ
 ALL = [HyperVQ, KmeansVQ, GumbelVQ, HyperKmeansVQ, HyperEmbMatVQ]
 MLR_OR_GUMBEL = {HyperVQ, GumbelVQ, HyperEmbMatVQ}
 DIM, K = 8, 16
+
+
+@contextlib.contextmanager
+def _threads(count):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(params=ALL, ids=lambda cls: cls.__name__)
@@ -137,6 +149,28 @@ def test_gradient_paths(quantizer_cls):
     z = torch.randn(256, DIM, requires_grad=True)
     assert _grads(q, z, "quantized") == from_quantized
     assert _grads(q, z, "loss") == from_loss
+
+
+def test_training_gradients_repeat_bit_for_bit(quantizer_cls):
+    """A seeded training run must repeat itself: no parameter gradient may depend on the order in which threads
+    accumulate (on CPU, the backward of `codebook[indices]` does)."""
+    q = quantizer_cls(64, 64).train()
+    z = torch.randn(16384, 64)
+    cotangent = torch.randn(16384, 64)
+
+    def gradients():
+        q.zero_grad()
+        torch.manual_seed(0)  # the same Gumbel noise each time
+        out = q(z)
+        ((out.quantized * cotangent).sum() + out.loss).backward()
+        return [p.grad.clone() for p in q.parameters()]
+
+    with _threads(2):
+        for _ in range(3):  # geoopt's TorchScript functions run differently fused until profiled (two calls)
+            gradients()
+        first = gradients()
+        for _ in range(10):
+            assert all(torch.equal(a, b) for a, b in zip(first, gradients()))
 
 
 @pytest.mark.parametrize("cls", [KmeansVQ, HyperKmeansVQ])

@@ -32,3 +32,12 @@ def test_ci_runs_the_readme_test_command():
     ]
     assert test_commands, "the README shows no test command"
     assert test_commands[0] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_results_table_is_the_committed_report():
+    """The README's results are copied from results/REPORT.md, never typed: each row must stand in the report."""
+    section = README.split("## Results")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    report = (ROOT / "results" / "REPORT.md").read_text()
+    assert len(rows) >= 11  # the header and five quantizers at two codebook sizes
+    assert all(row in report for row in rows)

@@ -31,7 +31,4 @@ def test_quick_reproduction_writes_the_report(tmp_path):
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
-    rerun = json.loads((results / "results.json").read_text())["runs"]
-    drop_time = lambda run: {k: v for k, v in run.items() if k != "wall_seconds"}  # noqa: E731
-    assert [drop_time(r) for r in rerun] == [drop_time(r) for r in runs]
-    assert all(r["wall_seconds"] == 0 for r in rerun)
+    assert json.loads((results / "results.json").read_text())["runs"] == runs  # wall times included

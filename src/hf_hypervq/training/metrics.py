@@ -73,12 +73,14 @@ def davies_bouldin_index(embeddings: torch.Tensor, labels: torch.Tensor) -> floa
     one_hot = F.one_hot(clusters, num_clusters).double()
     centroids = (one_hot.T @ x) / one_hot.sum(0)[:, None]  # (C, D)
     scatter = (one_hot.T @ (x - centroids[clusters]).norm(dim=1)) / one_hot.sum(0)  # (C,)
-    centroid_distances = torch.cdist(centroids, centroids)
+    # The exact pairwise form: cdist's matmul shortcut (taken above 25 rows) leaves ~1e-8 on the diagonal instead of 0,
+    # and S_i / 1e-8 would swamp the index.
+    centroid_distances = torch.cdist(centroids, centroids, compute_mode="donot_use_mm_for_euclid_dist")
     if torch.allclose(scatter, torch.zeros_like(scatter)) or torch.allclose(
         centroid_distances, torch.zeros_like(centroid_distances)
     ):
         return 0.0
-    centroid_distances[centroid_distances == 0] = math.inf
+    centroid_distances[centroid_distances == 0] = math.inf  # the diagonal, and coinciding centroids (as scikit-learn)
     ratios = (scatter[:, None] + scatter[None, :]) / centroid_distances
     return ratios.max(1).values.mean().item()
 

@@ -208,6 +208,10 @@ def write_report(path, *, table, codebook_sizes, claims, setup: str, commands: l
 |---|---|---|
 {verdicts}
 
+- A verdict compares means over seeds; no significance test is made, so read it with the standard deviations.
+- These runs are small (the setup above); the paper trains on CIFAR-100 and ImageNet for hundreds of epochs. A claim
+  that does not hold here may still hold at the paper's scale, and the reverse.
+
 ## Cluster pictures (latent dimension 3, K = 16)
 
 {scatter_text}

@@ -5,13 +5,16 @@ The ball of curvature :math:`-c` is :math:`\mathbb{B}^d_c = \{x : c\|x\|^2 < 1\}
 or float64 and the output has the input's dtype. Half precision is not safe here (METHOD.md §2): the quantizers
 call these functions in float32 with autocast disabled.
 
-geoopt is the provider where its numerics are right (``expmap0``, ``logmap0``, ``mobius_add``, ``dist``); two
-functions are our own, each saying why:
+geoopt is the provider where its numerics are right (``expmap0``, ``logmap0``, ``mobius_add``, ``dist``); the rest
+is our own, each saying why:
 
 - :func:`project` picks its margin from the dtype; geoopt gives float16/bfloat16 a margin of ``1e-5``, which is
   below their resolution, so points land on the boundary.
-- :func:`mlr_logits` uses ``torch.asinh``; geoopt's ``arsinh`` is ``log(x + sqrt(1 + x^2))``, which cancels
+- :func:`mlr_logits` computes an accurate asinh; geoopt's ``arsinh`` is ``log(x + sqrt(1 + x^2))``, which cancels
   catastrophically for large negative arguments (190% error at the float32 boundary, METHOD.md §2.1).
+- :func:`expmap0_projected` and :func:`pairwise_dist` are closed forms of compositions (geoopt's ``expmap0`` then
+  :func:`project`; :func:`dist` of all pairs) that cost one pass or one matmul instead of several, or an N×K×dim
+  tensor; tests check them against the compositions in float64.
 
 References:
     [1] Ganea, Bécigneul, Hofmann. "Hyperbolic Neural Networks." NeurIPS 2018.
@@ -175,8 +178,8 @@ def mlr_logits(x: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor, *,
     inv_den = 1 / (1 - cx2).clamp_min(MIN_NORM)
     x_folded = torch.cat([x * ((2 * sqrt_c) * inv_den), -(1 + cx2) * inv_den], dim=-1)  # (N, dim + 1)
     normal_norms = normals.norm(dim=-1).clamp_min(MIN_NORM)  # (K,)
-    # A hyperplane more than 15/sqrt(c) from the origin lies far beyond the points the margin lets through (6.1/sqrt(c)
-    # in float64), so its offset is clamped there: this keeps cosh, sinh and the asinh argument's square finite.
+    # |r_k| above 15/sqrt(c) puts a hyperplane 30/sqrt(c) from the origin, far beyond the points the margin lets
+    # through (12.2/sqrt(c) in float64): clamping there keeps cosh, sinh and the asinh argument's square finite.
     two_sqrt_c_r = ((2 * sqrt_c) * offsets).clamp(-_MAX_TWO_SQRT_C_OFFSET, _MAX_TWO_SQRT_C_OFFSET)
     w_folded = torch.cat(
         [normals * (torch.cosh(two_sqrt_c_r) / normal_norms)[:, None], torch.sinh(two_sqrt_c_r)[:, None]], dim=-1

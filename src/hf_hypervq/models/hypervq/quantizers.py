@@ -200,7 +200,7 @@ class _GumbelTemperature:
         if self.training:
             return _GumbelStraightThrough.apply(logits, codebook, self.current_temperature)
         indices = logits.argmax(dim=-1)
-        return codebook[indices], indices
+        return codebook.index_select(0, indices), indices
 
 
 def _check_curvature(curvature: float) -> float:
@@ -393,7 +393,9 @@ class KmeansVQ(VectorQuantizer):
         # ||z - e||^2 without ||z||^2, which is the same for every code of a row: (N, K)
         distances = torch.addmm(codebook.pow(2).sum(-1), z, codebook.T, alpha=-2)
         indices = distances.argmin(dim=-1)
-        codes = codebook[indices]  # (N, dim)
+        # index_select, not codebook[indices]: on CPU the backward of indexing accumulates in a nondeterministic
+        # order, so a seeded run would not repeat itself; index_select's backward (index_add_) does.
+        codes = codebook.index_select(0, indices)  # (N, dim)
         loss = F.mse_loss(codes, z.detach()) + self.commitment_weight * F.mse_loss(z, codes.detach())
         return _StraightThrough.apply(z, codes), indices, loss, None
 
@@ -497,7 +499,7 @@ class HyperKmeansVQ(VectorQuantizer):
         scores = torch.addmm(code_sq_norms, x, codes_on_ball.T, alpha=-2).add_(x.pow(2).sum(-1, keepdim=True))
         scores.div_((1 - c * code_sq_norms).clamp_min(1e-15))
         indices = scores.argmin(dim=-1)
-        codes = logmap0(codes_on_ball, c=c)[indices]  # (N, dim)
+        codes = logmap0(codes_on_ball, c=c).index_select(0, indices)  # (N, dim); index_select as in KmeansVQ
         loss = F.mse_loss(codes, z.detach()) + self.commitment_weight * F.mse_loss(z, codes.detach())
         return _StraightThrough.apply(z, codes), indices, loss, None
 
