@@ -64,11 +64,14 @@ class DemoOutput(NamedTuple):
     prediction: dict[str, float] | None  # class probabilities, with a classifier
 
 
-def _load(auto_class, name_or_path: str) -> LoadedModel:
+def _load_model(auto_class, name_or_path: str):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = auto_class.from_pretrained(name_or_path, trust_remote_code=TRUST_REMOTE_CODE).to(device).eval()
+    return auto_class.from_pretrained(name_or_path, trust_remote_code=TRUST_REMOTE_CODE).to(device).eval()
+
+
+def _load(auto_class, name_or_path: str) -> LoadedModel:
     processor = AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=TRUST_REMOTE_CODE)
-    return LoadedModel(model=model, processor=processor, name=str(name_or_path))
+    return LoadedModel(model=_load_model(auto_class, name_or_path), processor=processor, name=str(name_or_path))
 
 
 def load_tokenizer(name_or_path: str) -> LoadedModel:
@@ -84,8 +87,7 @@ def load_classifier(name_or_path: str) -> LoadedModel:
 
 def load_prior(name_or_path: str):
     """A `HyperVQPriorModel` (Gated PixelCNN over token grids) from a folder or a Hub id."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModel.from_pretrained(name_or_path, trust_remote_code=TRUST_REMOTE_CODE).to(device).eval()
+    return _load_model(AutoModel, name_or_path)
 
 
 def load_image(image, mode: str = "RGB") -> Image.Image:

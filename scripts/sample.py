@@ -26,7 +26,7 @@ from hf_hypervq.training.data import load_image_dataset
 from hf_hypervq.training.generation import INCEPTION_V3, load_feature_extractor, sample_images
 from hf_hypervq.training.loop import reported_errors
 from hf_hypervq.training.metrics import frechet_distance, inception_score
-from hf_hypervq.training.plots import image_grid
+from hf_hypervq.training.plots import save_sample_grid
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +72,7 @@ def main(argv=None):
             seed=args.seed,
             **labels(args.num_images),
         )
-        rows = [grid[i : i + 8] for i in range(0, len(grid), 8)]
-        image_grid(rows, scale=max(1, 64 // grid[0].size[1])).save(args.output)
+        save_sample_grid(grid, args.output)
         print(f"wrote {args.output} ({args.num_images} samples)")
         if args.num_samples:
             extractor = load_feature_extractor(args.feature_extractor)

@@ -35,7 +35,7 @@ from hf_hypervq.training.loop import (
     train,
     write_results,
 )
-from hf_hypervq.training.plots import image_grid
+from hf_hypervq.training.plots import save_sample_grid
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,11 +137,7 @@ def main(argv=None):
             samples = sample_images(
                 unwrapped, tokenizer, processor, args.num_sample_images, seed=args.seed, **conditional
             )
-            rows = [samples[i : i + 8] for i in range(0, len(samples), 8)]
-            save_figure(
-                lambda path: image_grid(rows, scale=max(1, 64 // samples[0].size[1])).save(path),
-                f"{args.output_dir}/samples.png",
-            )
+            save_figure(lambda path: save_sample_grid(samples, path), f"{args.output_dir}/samples.png")
             write_results(args, {**results, "tokenizer": args.tokenizer})
             push_if_asked(args)
         accelerator.end_training()

@@ -33,6 +33,12 @@ def save_codebook_grid(code_images: list[Image.Image], path, columns: int = 32) 
     image_grid(rows, pad=1, scale=max(1, 16 // code_images[0].size[1])).save(path)
 
 
+def save_sample_grid(images: list[Image.Image], path, columns: int = 8) -> None:
+    """`samples.png`: generated images, `columns` per row, enlarged to about 64 pixels high."""
+    rows = [images[i : i + columns] for i in range(0, len(images), columns)]
+    image_grid(rows, scale=max(1, 64 // images[0].size[1])).save(path)
+
+
 def save_codebook_usage(code_counts: list[int], path, title: str = "") -> None:
     """`codebook_usage.png`: the share of tokens each code takes, codes sorted by frequency."""
     counts = torch.as_tensor(code_counts, dtype=torch.float64).sort(descending=True).values
