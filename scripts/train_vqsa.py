@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--feature_scale", default="sqrt_dim", choices=["sqrt_dim", "l2", "none"], help="scaling of the feature"
     )
     parser.add_argument("--curvature", type=float, default=1.0, help="ball curvature c (hyperbolic quantizers)")
-    parser.add_argument("--commitment_weight", type=float, default=0.25, help="commitment loss weight (0.25)")
+    parser.add_argument(
+        "--commitment_weight",
+        type=float,
+        default=None,
+        help="commitment loss weight (default: the quantizer's own: 0 for HyperVQ, 0.25 for KmeansVQ)",
+    )
     parser.add_argument("--freeze_backbone", action="store_true", help="train only the VQ-SA head")
     parser.add_argument("--image_size", type=int, default=None, help="crop size (default: 224; digits: 32)")
     parser.add_argument("--no_corruptions", action="store_true", help="train without the corruption augmentation")

@@ -20,6 +20,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
 from hf_hypervq.models.hypervq.configuration_hypervq import QUANTIZER_TYPES
+from hf_hypervq.models.hypervq.quantizers import decay_for_run
 from hf_hypervq.training.data import collate, with_image_transform
 from hf_hypervq.training.evaluation import evaluate_tokenizer
 from hf_hypervq.training.loop import (
@@ -32,6 +33,7 @@ from hf_hypervq.training.loop import (
     reported_errors,
     save_figure,
     save_model,
+    total_updates,
     train,
     write_results,
 )
@@ -51,12 +53,32 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--num_residual_layers", type=int, default=2, help="residual blocks (default: 2)")
     model.add_argument("--num_downsamples", type=int, default=2, help="stride-2 convs; tokens = image / 2**n")
     model.add_argument("--curvature", type=float, default=1.0, help="ball curvature c (hyperbolic quantizers)")
-    model.add_argument("--commitment_weight", type=float, default=0.25, help="commitment loss weight (0.25)")
     model.add_argument(
-        "--gumbel_temperature", type=float, nargs=3, default=[2.0, 0.5, 0.999995], metavar=("MAX", "MIN", "DECAY"),
-        help="Gumbel temperature max(MAX * DECAY**update, MIN) (default: 2 0.5 0.999995)",
+        "--commitment_weight", type=float, default=None,
+        help="commitment loss weight (default: the quantizer's own: 0 for HyperVQ and HyperEmbMatVQ, as in the "
+        "paper; 0.25 for KmeansVQ and HyperKmeansVQ)",
+    )  # fmt: skip
+    model.add_argument(
+        "--gumbel_temperature", type=_decay, nargs=3, default=[2.0, 0.5, "run_length"],
+        metavar=("MAX", "MIN", "DECAY"),
+        help="Gumbel temperature max(MAX * DECAY**update, MIN) of the Gumbel quantizers. DECAY 'run_length' (the "
+        "default) takes the decay that reaches MIN at the last update (results/ABLATIONS.md, row 'per_update': "
+        "vq-wav2vec's 0.999995, made for ~300k updates, keeps τ near MAX in a short run)",
+    )  # fmt: skip
+    model.add_argument(
+        "--offset_init_scale", type=float, default=1.0,
+        help="HyperVQ/HyperEmbMatVQ: offsets start Uniform(0, s/sqrt(c*d)); 0 gives HNN++'s zeros (default: 1)",
+    )  # fmt: skip
+    model.add_argument(
+        "--normal_init_scale", type=float, default=1.0,
+        help="HyperVQ/HyperEmbMatVQ: multiplies HNN++'s std of the hyperplane normals (default: 1)",
     )  # fmt: skip
     return parser
+
+
+def _decay(value: str):
+    """A temperature flag's value: a number, or 'run_length' (decided once the run's length is known)."""
+    return value if value == "run_length" else float(value)
 
 
 def parse_args(argv=None):
@@ -66,13 +88,17 @@ def parse_args(argv=None):
     if args.image_size is None:
         args.image_size = 16 if args.dataset is None else 32
     try:
-        build_config(args)
+        build_config(args, num_updates=args.max_train_steps or 1)
     except (ValueError, StrictDataclassError) as error:
         parser.error(str(error).splitlines()[-1].strip())
     return args
 
 
-def build_config(args) -> HyperVQVAEConfig:
+def build_config(args, num_updates: int) -> HyperVQVAEConfig:
+    """The model's config; a 'run_length' temperature decay becomes the number that reaches MIN in `num_updates`."""
+    tau_max, tau_min, decay = args.gumbel_temperature
+    if decay == "run_length":
+        decay = decay_for_run(tau_max, tau_min, num_updates) if tau_min <= tau_max else 1.0  # the config rejects it
     return HyperVQVAEConfig(
         quantizer_type=args.quantizer,
         embedding_dim=args.embedding_dim,
@@ -83,7 +109,9 @@ def build_config(args) -> HyperVQVAEConfig:
         num_downsamples=args.num_downsamples,
         curvature=args.curvature,
         commitment_weight=args.commitment_weight,
-        gumbel_temperature=list(args.gumbel_temperature),
+        gumbel_temperature=[tau_max, tau_min, decay],
+        offset_init_scale=args.offset_init_scale,
+        normal_init_scale=args.normal_init_scale,
     )
 
 
@@ -92,13 +120,13 @@ def main(argv=None):
     with reported_errors():
         accelerator = make_accelerator(args)
         processor = HyperVQImageProcessor(size={"height": args.image_size, "width": args.image_size})
-        model = HyperVQVAEModel(build_config(args))
         with accelerator.main_process_first():
             train_data, eval_data = load_splits(args)
         sample_images = [eval_data[i]["image"] for i in range(min(8, len(eval_data)))]
         batch_sizes = args.per_device_train_batch_size, args.per_device_eval_batch_size
         train_loader = make_loader(with_image_transform(train_data, processor), batch_sizes[0], collate, args, True)
         eval_loader = make_loader(with_image_transform(eval_data, processor), batch_sizes[1], collate, args, False)
+        model = HyperVQVAEModel(build_config(args, num_updates=total_updates(args, train_loader, accelerator)))
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)

@@ -55,9 +55,20 @@ def test_tokenizer_card_metadata_and_numbers_come_from_the_files(tmp_path):
     assert 'AutoModel.from_pretrained("org/hypervq-tiny", trust_remote_code=True)' in text
     assert "accelerate launch scripts/train_vqvae.py --output_dir out" in text and "| learning_rate | 0.001 |" in text
     assert "@article{goswami2024hypervq" in text and "boundary" in text
+    assert "### Codebook usage" in text and "8 of the 16 codes are used" in text and "perplexity is 7.2" in text
     card.save(tmp_path / "README.md")
     reloaded = ModelCard.load(tmp_path / "README.md").data.eval_results
     assert {r.metric_type: r.metric_value for r in reloaded} == values
+
+
+def test_tokenizer_card_shows_the_collapse_diagnostics(tmp_path):
+    results = {**TOKENIZER_RESULTS, "dead_codes": 8, "mean_max_probability": 0.61}
+    folder = saved_tokenizer(tmp_path, results)
+    everything = json.loads((folder / "all_results.json").read_text())
+    (folder / "all_results.json").write_text(json.dumps({**everything, "train_perplexity": 11.5}))
+    text = str(build_model_card(folder, "org/hypervq-tiny"))
+    assert "(8 dead codes, never chosen)" in text and "a perplexity of 11.5" in text
+    assert "mean largest code probability on that split is 0.61" in text
 
 
 def test_vqsa_card_names_its_base_model_and_robustness(tmp_path):

@@ -213,3 +213,21 @@ def test_expmap0_projected_equals_the_composition(dtype, c):
     u = torch.randn(300, 6, dtype=dtype) * torch.logspace(-12, 3, 300, dtype=dtype)[:, None]
     torch.testing.assert_close(hyp.expmap0_projected(u, c=c), hyp.project(hyp.expmap0(u, c=c), c=c))
     torch.testing.assert_close(hyp.expmap0_projected(u, c=c, eps=0.1), hyp.project(hyp.expmap0(u, c=c), c=c, eps=0.1))
+
+
+@pytest.mark.parametrize("c", [0, -1, 0.0, float("inf"), float("nan"), True, "1"])
+def test_every_function_rejects_a_curvature_that_is_not_finite_and_positive(c):
+    x = torch.full((2, 3), 0.1)
+    calls = [
+        lambda: hyp.expmap0(x, c=c),
+        lambda: hyp.logmap0(x, c=c),
+        lambda: hyp.mobius_add(x, x, c=c),
+        lambda: hyp.dist(x, x, c=c),
+        lambda: hyp.project(x, c=c),
+        lambda: hyp.expmap0_projected(x, c=c),
+        lambda: hyp.pairwise_dist(x, x, c=c),
+        lambda: hyp.mlr_logits(x, torch.ones(4, 3), torch.zeros(4), c=c),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="curvature `c`"):
+            call()

@@ -13,6 +13,7 @@ from hf_hypervq.training.metrics import (
     EXTRA_CORRUPTIONS,
     codebook_usage,
     davies_bouldin_index,
+    logit_confidence,
     mean_corruption_error,
     perturb,
     reconstruction_mse,
@@ -66,6 +67,15 @@ def test_codebook_usage_by_hand():
     assert usage["perplexity"] == pytest.approx(math.exp(entropy))
     assert usage["codes_used"] == pytest.approx(3 / 8)
     assert codebook_usage(torch.zeros(5, dtype=torch.long), 4)["perplexity"] == pytest.approx(1.0)
+    assert usage["dead_codes"] == 5  # codes 2, 4, 5, 6, 7 never occur
+
+
+def test_logit_confidence_by_hand():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    confidence = logit_confidence(logits[None])  # any leading shape
+    first = math.exp(2) / (math.exp(2) + 2)
+    assert confidence["mean_max_probability"] == pytest.approx((first + 1 / 3) / 2)
+    assert confidence["logit_margin"] == pytest.approx(1.0)  # (2 + 0) / 2
 
 
 def test_accuracy_and_mse_by_hand():

@@ -96,6 +96,32 @@ def test_bad_config_is_rejected_when_built(kwargs, match):
         HyperVQVAEConfig(**kwargs)
 
 
+def test_commitment_weight_defaults_to_each_quantizers_own():
+    """`None` takes the quantizer's default: none for the MLR quantizers (the paper), VQ-VAE's 0.25 otherwise."""
+    expected = {"hyperbolic": 0.0, "hyperbolic_embedding": 0.0, "kmeans": 0.25, "hyperbolic_kmeans": 0.25}
+    for quantizer_type, weight in expected.items():
+        model = HyperVQVAEModel(HyperVQVAEConfig(**TINY, quantizer_type=quantizer_type))
+        assert model.quantizer.commitment_weight == weight, quantizer_type
+    model = HyperVQVAEModel(HyperVQVAEConfig(**TINY, commitment_weight=0.1))
+    assert model.quantizer.commitment_weight == 0.1
+
+
+def test_hyperplane_init_options_reach_the_quantizer():
+    torch.manual_seed(0)
+    model = HyperVQVAEModel(HyperVQVAEConfig(**TINY, offset_init_scale=0.0, normal_init_scale=2.0))
+    assert torch.all(model.quantizer.offsets == 0) and model.quantizer.normal_init_scale == 2.0
+    with pytest.raises(ValueError, match="normal_init_scale"):
+        HyperVQVAEConfig(normal_init_scale=0.0)
+
+
+def test_tokenizer_output_carries_the_mlr_logits():
+    model = HyperVQVAEModel(HyperVQVAEConfig(**TINY)).eval()
+    out = model(torch.randn(2, 3, 8, 8))
+    assert out.logits.shape == (2, 2, 2, 16)
+    assert torch.equal(out.logits.argmax(-1), out.image_tokens)
+    assert HyperVQVAEModel(HyperVQVAEConfig(**TINY, quantizer_type="kmeans"))(torch.randn(2, 3, 8, 8)).logits is None
+
+
 def test_config_field_types_are_checked():
     with pytest.raises(StrictDataclassError, match="codebook_size"):
         HyperVQVAEConfig(codebook_size="512")

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_hypervq import GumbelVQ, HyperEmbMatVQ, HyperKmeansVQ, HyperVQ, KmeansVQ, QuantizerOutput
+from hf_hypervq.models.hypervq.quantizers import decay_for_run
 
 
 ALL = [HyperVQ, KmeansVQ, GumbelVQ, HyperKmeansVQ, HyperEmbMatVQ]
@@ -135,8 +136,8 @@ def _grads(q, z, term):
 
 # Which parameters receive gradient from the decoder's side (a loss on `quantized`) and from `out.loss`.
 GRADIENT_PATHS = {
-    HyperVQ: ({"z", "normal_directions", "normal_scales", "offsets"}, {"z"}),
-    HyperEmbMatVQ: ({"z", "normal_directions", "normal_scales", "offsets", "embedding"}, {"z"}),
+    HyperVQ: ({"z", "normal_directions", "normal_scales", "offsets"}, set()),  # no loss term by default
+    HyperEmbMatVQ: ({"z", "normal_directions", "normal_scales", "offsets", "embedding"}, set()),
     GumbelVQ: ({"z", "projection_weight", "projection_bias", "embedding"}, set()),
     KmeansVQ: ({"z"}, {"z", "embedding"}),
     HyperKmeansVQ: ({"z"}, {"z", "embedding"}),
@@ -181,6 +182,55 @@ def test_codebook_loss_moves_only_the_codebook_and_commitment_only_the_input(cls
     out = q(z)
     codes = q.indices_to_codes(out.indices).detach()
     torch.testing.assert_close(out.loss, 2 * F.mse_loss(z, codes))
+
+
+@pytest.mark.parametrize("cls", [HyperVQ, HyperEmbMatVQ])
+def test_mlr_quantizers_train_on_reconstruction_alone_by_default(cls):
+    """The paper's Algorithm 1 has no commitment term; an optional one reaches only the input."""
+    z = torch.randn(64, DIM, requires_grad=True)
+    assert cls(DIM, K).commitment_weight == 0
+    assert cls(DIM, K).train()(z).loss == 0
+    assert _grads(cls(DIM, K, commitment_weight=0.25).train(), z, "loss") == {"z"}
+
+
+def test_hyper_emb_mat_vq_shares_hyperplanes_with_hypervq_for_a_seed():
+    torch.manual_seed(3)
+    hyper = HyperVQ(DIM, K)
+    torch.manual_seed(3)
+    ablation = HyperEmbMatVQ(DIM, K)
+    for name in ("normal_directions", "normal_scales", "offsets"):
+        assert torch.equal(getattr(hyper, name), getattr(ablation, name)), name
+
+
+def test_hyperplane_init_scales():
+    torch.manual_seed(0)
+    base = HyperVQ(DIM, K)
+    torch.manual_seed(0)
+    scaled = HyperVQ(DIM, K, offset_init_scale=8.0, normal_init_scale=4.0)
+    torch.testing.assert_close(scaled.offsets, 8 * base.offsets)
+    torch.testing.assert_close(scaled.normals, 4 * base.normals)
+    assert torch.all(HyperVQ(DIM, K, offset_init_scale=0.0).offsets == 0)  # HNN++'s zeros
+    assert 0 < base.offsets.min() and base.offsets.max() <= (DIM**-0.5)
+    with pytest.raises(ValueError, match="normal_init_scale"):
+        HyperVQ(DIM, K, normal_init_scale=0.0)
+    with pytest.raises(ValueError, match="offset_init_scale"):
+        HyperVQ(DIM, K, offset_init_scale=-1.0)
+
+
+def test_decay_for_run_reaches_tau_min_at_the_last_update():
+    decay = decay_for_run(2.0, 0.5, 1500)
+    q = HyperVQ(DIM, K, temperature=(2.0, 0.5, decay))
+    q.set_num_updates(750)
+    assert q.current_temperature == pytest.approx(1.0)  # halfway, geometrically
+    q.set_num_updates(1499)
+    assert q.current_temperature > 0.5
+    q.set_num_updates(1500)
+    assert q.current_temperature == pytest.approx(0.5)
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="num_updates"):
+            decay_for_run(2.0, 0.5, bad)
+    with pytest.raises(ValueError, match="tau_min"):
+        decay_for_run(0.5, 2.0, 10)
 
 
 @pytest.mark.parametrize("cls", [HyperVQ, HyperEmbMatVQ])
@@ -284,6 +334,10 @@ def test_no_n_by_k_by_dim_tensor(quantizer_cls):
         (lambda: GumbelVQ(8, 16, temperature=(0.5, 2.0, 0.9)), ValueError, "temperature"),
         (lambda: HyperVQ(8, 16, temperature=2.0), ValueError, "temperature"),
         (lambda: HyperVQ(8, 16, ball_eps=1.5), ValueError, "ball_eps"),
+        (lambda: HyperVQ(8, 16, curvature=float("inf")), ValueError, "curvature"),  # was an all-zero codebook
+        (lambda: HyperVQ(8, 16).set_num_updates(-10), ValueError, "num_updates"),  # was tau above tau_max
+        (lambda: GumbelVQ(8, 16).set_num_updates("100"), ValueError, "num_updates"),  # was a raw TypeError
+        (lambda: KmeansVQ(8, 16).set_num_updates(1.5), ValueError, "num_updates"),
     ],
 )
 def test_bad_constructor_arguments(make, error, match):
@@ -301,6 +355,8 @@ def test_bad_constructor_arguments(make, error, match):
         (torch.tensor([[float("nan")] * 8]), ValueError, "NaN or inf"),
         (torch.tensor([[float("inf")] + [0.0] * 7]), ValueError, "NaN or inf"),
         (torch.empty(0, 8), ValueError, "at least one"),
+        (torch.full((4, 8), 1e20), ValueError, "too large"),  # was an inf loss without an error
+        (torch.full((4, 8), 1e30), ValueError, "too large"),
     ],
 )
 def test_bad_input(quantizer_cls, z, error, match):

@@ -1,34 +1,83 @@
-"""`scripts/reproduce.py --quick`: the whole reproduction pipeline, end to end, in a few minutes."""
+"""`scripts/reproduce.py --quick` and `scripts/ablate.py --quick`: the whole study pipeline, end to end, in minutes;
+and the shared protocol's pieces (`scripts/study.py`) on their own."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import study  # noqa: E402
+
+
+def _run(script, *args, timeout=1200):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
+                            capture_output=True, text=True, timeout=timeout, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def test_quick_reproduction_writes_the_report(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--quick", "--output_dir", str(tmp_path / "results")],
-        capture_output=True, text=True, timeout=1200, cwd=ROOT,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
     results = tmp_path / "results"
+    _run("reproduce.py", "--quick", "--output_dir", results)
     report = (results / "REPORT.md").read_text()
     for name in ("mse_vs_k.png", "accuracy_vs_k.png", "codebook_usage.png", "embedding_scatter.png", "results.json"):
         assert (results / name).exists(), name
-    assert "Quick mode" in report and "## The paper's claims, one by one" in report
+    assert "Quick mode" in report and "## The paper's claims, one by one" in report and "## Mechanism" in report
     for quantizer in ("HyperVQ", "KmeansVQ", "GumbelVQ", "HyperKmeansVQ", "HyperEmbMatVQ"):
         assert f"| {quantizer} | 16 |" in report
-    assert report.count("scripts/train_vqvae.py") >= 7 and report.count("scripts/train_classifier.py") == 5
     runs = json.loads((results / "results.json").read_text())["runs"]
     assert len(runs) == 5 and all(0 <= run["accuracy"] <= 1 for run in runs)
+    # the protocol is the same for every quantizer: same updates, same temperature rule, same classifier search
+    assert len({(r["setting"]["steps"], r["setting"]["schedule"]) for r in runs}) == 1
+    assert all(r["classifier_learning_rate"] in study.CLASSIFIER_LEARNING_RATES for r in runs)
 
-    again = subprocess.run(  # a rerun reuses every finished run
-        [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--quick", "--output_dir", str(results)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )  # fmt: skip
-    assert again.returncode == 0, again.stderr[-3000:]
+    _run("reproduce.py", "--quick", "--output_dir", results, timeout=600)  # a rerun reuses every finished run
     assert json.loads((results / "results.json").read_text())["runs"] == runs  # wall times included
+
+
+def test_quick_ablation_writes_every_row(tmp_path):
+    _run("ablate.py", "--quick", "--seeds", "0", "--rows", "defaults", "beta_0.25", "kmeans", "--output_dir", tmp_path)
+    table = (tmp_path / "ABLATIONS-quick.md").read_text()
+    for row in ("defaults", "beta_0.25", "kmeans"):
+        assert f"| `{row}` |" in table
+    rows = {r["row"]: r for r in json.loads((tmp_path / "ablations-quick.json").read_text())}
+    assert rows["beta_0.25"]["setting"]["commitment_weight"] == 0.25
+    assert rows["defaults"]["setting"]["commitment_weight"] is None
+    for key in ("train_perplexity", "perplexity", "dead_codes", "ball_norm", "logit_margin", "mean_max_probability"):
+        assert key in rows["defaults"], key
+    assert "ball_norm" not in rows["kmeans"]  # a Euclidean quantizer has no ball
+
+
+def test_validation_split_is_stratified_and_disjoint_from_the_classifier_training_split():
+    data = study.load_digits_tensors()
+    train, validation = data["classifier_train"][1], data["validation"][1]
+    assert len(train) + len(validation) == len(data["train"][1])
+    for label in range(10):  # 20% of each class, give or take rounding
+        share = (validation == label).sum() / (data["train"][1] == label).sum()
+        assert abs(share.item() - 0.2) < 0.02
+    pixels = data["train"][0].flatten(1)
+    held_out = data["validation"][0].flatten(1)
+    assert not any(torch.equal(held_out[0], row) for row in data["classifier_train"][0].flatten(1))
+    assert any(torch.equal(held_out[0], row) for row in pixels)
+
+
+def test_temperature_rules():
+    assert study.temperature_for("per_update", 1500) == [2.0, 0.5, 0.999995]
+    tau_max, tau_min, decay = study.temperature_for("run_length", 1500)
+    assert tau_max * decay**1500 == pytest.approx(tau_min)
+    with pytest.raises(ValueError, match="schedule"):
+        study.temperature_for("cosine", 10)
+
+
+def test_run_files_are_named_by_their_setting(tmp_path):
+    base = study.setting_of({})
+    assert study.run_path(tmp_path, base, 0, False) == study.run_path(tmp_path, dict(base), 0, False)
+    assert study.run_path(tmp_path, base, 0, False) != study.run_path(tmp_path, {**base, "curvature": 0.1}, 0, False)
+    assert study.run_path(tmp_path, base, 0, False) != study.run_path(tmp_path, base, 1, False)

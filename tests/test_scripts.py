@@ -82,6 +82,13 @@ def test_train_vqvae_output_folder(tokenizer_dir):
     assert 1 <= results["perplexity"] <= 16 and results["reconstruction_mse"] > 0
     assert sum(results["code_counts"]) == 51 * 2 * 2
     assert results["weights_identical_across_processes"]
+    # collapse diagnostics: training samples against the eval argmax, dead codes, how decided the MLR is
+    assert 1 <= results["train_perplexity"] <= 16 and 0 < results["train_codes_used"] <= 1
+    assert results["dead_codes"] == sum(count == 0 for count in results["code_counts"])
+    assert 1 / 16 <= results["mean_max_probability"] <= 1
+    # the default temperature rule reaches tau_min at the run's last update
+    tau_max, tau_min, decay = model.config.gumbel_temperature
+    assert tau_max * decay**12 == pytest.approx(tau_min)
     evaluation = json.loads((tokenizer_dir / "eval_results.json").read_text())
     assert (
         evaluation["dataset"] == "scikit-learn/digits"
@@ -95,7 +102,10 @@ def test_with_tracking_writes_tensorboard_scalars(tokenizer_dir):
 
     events = EventAccumulator(str(tokenizer_dir / "runs" / "train_vqvae")).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/perplexity", "train/learning_rate", "eval/reconstruction_mse"} <= tags
+    assert {"train/loss", "train/train_perplexity", "train/learning_rate", "eval/reconstruction_mse"} <= tags
+    # the collapse diagnostics, per epoch
+    assert {"eval/train_perplexity", "eval/perplexity", "eval/codes_used", "eval/dead_codes",
+            "eval/mean_max_probability"} <= tags  # fmt: skip
     assert [event.step for event in events.Scalars("train/loss")] == [4, 8, 12]
 
 

@@ -22,14 +22,15 @@ MAX_CLUSTER_POINTS = 4000
 
 @torch.no_grad()
 def evaluate_tokenizer(model, loader, accelerator: Accelerator, seed: int = 0) -> dict:
-    """Reconstruction MSE, codebook perplexity and usage (with the per-code counts), and the cluster quality of the
-    pre-quantization latents with code ids as clusters (silhouette, Davies-Bouldin), on clean inputs and on
+    """Reconstruction MSE, codebook usage of the eval argmax (perplexity, codes used, dead codes, per-code counts),
+    for the MLR/Gumbel quantizers how decided their logits are (mean max probability, top-1 − top-2 margin; see
+    `metrics.logit_confidence`), and the cluster quality of the pre-quantization latents with code ids as clusters (silhouette, Davies-Bouldin), on clean inputs and on
     perturbed ones (paper Table 5)."""
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     codebook_size = unwrapped.config.codebook_size
     generator = torch.Generator().manual_seed(seed)
-    squared_errors, tokens = [], []
+    squared_errors, tokens, max_probabilities, margins = [], [], [], []
     clusters = {"": ([], []), "noisy_": ([], [])}  # latent vectors and their codes, clean and perturbed
     collected = 0  # the same on every process: it counts gathered vectors
     for batch in loader:
@@ -39,6 +40,11 @@ def evaluate_tokenizer(model, loader, accelerator: Accelerator, seed: int = 0) -
         per_image_mse, image_tokens = accelerator.gather_for_metrics((per_image_mse, out.image_tokens))
         squared_errors.append(per_image_mse.cpu())
         tokens.append(image_tokens.cpu())
+        if out.logits is not None:  # how decided the MLR/Gumbel quantizer is, per latent
+            top2 = out.logits.float().topk(2, dim=-1).values
+            confidence = (out.logits.float().softmax(-1).amax(-1), top2[..., 0] - top2[..., 1])
+            for store, values in zip((max_probabilities, margins), accelerator.gather_for_metrics(confidence)):
+                store.append(values.reshape(-1).cpu())
         if collected >= MAX_CLUSTER_POINTS:  # enough latents for the cluster scores: skip the rest
             continue
         noisy = unwrapped.encode(perturb(pixel_values.cpu(), generator).to(pixel_values))
@@ -54,6 +60,9 @@ def evaluate_tokenizer(model, loader, accelerator: Accelerator, seed: int = 0) -
     squared_errors, tokens = torch.cat(squared_errors), torch.cat(tokens)
     results = {"reconstruction_mse": squared_errors.mean().item(), "num_eval_samples": len(squared_errors)}
     results.update(codebook_usage(tokens, codebook_size))
+    if max_probabilities:
+        results["mean_max_probability"] = torch.cat(max_probabilities).double().mean().item()
+        results["logit_margin"] = torch.cat(margins).double().mean().item()
     for prefix, (vectors, codes) in clusters.items():
         vectors, codes = torch.cat(vectors), torch.cat(codes)
         keep = torch.randperm(len(codes), generator=torch.Generator().manual_seed(seed))[:MAX_CLUSTER_POINTS]

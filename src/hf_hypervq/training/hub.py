@@ -35,6 +35,8 @@ METRIC_NAMES = {
     "reconstruction_mse": "Reconstruction MSE",
     "perplexity": "Codebook perplexity",
     "codes_used": "Fraction of codes used",
+    "dead_codes": "Dead codes (never chosen on the eval split)",
+    "mean_max_probability": "Mean max code probability",
     "silhouette": "Silhouette (latents by code)",
     "davies_bouldin": "Davies-Bouldin (latents by code)",
     "noisy_silhouette": "Silhouette under noise",
@@ -135,7 +137,23 @@ def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR) -> ModelC
         steps=everything.get("step"),
         base_model_name=base_model,
         corruption_errors=evaluation.get("corruption_errors"),
+        usage=codebook_usage_summary(config, evaluation, everything),
     )
+
+
+def codebook_usage_summary(config: dict, evaluation: dict, everything: dict) -> dict | None:
+    """The card's "Codebook usage" numbers (the first thing people ask of a VQ model), or None without results."""
+    if "perplexity" not in evaluation or "codebook_size" not in config:
+        return None
+    size = config["codebook_size"]
+    return {
+        "codebook_size": size,
+        "codes_used": round(evaluation.get("codes_used", 0.0) * size),
+        "dead_codes": evaluation.get("dead_codes"),
+        "perplexity": evaluation["perplexity"],
+        "train_perplexity": everything.get("train_perplexity"),
+        "mean_max_probability": evaluation.get("mean_max_probability"),
+    }
 
 
 def push_to_hub(

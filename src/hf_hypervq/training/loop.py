@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .data import DataError, load_image_dataset
 from .hub import PublishError, push_to_hub
+from .metrics import usage_from_counts
 
 
 logger = get_logger(__name__)
@@ -251,6 +252,15 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit
 # ---- the loop ----
 
 
+def total_updates(args, train_loader, accelerator: Accelerator) -> int:
+    """The optimizer updates a run will make: `--max_train_steps`, else the epochs' worth of the (not yet
+    prepared) loader's batches, as `train` counts them once the loader is split across the processes."""
+    if args.max_train_steps is not None:
+        return args.max_train_steps
+    batches_per_process = math.ceil(len(train_loader) / accelerator.num_processes)
+    return args.num_train_epochs * math.ceil(batches_per_process / args.gradient_accumulation_steps)
+
+
 def train(args, accelerator: Accelerator, model, optimizer, train_loader, evaluate, scheduler=None) -> dict:
     """Train `model` (already prepared) until `args.max_train_steps` updates, evaluating after every epoch with
     `evaluate(model) -> dict of floats`; returns the last evaluation plus the training loss. Calls the model's
@@ -291,12 +301,17 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
         desc="train",
     )
     results: dict = {}
+    codebook_size = getattr(unwrapped.config, "codebook_size", None)
+    shown_eval: dict = {}  # the last evaluation's codebook numbers, kept in the progress bar
     for epoch in range(start_epoch, num_epochs):
         model.train()
         train_loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
         skip_batches = 0
         loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+        # the codes the training steps used this epoch (Gumbel samples for the MLR/Gumbel quantizers); on device,
+        # so counting them costs no host sync
+        train_counts = torch.zeros(codebook_size or 0, dtype=torch.long, device=accelerator.device)
         for batch in batches:
             with accelerator.accumulate(model):
                 outputs = model(**batch)
@@ -307,6 +322,9 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
                 optimizer.zero_grad()
             loss_sum += outputs.loss.detach().float()
             loss_count += 1
+            tokens = getattr(outputs, "image_tokens", None)
+            if codebook_size and tokens is not None:
+                train_counts += torch.bincount(tokens.detach().reshape(-1), minlength=codebook_size)
             if not accelerator.sync_gradients:
                 continue
             completed_steps += 1
@@ -314,8 +332,8 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
             progress.update(1)
             shown = {"loss": f"{outputs.loss.item():.4f}"}
             if getattr(outputs, "perplexity", None) is not None:
-                shown["perplexity"] = f"{outputs.perplexity.item():.1f}"
-            progress.set_postfix(shown)
+                shown["train_perplexity"] = f"{outputs.perplexity.item():.1f}"
+            progress.set_postfix({**shown, **shown_eval})
             if args.with_tracking and completed_steps % args.logging_steps == 0:
                 scalars = {f"train/{k}": float(v) for k, v in shown.items()}
                 scalars["train/learning_rate"] = optimizer.param_groups[0]["lr"]
@@ -330,13 +348,15 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
         )
         last_epoch = completed_steps >= args.max_train_steps or epoch == num_epochs - 1
         evaluation = evaluate(model) if last_epoch or not args.eval_at_end_only else {}
-        results = {"epoch": epoch, "step": completed_steps, "train_loss": train_loss, **evaluation}
-        logger.info(
-            f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float)),
-            main_process_only=True,
-        )
+        results = {"epoch": epoch, "step": completed_steps, "train_loss": train_loss}
+        if codebook_size and loss_count:
+            results.update(_train_usage(accelerator.reduce(train_counts, reduction="sum").cpu()))
+        results.update(evaluation)
+        shown_eval = {k: _short(evaluation[k]) for k in PROGRESS_EVAL_KEYS if k in evaluation}
+        scalars = {k: v for k, v in results.items() if _is_number(v) and k != "epoch"}
+        logger.info(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()), main_process_only=True)
         if args.with_tracking:
-            accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step=completed_steps)
+            accelerator.log({f"eval/{k}": v for k, v in scalars.items()}, step=completed_steps)
         if args.checkpointing_steps == "epoch":
             save_checkpoint(accelerator, args.output_dir, completed_steps, args.checkpoints_total_limit)
         if completed_steps >= args.max_train_steps:
@@ -347,6 +367,24 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
     results["num_processes"] = accelerator.num_processes
     results["weights_identical_across_processes"] = _same_weights_everywhere(accelerator, model)
     return results
+
+
+# The evaluation's codebook numbers the progress bar keeps showing after each evaluation.
+PROGRESS_EVAL_KEYS = ("perplexity", "codes_used", "dead_codes", "mean_max_probability")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _train_usage(counts: torch.Tensor) -> dict:
+    """Perplexity and fraction used of the codes the training steps chose in an epoch."""
+    usage = usage_from_counts(counts)
+    return {"train_perplexity": usage["perplexity"], "train_codes_used": usage["codes_used"]}
 
 
 def _same_weights_everywhere(accelerator: Accelerator, model) -> bool:
@@ -392,7 +430,8 @@ def write_json(path, data: dict) -> None:
 def write_results(args, results: dict) -> None:
     """`eval_results.json` (the final evaluation, what model cards read) and `all_results.json` (that plus the
     training loss, the step count and every flag)."""
-    evaluation = {k: v for k, v in results.items() if k not in ("epoch", "step", "train_loss")}
+    training_only = ("epoch", "step", "train_loss", "train_perplexity", "train_codes_used")
+    evaluation = {k: v for k, v in results.items() if k not in training_only}
     source = {"dataset": args.dataset or "scikit-learn/digits", "split": args.eval_split or "test"}
     command = shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])  # how this run was started
     write_json(Path(args.output_dir) / "eval_results.json", {**source, **evaluation})

@@ -25,12 +25,34 @@ def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def codebook_usage(tokens: torch.Tensor, codebook_size: int) -> dict[str, float]:
-    """`perplexity` (exp of the entropy of the code histogram; 1 to K) and `codes_used` (fraction of the K codes
-    that occur) of a set of code ids."""
-    counts = torch.bincount(tokens.reshape(-1).long(), minlength=codebook_size).double()
-    probs = counts / counts.sum()
+    """`perplexity` (exp of the entropy of the code histogram; 1 to K), `codes_used` (fraction of the K codes
+    that occur) and `dead_codes` (how many of the K never occur) of a set of code ids."""
+    return usage_from_counts(torch.bincount(tokens.reshape(-1).long(), minlength=codebook_size))
+
+
+def usage_from_counts(counts: torch.Tensor) -> dict[str, float]:
+    """`codebook_usage` from a histogram `(K,)` of code counts."""
+    counts = counts.double()
+    probs = counts / counts.sum().clamp_min(1)
     entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
-    return {"perplexity": entropy.exp().item(), "codes_used": (counts > 0).double().mean().item()}
+    return {
+        "perplexity": entropy.exp().item(),
+        "codes_used": (counts > 0).double().mean().item(),
+        "dead_codes": int((counts == 0).sum()),
+    }
+
+
+def logit_confidence(logits: torch.Tensor) -> dict[str, float]:
+    """How decided an MLR/Gumbel quantizer's choice is, from its logits `(..., K)`: `mean_max_probability` (mean
+    over rows of the largest softmax probability: 1/K for flat logits, 1 for a sure choice) and `logit_margin` (mean
+    gap between the largest and second-largest logit). Flat logits make the training-time Gumbel sample a near-uniform
+    draw, whatever the argmax is."""
+    logits = logits.reshape(-1, logits.shape[-1]).double()
+    top2 = logits.topk(2, dim=-1).values
+    return {
+        "mean_max_probability": logits.softmax(-1).max(-1).values.mean().item(),
+        "logit_margin": (top2[:, 0] - top2[:, 1]).mean().item(),
+    }
 
 
 def _compact_labels(labels: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -1,5 +1,7 @@
 """Configurations of the HyperVQ models: the VQ-VAE tokenizer (and its frozen-feature classifier) and the VQ-SA head."""
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -10,6 +12,8 @@ QUANTIZER_TYPES = ("hyperbolic", "kmeans", "gumbel", "hyperbolic_kmeans", "hyper
 # Quantizers with a curvature, and with a Gumbel temperature schedule.
 HYPERBOLIC_QUANTIZERS = ("hyperbolic", "hyperbolic_kmeans", "hyperbolic_embedding")
 GUMBEL_QUANTIZERS = ("hyperbolic", "gumbel", "hyperbolic_embedding")
+# Quantizers whose codes are chosen by the hyperbolic MLR (they take the hyperplane initialisation options).
+MLR_QUANTIZERS = ("hyperbolic", "hyperbolic_embedding")
 
 
 def _check_quantizer_fields(config) -> None:
@@ -18,10 +22,18 @@ def _check_quantizer_fields(config) -> None:
         raise ValueError(f"`quantizer_type` must be one of {QUANTIZER_TYPES}, got {config.quantizer_type!r}")
     if config.codebook_size < 2:
         raise ValueError(f"`codebook_size` must be >= 2, got {config.codebook_size}")
-    if not config.curvature > 0:
-        raise ValueError(f"`curvature` must be > 0, got {config.curvature}")
-    if not config.commitment_weight >= 0:
-        raise ValueError(f"`commitment_weight` must be >= 0, got {config.commitment_weight}")
+    if not 0 < config.curvature < math.inf:
+        raise ValueError(f"`curvature` must be a finite number > 0, got {config.curvature}")
+    if config.commitment_weight is not None and not config.commitment_weight >= 0:
+        raise ValueError(
+            f"`commitment_weight` must be >= 0 (or None for the quantizer's default), got {config.commitment_weight}"
+        )
+    for name in ("offset_init_scale", "normal_init_scale"):
+        value = getattr(config, name, 1.0)
+        if not value >= 0 or (name == "normal_init_scale" and value == 0):
+            raise ValueError(
+                f"`{name}` must be a number {'>' if name == 'normal_init_scale' else '>='} 0, got {value}"
+            )
     temperature = tuple(config.gumbel_temperature)
     if len(temperature) != 3 or not (0 < temperature[1] <= temperature[0] and 0 < temperature[2] <= 1):
         raise ValueError(
@@ -64,8 +76,14 @@ class HyperVQVAEConfig(PreTrainedConfig):
             divided by `2 ** num_downsamples` in each direction.
         curvature (`float`, *optional*, defaults to 1.0):
             Curvature c of the Poincaré ball (hyperbolic quantizers only).
-        commitment_weight (`float`, *optional*, defaults to 0.25):
-            Weight of the commitment loss (all quantizers but `"gumbel"`, which has none).
+        commitment_weight (`float`, *optional*):
+            Weight of the commitment loss (all quantizers but `"gumbel"`, which has none). `None` (the default)
+            takes the quantizer's own default: 0 for HyperVQ and HyperEmbMatVQ (the paper trains them on the
+            reconstruction loss alone), VQ-VAE's 0.25 for KmeansVQ and HyperKmeansVQ.
+        offset_init_scale (`float`, *optional*, defaults to 1.0):
+            HyperVQ/HyperEmbMatVQ: the hyperplane offsets start Uniform(0, s/sqrt(c·dim)); 0 gives HNN++'s zeros.
+        normal_init_scale (`float`, *optional*, defaults to 1.0):
+            HyperVQ/HyperEmbMatVQ: multiplies HNN++'s standard deviation of the hyperplane normals.
         gumbel_temperature (`list[float]`, *optional*, defaults to `[2.0, 0.5, 0.999995]`):
             `(tau_max, tau_min, decay)` of the Gumbel temperature, `tau_j = max(tau_max * decay**j, tau_min)` after
             j optimizer updates (Gumbel quantizers only).
@@ -93,8 +111,10 @@ class HyperVQVAEConfig(PreTrainedConfig):
     num_residual_layers: int = 2
     num_downsamples: int = 2
     curvature: float = 1.0
-    commitment_weight: float = 0.25
+    commitment_weight: float | None = None
     gumbel_temperature: list[float | int] | tuple[float | int, ...] = (2.0, 0.5, 0.999995)
+    offset_init_scale: float = 1.0
+    normal_init_scale: float = 1.0
     classifier_hidden_size: int = 128
 
     def __post_init__(self, **kwargs):
@@ -140,8 +160,8 @@ class HyperVQSAConfig(PreTrainedConfig):
             ResNet-50), `"l2"` uses `f / ||f||` (direction only, like VQ-SA's cosine selection), `"none"` uses f.
         curvature (`float`, *optional*, defaults to 1.0):
             Curvature c of the Poincaré ball (hyperbolic quantizers only).
-        commitment_weight (`float`, *optional*, defaults to 0.25):
-            Weight of the commitment loss.
+        commitment_weight (`float`, *optional*):
+            Weight of the commitment loss; `None` takes the quantizer's default, as in `HyperVQVAEConfig`.
         gumbel_temperature (`list[float]`, *optional*, defaults to `[2.0, 0.5, 0.999995]`):
             `(tau_max, tau_min, decay)` of the Gumbel temperature (Gumbel quantizers only).
         attention_scale (`float`, *optional*, defaults to `2 ** -0.5`):
@@ -166,7 +186,7 @@ class HyperVQSAConfig(PreTrainedConfig):
     codebook_size: int = 1000
     feature_scale: str = "sqrt_dim"
     curvature: float = 1.0
-    commitment_weight: float = 0.25
+    commitment_weight: float | None = None
     gumbel_temperature: list[float | int] | tuple[float | int, ...] = (2.0, 0.5, 0.999995)
     attention_scale: float = 2**-0.5
     freeze_backbone: bool = False

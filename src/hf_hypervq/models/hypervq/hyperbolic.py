@@ -22,6 +22,8 @@ References:
     [3] Goswami, Mukuta, Harada. "HyperVQ: MLR-based Vector Quantization in Hyperbolic Space." arXiv 2403.13015.
 """
 
+import math
+
 import torch
 from geoopt.manifolds.stereographic import math as geoopt_math
 
@@ -37,10 +39,17 @@ MIN_NORM = 1e-15
 _MAX_TWO_SQRT_C_OFFSET = 30.0
 
 
+def check_curvature(c) -> float:
+    """`c` as a float, or a ValueError: the ball needs a finite curvature > 0 (c = 0 is flat space, c = inf a point)."""
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < math.inf:
+        raise ValueError(f"the curvature `c` must be a finite number > 0, got {c!r}")
+    return float(c)
+
+
 def _curvature_as_k(c: float, like: torch.Tensor) -> torch.Tensor:
     # geoopt uses the sectional curvature k = -c, as a tensor of the input's dtype (a float32 k would cap a
     # float64 computation at float32 precision for c = 0.1).
-    return torch.tensor(-c, dtype=like.dtype, device=like.device)
+    return torch.tensor(-check_curvature(c), dtype=like.dtype, device=like.device)
 
 
 def expmap0(u: torch.Tensor, *, c: float) -> torch.Tensor:
@@ -89,7 +98,7 @@ def project(x: torch.Tensor, *, c: float, eps: float | None = None) -> torch.Ten
     The clipped branch has no radial gradient (the norm is pinned); the tangential gradient survives.
     """
     eps = ball_margin(x.dtype) if eps is None else eps
-    max_norm = (1.0 - eps) / c**0.5
+    max_norm = (1.0 - eps) / check_curvature(c) ** 0.5
     norm = x.norm(dim=-1, keepdim=True).clamp_min(MIN_NORM)
     return torch.where(norm > max_norm, x / norm * max_norm, x)
 
@@ -102,7 +111,7 @@ def expmap0_projected(u: torch.Tensor, *, c: float, eps: float | None = None) ->
     the input and a host synchronisation (its `tan_k` branches on `torch.all`); this costs one norm and one product.
     """
     eps = ball_margin(u.dtype) if eps is None else eps
-    sqrt_c_norm = c**0.5 * u.norm(dim=-1, keepdim=True).clamp_min(MIN_NORM)  # (..., 1)
+    sqrt_c_norm = check_curvature(c) ** 0.5 * u.norm(dim=-1, keepdim=True).clamp_min(MIN_NORM)  # (..., 1)
     # tanh is clamped at 15 as in geoopt; the margin caps it far earlier (tanh(3.1) = 0.996)
     return u * (torch.tanh(sqrt_c_norm.clamp_max(15)).clamp_max(1.0 - eps) / sqrt_c_norm)
 
@@ -115,6 +124,7 @@ def pairwise_dist(x: torch.Tensor, y: torch.Tensor, *, c: float) -> torch.Tensor
 
     equal to :func:`dist` but with one matmul instead of an N×K×dim Möbius sum.
     """
+    c = check_curvature(c)
     x2 = x.pow(2).sum(-1, keepdim=True)  # (N, 1)
     y2 = y.pow(2).sum(-1)  # (K,)
     sq_dist = (x2 + y2 - 2 * x @ y.T).clamp_min(0)  # (N, K)
@@ -173,6 +183,7 @@ def mlr_logits(x: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor, *,
     """
     leading_shape = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])  # (N, dim)
+    c = check_curvature(c)
     sqrt_c = c**0.5
     cx2 = c * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()  # (N, 1)
     inv_den = 1 / (1 - cx2).clamp_min(MIN_NORM)

@@ -22,7 +22,13 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
 from transformers.utils import ModelOutput, can_return_tuple
 
-from .configuration_hypervq import GUMBEL_QUANTIZERS, HYPERBOLIC_QUANTIZERS, HyperVQSAConfig, HyperVQVAEConfig
+from .configuration_hypervq import (
+    GUMBEL_QUANTIZERS,
+    HYPERBOLIC_QUANTIZERS,
+    MLR_QUANTIZERS,
+    HyperVQSAConfig,
+    HyperVQVAEConfig,
+)
 from .quantizers import QUANTIZER_CLASSES, VectorQuantizer
 
 
@@ -37,7 +43,10 @@ def build_quantizer(config, dim: int) -> VectorQuantizer:
         kwargs["curvature"] = config.curvature
     if config.quantizer_type in GUMBEL_QUANTIZERS:
         kwargs["temperature"] = tuple(config.gumbel_temperature)
-    if config.quantizer_type != "gumbel":
+    if config.quantizer_type in MLR_QUANTIZERS:
+        kwargs["offset_init_scale"] = getattr(config, "offset_init_scale", 1.0)
+        kwargs["normal_init_scale"] = getattr(config, "normal_init_scale", 1.0)
+    if config.quantizer_type != "gumbel" and config.commitment_weight is not None:
         kwargs["commitment_weight"] = config.commitment_weight
     return QUANTIZER_CLASSES[config.quantizer_type](dim, config.codebook_size, **kwargs)
 
@@ -90,6 +99,8 @@ class HyperVQVAEModelOutput(ModelOutput):
             The encoder's output before quantization.
         quantized_latents (`torch.FloatTensor` of shape `(batch_size, embedding_dim, height / f, width / f)`):
             The code vectors the decoder received.
+        logits (`torch.FloatTensor` of shape `(batch_size, height / f, width / f, codebook_size)`, *optional*):
+            The quantizer's code scores (MLR/Gumbel quantizers only; float32).
     """
 
     loss: torch.FloatTensor | None = None
@@ -100,6 +111,7 @@ class HyperVQVAEModelOutput(ModelOutput):
     perplexity: torch.FloatTensor | None = None
     latents: torch.FloatTensor | None = None
     quantized_latents: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -325,6 +337,7 @@ class HyperVQVAEModel(HyperVQVAEPreTrainedModel):
             perplexity=encoded.perplexity,
             latents=encoded.latents,
             quantized_latents=encoded.quantized_latents,
+            logits=encoded.logits,
         )
 
 

@@ -13,6 +13,7 @@ disabled (the ball's math is not safe in half precision, METHOD.md §2), and ret
 `quantized` has the input's dtype.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -155,6 +156,7 @@ class VectorQuantizer(nn.Module):
 
     def set_num_updates(self, num_updates: int) -> None:
         """Called by the training loop after every optimizer update; a no-op without a schedule."""
+        _check_num_updates(num_updates)
 
     def _check_input(self, z) -> None:
         name = type(self).__name__
@@ -166,9 +168,15 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"{name} expects `z` of shape (..., dim={self.dim}), got {tuple(z.shape)}")
         if z.numel() == 0:
             raise ValueError(f"{name} expects at least one vector in `z`, got shape {tuple(z.shape)}")
-        # One reduction in the common case; a sum that overflows from finite values is checked element-wise.
-        if not torch.isfinite(z.sum()) and not torch.isfinite(z).all():
-            raise ValueError(f"{name} got NaN or inf values in `z`")
+        # One reduction in the common case. The sum of squares also catches finite values too large for float32
+        # squared errors (|z| above ~1e17), which would make the loss inf without an error.
+        if not torch.isfinite(z.float().pow(2).sum()):
+            if not torch.isfinite(z).all():
+                raise ValueError(f"{name} got NaN or inf values in `z`")
+            raise ValueError(
+                f"{name} got values too large for float32 (largest |z| is {z.abs().max().item():.3g}); latents of "
+                "a trained encoder are of order 1"
+            )
 
     def _quantize(self, z: torch.Tensor):
         raise NotImplementedError
@@ -192,6 +200,7 @@ class _GumbelTemperature:
 
     def set_num_updates(self, num_updates: int) -> None:
         """Set the Gumbel temperature for the `num_updates`-th optimizer update."""
+        _check_num_updates(num_updates)
         tau_max, tau_min, decay = self.temperature
         self.current_temperature = max(tau_max * decay**num_updates, tau_min)
 
@@ -203,9 +212,28 @@ class _GumbelTemperature:
         return codebook.index_select(0, indices), indices
 
 
+def _check_num_updates(num_updates) -> None:
+    if isinstance(num_updates, bool) or not isinstance(num_updates, int) or num_updates < 0:
+        raise ValueError(f"`num_updates` must be an integer >= 0, got {num_updates!r}")
+
+
+def decay_for_run(tau_max: float, tau_min: float, num_updates: int) -> float:
+    """The per-update decay that takes the Gumbel temperature from `tau_max` to `tau_min` in exactly
+    `num_updates` updates, `(tau_min / tau_max) ** (1 / num_updates)`.
+
+    vq-wav2vec's decay of 0.999995 is made for ~300k updates: in a run of a few thousand the temperature stays near
+    `tau_max` and the hard samples stay close to uniform draws. Scaling the decay to the run's length is the
+    `run_length` schedule of the training scripts (the ablation's "temperature" rows, `results/ABLATIONS.md`)."""
+    if isinstance(num_updates, bool) or not isinstance(num_updates, int) or num_updates < 1:
+        raise ValueError(f"`num_updates` must be a positive integer, got {num_updates!r}")
+    if not 0 < tau_min <= tau_max:
+        raise ValueError(f"need 0 < tau_min <= tau_max, got tau_max={tau_max!r}, tau_min={tau_min!r}")
+    return (tau_min / tau_max) ** (1 / num_updates)
+
+
 def _check_curvature(curvature: float) -> float:
-    if isinstance(curvature, bool) or not isinstance(curvature, (int, float)) or not curvature > 0:
-        raise ValueError(f"`curvature` must be a number > 0, got {curvature!r}")
+    if isinstance(curvature, bool) or not isinstance(curvature, (int, float)) or not 0 < curvature < math.inf:
+        raise ValueError(f"`curvature` must be a finite number > 0, got {curvature!r}")
     return float(curvature)
 
 
@@ -237,16 +265,23 @@ class HyperVQ(_GumbelTemperature, VectorQuantizer):
         codebook_size (`int`): number of codes K (>= 2).
         curvature (`float`, *optional*, defaults to 1.0): the ball's curvature c > 0, fixed as in HNN++
             (METHOD.md §9 Q2).
-        commitment_weight (`float`, *optional*, defaults to 0.25): weight of the commitment loss
-            :math:`\|z - \operatorname{sg}(z_q)\|^2` (mean). The paper does not say whether HyperVQ has one;
-            we keep VQ-VAE's term and value (METHOD.md §9 Q1); 0 disables it. There is no codebook loss: the
-            codes learn through the decoder's gradient and the logits.
+        commitment_weight (`float`, *optional*, defaults to 0.0): weight of an optional commitment loss
+            :math:`\|z - \operatorname{sg}(z_q)\|^2` (mean). The paper trains on the reconstruction loss alone
+            (its Algorithm 1), and so do we by default: the term pulls the latents towards the ball's centre,
+            where the MLR logits are flat, so the hard samples become near-uniform draws and eval uses a handful
+            of codes (`results/ABLATIONS.md`, row "commitment 0.25"). There is no codebook loss: the codes learn
+            through the decoder's gradient and the logits.
         temperature (`tuple[float, float, float]`, *optional*, defaults to `(2.0, 0.5, 0.999995)`):
             `(tau_max, tau_min, decay)` of the Gumbel temperature, stepped by `set_num_updates` (vq-wav2vec's
             values, METHOD.md §9 Q7). With this decay tau reaches 0.5 only after ~277k updates.
         ball_eps (`float`, *optional*): the projection margin; defaults to 4e-3 (geoopt/HNN++ in float32).
+        offset_init_scale (`float`, *optional*, defaults to 1.0): the offsets start Uniform(0, s/sqrt(c·dim))
+            with this s; 0 gives HNN++'s zeros. It sets the initial norms of the code vectors, which equal
+            :math:`r_k` (`results/ABLATIONS.md`, rows "offsets").
+        normal_init_scale (`float`, *optional*, defaults to 1.0): multiplies HNN++'s standard deviation of the
+            normals, and with it the initial scale of the logits (`results/ABLATIONS.md`, rows "normals").
 
-    Choices where the paper is silent (METHOD.md §9), each a documented decision:
+    Choices where the paper is silent, each a documented decision:
 
     - The normals use HNN++'s weight norm, :math:`a_k = g_k v_k/\|v_k\|` (`normal_scales` g, `normal_directions`
       v; `normals` gives :math:`a_k`), initialised as HNN++ does: v entries :math:`\mathcal{N}(0, 1/(c \cdot dim))`,
@@ -281,25 +316,34 @@ class HyperVQ(_GumbelTemperature, VectorQuantizer):
         codebook_size: int,
         *,
         curvature: float = 1.0,
-        commitment_weight: float = 0.25,
+        commitment_weight: float = 0.0,
         temperature: tuple[float, float, float] = (2.0, 0.5, 0.999995),
         ball_eps: float | None = None,
+        offset_init_scale: float = 1.0,
+        normal_init_scale: float = 1.0,
     ):
         super().__init__(dim, codebook_size)
         self.curvature = _check_curvature(curvature)
         self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
         self._init_temperature(temperature)
         self.ball_eps = _check_ball_eps(ball_eps)
+        self.offset_init_scale = _check_weight("offset_init_scale", offset_init_scale)
+        self.normal_init_scale = _check_weight("normal_init_scale", normal_init_scale)
+        if self.normal_init_scale == 0:
+            raise ValueError("`normal_init_scale` must be > 0: a zero normal defines no hyperplane")
         self.normal_directions = nn.Parameter(torch.empty(codebook_size, dim))  # HNN++'s weight_v
         self.normal_scales = nn.Parameter(torch.empty(codebook_size))  # HNN++'s weight_g
         self.offsets = nn.Parameter(torch.empty(codebook_size))
-        self.reset_parameters()
+        self._reset_hyperplanes()
 
     def reset_parameters(self) -> None:
+        self._reset_hyperplanes()
+
+    def _reset_hyperplanes(self) -> None:
         scale = (self.curvature * self.dim) ** -0.5
-        init.normal_(self.normal_directions, std=scale)
+        init.normal_(self.normal_directions, std=scale * self.normal_init_scale)
         init.copy_(self.normal_scales, self.normal_directions.detach().norm(dim=-1))
-        init.uniform_(self.offsets, 0.0, scale)
+        init.uniform_(self.offsets, 0.0, scale * self.offset_init_scale)
 
     @property
     def normals(self) -> torch.Tensor:
@@ -341,19 +385,20 @@ class HyperEmbMatVQ(HyperVQ):
     learnable matrix (as in GumbelVQ) instead of the hyperplanes' representative points.
 
     Takes the arguments of `HyperVQ`. The paper defines it in one sentence; our choices: the matrix is
-    initialised Uniform[0, 1) like GumbelVQ's (fairseq), and the commitment term is the same as HyperVQ's, so
-    the ablation changes only where code vectors come from. The offsets :math:`r_k` still place the hyperplanes.
+    initialised Uniform[0, 1) like GumbelVQ's (fairseq), and the loss (none by default) is the same as HyperVQ's,
+    so the ablation changes only where code vectors come from. The offsets :math:`r_k` still place the hyperplanes.
     """
 
     def __init__(self, dim: int, codebook_size: int, **kwargs):
         super().__init__(dim, codebook_size, **kwargs)
+        # Drawn after the hyperplanes, which are drawn once: for the same seed they equal HyperVQ's, so the
+        # ablation against HyperVQ is paired.
         self.embedding = nn.Parameter(torch.empty(codebook_size, dim))
-        self.reset_parameters()
+        init.uniform_(self.embedding, 0.0, 1.0)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        if hasattr(self, "embedding"):  # HyperVQ.__init__ calls this before the embedding exists
-            init.uniform_(self.embedding, 0.0, 1.0)
+        init.uniform_(self.embedding, 0.0, 1.0)
 
     @property
     def codebook(self) -> torch.Tensor:

@@ -1,0 +1,267 @@
+"""The experiment runner that `scripts/ablate.py` and `scripts/reproduce.py` share: one protocol for every quantizer.
+
+A *setting* (a dict, `DEFAULTS` overridden per row) fixes the quantizer, its options, the Gumbel temperature rule and
+the number of updates. `run_one(setting, seed)` trains the library's `HyperVQVAEModel` with it on scikit-learn's
+digits, in this process on preloaded tensors (the batches `scripts/train_vqvae.py` would see, without its start-up
+cost), then measures it and trains frozen-feature classifiers on its codes. Same model, data order, optimizer (AdamW,
+learning rate 1e-3, batch 128) and seeds for every setting; nothing is tuned per quantizer.
+
+The classifier protocols:
+
+- `accuracy_fixed`: 200 updates at learning rate 1e-3 (hf-hypervq 0.1's report);
+- `accuracy` (early stopping): 20% of the training split (stratified, seeded) is held out for validation; for each
+  learning rate in {1e-3, 3e-3, 1e-2} the head trains until validation accuracy has not improved for 10 epochs (at
+  most 300), its best-validation weights are kept, and the learning rate with the best validation accuracy gives
+  the reported test accuracy. The test split never chooses anything.
+
+Each finished run is a JSON file named by its setting's hash and seed, so a rerun (or the other script) with the same
+setting reuses it, and an interrupted study resumes where it stopped.
+"""
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEForImageClassification, HyperVQVAEModel
+from hf_hypervq.models.hypervq.quantizers import decay_for_run
+from hf_hypervq.training.data import load_image_dataset
+from hf_hypervq.training.metrics import (
+    codebook_usage,
+    davies_bouldin_index,
+    logit_confidence,
+    perturb,
+    silhouette_score,
+)
+
+
+MODEL = {"hidden_size": 64, "residual_hidden_size": 32, "embedding_dim": 64}
+QUICK_MODEL = {"hidden_size": 16, "residual_hidden_size": 8, "embedding_dim": 16}
+DEFAULTS = {
+    "quantizer": "hyperbolic",
+    "codebook_size": 512,
+    "commitment_weight": None,  # the quantizer's own default
+    "schedule": "run_length",
+    "offset_init_scale": 1.0,
+    "normal_init_scale": 1.0,
+    "curvature": 1.0,
+    "steps": 1500,
+}
+TAU_MAX, TAU_MIN, PER_UPDATE_DECAY = 2.0, 0.5, 0.999995
+CLASSIFIER_LEARNING_RATES = (1e-3, 3e-3, 1e-2)
+BATCH_SIZE = 128
+IMAGE_SIZE = 16
+MAX_CLUSTER_POINTS = 4000  # as `training.evaluation`: silhouette is quadratic in the points
+
+
+def temperature_for(schedule: str, steps: int) -> list[float]:
+    """`(tau_max, tau_min, decay)` of a schedule rule, the same rule for every Gumbel quantizer: `run_length` goes
+    from 2 to 0.5 over the run, `per_update` is vq-wav2vec's 0.999995 per update, `constant_1` keeps τ = 1."""
+    if schedule == "per_update":
+        return [TAU_MAX, TAU_MIN, PER_UPDATE_DECAY]
+    if schedule == "run_length":
+        return [TAU_MAX, TAU_MIN, decay_for_run(TAU_MAX, TAU_MIN, steps)]
+    if schedule == "constant_1":
+        return [1.0, 1.0, 1.0]
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def load_digits_tensors() -> dict:
+    """The digits' train and test splits as `[-1, 1]` tensors (the image processor's output), and a stratified,
+    seeded 20% validation split carved from the training split for the classifier's early stopping."""
+    processor = HyperVQImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    tensors = {}
+    for split in ("train", "test"):
+        data = load_image_dataset(None, split=split, require_labels=True)
+        images = [image.convert("RGB") for image in data["image"]]
+        tensors[split] = (processor(images=images, return_tensors="pt")["pixel_values"], torch.tensor(data["label"]))
+    pixels, labels = tensors["train"]
+    generator = torch.Generator().manual_seed(0)
+    validation = torch.zeros(len(labels), dtype=torch.bool)
+    for label in labels.unique():  # stratified: 20% of each class
+        members = (labels == label).nonzero()[:, 0]
+        members = members[torch.randperm(len(members), generator=generator)]
+        validation[members[: round(0.2 * len(members))]] = True
+    tensors["classifier_train"] = (pixels[~validation], labels[~validation])
+    tensors["validation"] = (pixels[validation], labels[validation])
+    return tensors
+
+
+def batches(num_samples: int, seed: int, epoch: int):
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return order.split(BATCH_SIZE)
+
+
+def build_config(setting: dict, model_options: dict) -> HyperVQVAEConfig:
+    return HyperVQVAEConfig(
+        quantizer_type=setting["quantizer"],
+        codebook_size=setting["codebook_size"],
+        commitment_weight=setting["commitment_weight"],
+        curvature=setting["curvature"],
+        offset_init_scale=setting["offset_init_scale"],
+        normal_init_scale=setting["normal_init_scale"],
+        gumbel_temperature=temperature_for(setting["schedule"], setting["steps"]),
+        **model_options,
+    )
+
+
+def train_tokenizer(setting: dict, model_options: dict, seed: int, data: dict):
+    """Train one tokenizer; return it (in eval mode) and the codes its training steps used in the last epoch."""
+    torch.manual_seed(seed)
+    model = HyperVQVAEModel(build_config(setting, model_options)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    pixels = data["train"][0]
+    steps_per_epoch = math.ceil(len(pixels) / BATCH_SIZE)
+    train_tokens, step = [], 0
+    for epoch in range(math.ceil(setting["steps"] / steps_per_epoch)):
+        for index in batches(len(pixels), seed, epoch):
+            out = model(pixels[index])
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            model.set_num_updates(step)
+            if setting["steps"] - step < steps_per_epoch:
+                train_tokens.append(out.image_tokens.detach())
+            if step == setting["steps"]:
+                break
+    return model.eval(), torch.cat(train_tokens)
+
+
+def _cluster_scores(latents: torch.Tensor, codes: torch.Tensor, prefix: str) -> dict:
+    keep = torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))[:MAX_CLUSTER_POINTS]
+    if len(codes[keep].unique()) < 2:
+        return {}
+    return {
+        f"{prefix}silhouette": silhouette_score(latents[keep], codes[keep]),
+        f"{prefix}davies_bouldin": davies_bouldin_index(latents[keep], codes[keep]),
+    }
+
+
+@torch.no_grad()
+def tokenizer_metrics(model, train_tokens, data) -> dict:
+    """Test-split quality (MSE, eval-argmax usage, cluster scores on clean and perturbed inputs) and the mechanism
+    numbers: training-sample perplexity, latent norms, code-vector norms, logit margin and max probability."""
+    pixels = data["test"][0]
+    out = model(pixels)
+    encoded = model.encode(pixels)
+    quantizer, config = model.quantizer, model.config
+    latents = encoded.latents.permute(0, 2, 3, 1).reshape(-1, config.embedding_dim)
+    results = {
+        "reconstruction_mse": F.mse_loss(out.reconstruction, pixels).item(),
+        **codebook_usage(out.image_tokens, config.codebook_size),
+        "train_perplexity": codebook_usage(train_tokens, config.codebook_size)["perplexity"],
+        "latent_norm": latents.norm(dim=-1).mean().item(),
+        "code_vector_norm": quantizer.codebook.norm(dim=-1).mean().item(),
+        "code_counts": torch.bincount(out.image_tokens.reshape(-1), minlength=config.codebook_size).tolist(),
+    }
+    if hasattr(quantizer, "curvature"):  # distance from the origin on the ball, in units of its radius
+        ball = quantizer._to_ball(latents)
+        results["ball_norm"] = (ball.norm(dim=-1) * quantizer.curvature**0.5).mean().item()
+    if encoded.logits is not None:
+        results.update(logit_confidence(encoded.logits))
+    results.update(_cluster_scores(latents, encoded.image_tokens.reshape(-1), ""))
+    noisy = model.encode(perturb(pixels, torch.Generator().manual_seed(0)))
+    noisy_latents = noisy.latents.permute(0, 2, 3, 1).reshape(-1, config.embedding_dim)
+    results.update(_cluster_scores(noisy_latents, noisy.image_tokens.reshape(-1), "noisy_"))
+    return results
+
+
+@torch.no_grad()
+def _features(model, pixels) -> torch.Tensor:
+    """The classifier's input: the frozen tokenizer's eval-mode quantized latents (fixed, so computed once)."""
+    return torch.cat([model.encode(chunk).quantized_latents for chunk in pixels.split(512)])
+
+
+@torch.no_grad()
+def _accuracy(head, features, labels) -> float:
+    head.eval()
+    accuracy = (head(features).argmax(-1) == labels).double().mean().item()
+    head.train()
+    return accuracy
+
+
+def _train_head(head, features, labels, learning_rate, seed, *, max_updates=None, validation=None, patience=10):
+    """Train a classifier head on cached features: `max_updates` updates, or (with `validation`) until `patience`
+    epochs bring no better validation accuracy, keeping the best weights; returns that accuracy."""
+    head.train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=0.0)
+    best, best_state, since_best, step = -1.0, None, 0, 0
+    for epoch in range(300):
+        for index in batches(len(labels), seed, epoch):
+            F.cross_entropy(head(features[index]), labels[index]).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            if step == max_updates:
+                return None
+        if validation is not None:
+            accuracy = _accuracy(head, *validation)
+            if accuracy > best:
+                best, best_state, since_best = accuracy, {k: v.clone() for k, v in head.state_dict().items()}, 0
+            elif (since_best := since_best + 1) >= patience:
+                break
+    head.load_state_dict(best_state)
+    return best
+
+
+def classifier_metrics(model, seed: int, data: dict) -> dict:
+    """Test accuracy of frozen-feature classifiers on the tokenizer's codes, under both protocols."""
+    features = {split: (_features(model, pixels), labels) for split, (pixels, labels) in data.items()}
+    options = {k: v for k, v in model.config.to_dict().items() if k not in ("id2label", "label2id")}
+
+    def new_head():
+        torch.manual_seed(seed)
+        return HyperVQVAEForImageClassification(HyperVQVAEConfig(**{**options, "num_labels": 10})).classifier
+
+    head = new_head()
+    _train_head(head, *features["train"], 1e-3, seed, max_updates=200)
+    results = {"accuracy_fixed": _accuracy(head, *features["test"])}
+    best = None
+    for learning_rate in CLASSIFIER_LEARNING_RATES:
+        head = new_head()
+        validation = _train_head(
+            head, *features["classifier_train"], learning_rate, seed, validation=features["validation"]
+        )
+        if best is None or validation > best[0]:
+            best = (validation, learning_rate, _accuracy(head, *features["test"]))
+    results.update(validation_accuracy=best[0], classifier_learning_rate=best[1], accuracy=best[2])
+    return results
+
+
+def setting_of(overrides: dict, quick: bool = False) -> dict:
+    setting = {**DEFAULTS, **overrides}
+    if quick:
+        setting["steps"] = max(10, setting["steps"] // 50)
+        setting["codebook_size"] = min(setting["codebook_size"], 64)
+    return setting
+
+
+def run_path(runs_dir, setting: dict, seed: int, quick: bool) -> Path:
+    key = json.dumps({**setting, "model": QUICK_MODEL if quick else MODEL}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return Path(runs_dir) / f"{setting['quantizer']}-K{setting['codebook_size']}-{digest}-seed{seed}.json"
+
+
+def run_one(setting: dict, seed: int, quick: bool, runs_dir) -> dict:
+    """Train and measure one setting × seed, or read it back if it finished before."""
+    path = run_path(runs_dir, setting, seed, quick)
+    if path.exists():
+        return json.loads(path.read_text())
+    torch.set_num_threads(1)  # one thread per worker process: the small convolutions scale poorly across threads
+    data = load_digits_tensors()
+    started = time.time()
+    model, train_tokens = train_tokenizer(setting, QUICK_MODEL if quick else MODEL, seed, data)
+    result = {"seed": seed, "setting": setting, **tokenizer_metrics(model, train_tokens, data)}
+    result.update(classifier_metrics(model, seed, data))
+    result["wall_seconds"] = time.time() - started
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".partial-{path.name}")
+    partial.write_text(json.dumps(result, indent=1))
+    os.replace(partial, path)
+    return result
