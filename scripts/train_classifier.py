@@ -25,9 +25,11 @@ from hf_hypervq.training.loop import (
     load_splits,
     make_accelerator,
     make_loader,
+    make_scheduler,
     push_if_asked,
     reported_errors,
     save_model,
+    total_updates,
     train,
     write_results,
 )
@@ -73,7 +75,10 @@ def main(argv=None):
         eval_loader = make_loader(with_image_transform(eval_data, processor), batch_sizes[1], collate, args, False)
         trainable = [p for p in model.parameters() if p.requires_grad]  # the head only
         optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+        scheduler = make_scheduler(args, optimizer, total_updates(args, train_loader, accelerator), accelerator)
+        model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, eval_loader, scheduler
+        )
         results = train(
             args,
             accelerator,
@@ -81,6 +86,7 @@ def main(argv=None):
             optimizer,
             train_loader,
             lambda m: evaluate_classifier(m, eval_loader, accelerator),
+            scheduler=scheduler,
         )
         save_model(accelerator, model, processor, args.output_dir)
         if accelerator.is_main_process:

@@ -28,10 +28,12 @@ from hf_hypervq.training.loop import (
     load_splits,
     make_accelerator,
     make_loader,
+    make_scheduler,
     push_if_asked,
     reported_errors,
     save_figure,
     save_model,
+    total_updates,
     train,
     write_results,
 )
@@ -126,10 +128,14 @@ def main(argv=None):
             TokenDataset(eval_tokens, labels[1]), args.per_device_eval_batch_size, stack, args, False
         )
         optimizer = torch.optim.AdamW(prior.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-        prior, optimizer, train_loader, eval_loader = accelerator.prepare(prior, optimizer, train_loader, eval_loader)
-        results = train(
-            args, accelerator, prior, optimizer, train_loader, lambda m: evaluate(m, eval_loader, accelerator)
+        scheduler = make_scheduler(args, optimizer, total_updates(args, train_loader, accelerator), accelerator)
+        prior, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+            prior, optimizer, train_loader, eval_loader, scheduler
         )
+        results = train(
+            args, accelerator, prior, optimizer, train_loader, lambda m: evaluate(m, eval_loader, accelerator),
+            scheduler=scheduler,
+        )  # fmt: skip
         save_model(accelerator, prior, processor, args.output_dir)
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(prior).eval()

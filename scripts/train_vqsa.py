@@ -31,9 +31,11 @@ from hf_hypervq.training.loop import (
     load_splits,
     make_accelerator,
     make_loader,
+    make_scheduler,
     push_if_asked,
     reported_errors,
     save_model,
+    total_updates,
     train,
     write_results,
 )
@@ -145,8 +147,10 @@ def main(argv=None):
         optimizer = torch.optim.SGD(
             parameters, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay
         )
-        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-        scheduler = make_scheduler(args, optimizer, len(train_loader))
+        scheduler = make_scheduler(args, optimizer, total_updates(args, train_loader, accelerator), accelerator)
+        model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, eval_loader, scheduler
+        )
         results = train(
             args, accelerator, model, optimizer, train_loader,
             lambda m: evaluate_classifier(m, eval_loader, accelerator), scheduler=scheduler,
@@ -156,17 +160,6 @@ def main(argv=None):
             write_results(args, {**results, "resnet": args.resnet})
             push_if_asked(args)
         accelerator.end_training()
-
-
-def make_scheduler(args, optimizer, batches_per_epoch: int):
-    from transformers import get_scheduler
-
-    total = args.max_train_steps or args.num_train_epochs * math.ceil(
-        batches_per_epoch / args.gradient_accumulation_steps
-    )
-    return get_scheduler(
-        args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps, num_training_steps=total
-    )
 
 
 if __name__ == "__main__":

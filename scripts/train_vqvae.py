@@ -29,6 +29,7 @@ from hf_hypervq.training.loop import (
     load_splits,
     make_accelerator,
     make_loader,
+    make_scheduler,
     push_if_asked,
     reported_errors,
     save_figure,
@@ -126,10 +127,14 @@ def main(argv=None):
         batch_sizes = args.per_device_train_batch_size, args.per_device_eval_batch_size
         train_loader = make_loader(with_image_transform(train_data, processor), batch_sizes[0], collate, args, True)
         eval_loader = make_loader(with_image_transform(eval_data, processor), batch_sizes[1], collate, args, False)
-        model = HyperVQVAEModel(build_config(args, num_updates=total_updates(args, train_loader, accelerator)))
+        num_updates = total_updates(args, train_loader, accelerator)
+        model = HyperVQVAEModel(build_config(args, num_updates=num_updates))
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-        model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+        scheduler = make_scheduler(args, optimizer, num_updates, accelerator)
+        model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, eval_loader, scheduler
+        )
         results = train(
             args,
             accelerator,
@@ -137,6 +142,7 @@ def main(argv=None):
             optimizer,
             train_loader,
             lambda m: evaluate_tokenizer(m, eval_loader, accelerator),
+            scheduler=scheduler,
         )
         save_model(accelerator, model, processor, args.output_dir)
         if accelerator.is_main_process:

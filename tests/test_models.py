@@ -114,6 +114,26 @@ def test_hyperplane_init_options_reach_the_quantizer():
         HyperVQVAEConfig(normal_init_scale=0.0)
 
 
+@pytest.mark.parametrize("quantizer_type", ["hyperbolic", "gumbel", "hyperbolic_embedding"])
+def test_gumbel_temperature_survives_save_and_load(quantizer_type, tmp_path):
+    """The update count is saved with the weights: a reloaded model trained further goes on from its temperature
+    (it used to restart at tau_max)."""
+    model = HyperVQVAEModel(HyperVQVAEConfig(**TINY, quantizer_type=quantizer_type, gumbel_temperature=[2, 0.5, 0.99]))
+    model.set_num_updates(100)
+    expected = model.quantizer.current_temperature
+    assert expected == pytest.approx(2 * 0.99**100)
+    model.save_pretrained(tmp_path)
+    reloaded = HyperVQVAEModel.from_pretrained(tmp_path).train()
+    assert int(reloaded.quantizer.num_updates) == 100
+    assert reloaded.quantizer.current_temperature == pytest.approx(expected)
+
+
+def test_frozen_tokenizer_keeps_its_schedule_while_the_head_trains():
+    classifier = HyperVQVAEForImageClassification(HyperVQVAEConfig(**TINY, num_labels=3))
+    classifier.set_num_updates(50)
+    assert int(classifier.hypervq.quantizer.num_updates) == 0
+
+
 def test_tokenizer_output_carries_the_mlr_logits():
     model = HyperVQVAEModel(HyperVQVAEConfig(**TINY)).eval()
     out = model(torch.randn(2, 3, 8, 8))

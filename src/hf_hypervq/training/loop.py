@@ -261,6 +261,22 @@ def total_updates(args, train_loader, accelerator: Accelerator) -> int:
     return args.num_train_epochs * math.ceil(batches_per_process / args.gradient_accumulation_steps)
 
 
+def make_scheduler(args, optimizer, num_updates: int, accelerator: Accelerator):
+    """The `--lr_scheduler_type` schedule (with `--num_warmup_steps`) over `num_updates` optimizer updates, for every
+    script. Pass it through `accelerator.prepare`: the prepared scheduler then moves only when the optimizer really
+    stepped (so gradient accumulation does not speed it up) and is saved and restored with the checkpoints. It steps
+    `num_processes` times per update (accelerate's convention), so its length is counted in those steps."""
+    from transformers import get_scheduler
+
+    scale = accelerator.num_processes
+    return get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.num_warmup_steps * scale,
+        num_training_steps=num_updates * scale,
+    )
+
+
 def train(args, accelerator: Accelerator, model, optimizer, train_loader, evaluate, scheduler=None) -> dict:
     """Train `model` (already prepared) until `args.max_train_steps` updates, evaluating after every epoch with
     `evaluate(model) -> dict of floats`; returns the last evaluation plus the training loss. Calls the model's

@@ -377,6 +377,9 @@ class HyperVQVAEForImageClassification(HyperVQVAEPreTrainedModel):
         self.hypervq.eval()
         return self
 
+    def set_num_updates(self, num_updates: int) -> None:
+        """The frozen tokenizer keeps its own schedule state: the head's updates are not the tokenizer's."""
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         loaded = super().from_pretrained(*args, **kwargs)

@@ -184,7 +184,12 @@ class VectorQuantizer(nn.Module):
 
 class _GumbelTemperature:
     """The temperature schedule of GumbelVQ and the hyperbolic MLR quantizers: after `j` optimizer updates,
-    `tau_j = max(tau_max * decay**j, tau_min)` (paper, Algorithm 1; fairseq's `set_num_updates`)."""
+    `tau_j = max(tau_max * decay**j, tau_min)` (paper, Algorithm 1; fairseq's `set_num_updates`).
+
+    The update count `j` is a buffer, `num_updates`, so it is saved with the weights: a model reloaded with
+    `from_pretrained` (or a checkpoint) and trained further goes on from its temperature instead of restarting at
+    `tau_max`. The step itself uses a Python float, `current_temperature`, refreshed from the buffer whenever the
+    module is put in training mode (one read, not one per step)."""
 
     def _init_temperature(self, temperature: tuple[float, float, float]) -> None:
         try:
@@ -197,12 +202,23 @@ class _GumbelTemperature:
             )
         self.temperature = (tau_max, tau_min, decay)
         self.current_temperature = tau_max
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def set_num_updates(self, num_updates: int) -> None:
         """Set the Gumbel temperature for the `num_updates`-th optimizer update."""
         _check_num_updates(num_updates)
+        self.num_updates.fill_(num_updates)
+        self.current_temperature = self._temperature_after(num_updates)
+
+    def _temperature_after(self, num_updates: int) -> float:
         tau_max, tau_min, decay = self.temperature
-        self.current_temperature = max(tau_max * decay**num_updates, tau_min)
+        return max(tau_max * decay**num_updates, tau_min)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:  # the buffer may have been loaded since the last `set_num_updates`
+            self.current_temperature = self._temperature_after(int(self.num_updates))
+        return self
 
     def _pick_codes(self, logits: torch.Tensor, codebook: torch.Tensor):
         """Training: a hard Gumbel-softmax sample with the straight-through gradient. Eval: argmax, no noise."""
