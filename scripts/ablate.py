@@ -77,6 +77,8 @@ COLUMNS = [  # (key, header, digits)
     ("code_vector_norm", "code vector norm", 3),
 ]
 PERCENT = {"accuracy", "accuracy_fixed"}
+BEST = [("reconstruction_mse", "test MSE", True), ("accuracy", "accuracy (early stopping)", False),
+        ("perplexity", "eval perplexity", False), ("dead_codes", "dead codes", True)]  # fmt: skip
 
 
 def write_report(results: list, rows: list, seeds: list, path: Path, wall_minutes: float, quick: bool) -> None:
@@ -121,6 +123,18 @@ def write_report(results: list, rows: list, seeds: list, path: Path, wall_minute
             else:
                 cells.append(f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}")
         lines.append(f"| `{name}` | {ROWS[name][0]} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Best HyperVQ row per quality column (means; the reference rows of other quantizers excluded)",
+        "",
+    ]
+    hyperbolic = [n for n in rows if ROWS[n][1].get("quantizer", DEFAULTS["quantizer"]) == "hyperbolic"]
+    for key, header, lower_is_better in BEST:
+        means = {n: statistics.mean(r[key] for r in results if r["row"] == n) for n in hyperbolic
+                 if any(r["row"] == n for r in results)}  # fmt: skip
+        if means:
+            best = (min if lower_is_better else max)(means, key=means.get)
+            lines.append(f"- {header}: `{best}` ({means[best] * (100 if key in PERCENT else 1):.4g})")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -9,11 +9,12 @@ shared machine hits all of them alike; the table gives medians and ratios to `Ve
 - floor: `z @ W` with `W` (dim, K), the one matmul every quantizer needs; in train, its backward as well.
 - `HyperVQ+compile`: HyperVQ with its elementwise kernels fused by `torch.compile` (`set_compiled_kernels`).
 - memory: peak extra memory of one step. On CPU each (variant, shape, mode) runs in a fresh process whose kernel
-  high-water mark is reset after a warm-up step (PERF-NOTES.md §1); on CUDA, `torch.cuda.max_memory_allocated`.
+  high-water mark is reset after a warm-up step (docs/performance.md#allocator); on CUDA,
+  `torch.cuda.max_memory_allocated`.
 
-On Linux CPUs the timing process re-executes itself with glibc's allocator set to keep freed memory
-(PERF-NOTES.md §1: otherwise every fresh N×K tensor above 32 MiB is page-faulted again, which costs more than the
-matmul); pass `--default-allocator` to measure without it.
+On Linux CPUs the timing process re-executes itself with glibc's allocator set to keep freed memory (otherwise every
+fresh N×K tensor above 32 MiB is page-faulted again, which costs more than the matmul; docs/performance.md#allocator);
+pass `--default-allocator` to measure without it.
 
     python scripts/benchmark_quantizers.py                       # the README table (CPU, ~15 minutes)
     python scripts/benchmark_quantizers.py --device cuda         # on a GPU

@@ -5,9 +5,9 @@
     accelerate launch --multi_gpu --num_processes 4 scripts/train_vqsa.py --resnet microsoft/resnet-50 \\
         --dataset ILSVRC/imagenet-1k --eval_split validation --image_size 224 --output_dir outputs/vqsa-imagenet
 
-As in VQ-SA (Yang et al., CVPR 2023; METHOD.md §7): the backbone is fine-tuned with SGD (momentum 0.9, weight decay
-5e-4, cosine schedule); each training image is randomly resized-cropped and flipped, then left clean or corrupted with
-one of the 15 common ImageNet-C corruptions at severity 1-5 (`imagecorruptions-imaug`, pip install
+As in VQ-SA (Yang et al., CVPR 2023; docs/method.md#vq-sa): the backbone is fine-tuned with SGD (momentum 0.9,
+weight decay 5e-4, cosine schedule); each training image is randomly resized-cropped and flipped, then left clean or
+corrupted with one of the 15 common ImageNet-C corruptions at severity 1-5 (`imagecorruptions-imaug`, pip install
 "hf-hypervq[vqsa]"); the loss is the cross-entropy plus the quantizer's loss. `--resnet` takes a ResNet image
 classifier (a folder or a Hub id such as microsoft/resnet-50) whose backbone and last layer are copied; without it a
 small ResNet (3 stages of 16-64 channels) starts from scratch. Evaluate robustness (mCE) with

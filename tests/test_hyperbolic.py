@@ -1,4 +1,4 @@
-"""The Poincaré-ball math against float64 references written from the formulas (METHOD.md §1-3)."""
+"""The Poincaré-ball math against float64 references written from the formulas (docs/method.md#poincare-ball)."""
 
 import math
 
@@ -39,7 +39,7 @@ def ref_mobius_add(x, y, c):
 
 
 def ref_mlr_closed_form(x, normals, offsets, c):
-    """METHOD.md §3.2, term by term."""
+    """docs/method.md#closed-form, term by term."""
     s = math.sqrt(c)
     norms = normals.norm(dim=-1)
     unit = normals / norms[:, None]
@@ -50,7 +50,7 @@ def ref_mlr_closed_form(x, normals, offsets, c):
 
 def ref_mlr_distance_form(x, normals, offsets, c):
     """2 ||a_k|| times the signed distance from x to the hyperplane through q_k = exp0(r_k [a_k]) with normal
-    [a_k] (Ganea et al. 2018), built from Möbius addition (METHOD.md §3.3)."""
+    [a_k] (Ganea et al. 2018), built from Möbius addition (docs/method.md#hyperplane-geometry)."""
     s = math.sqrt(c)
     norms = normals.norm(dim=-1)
     unit = normals / norms[:, None]
@@ -102,13 +102,13 @@ def test_mlr_logits_at_origin():
     normals = torch.randn(10, 4, dtype=F64)
     offsets = torch.randn(10, dtype=F64)
     logits = hyp.mlr_logits(torch.zeros(1, 4, dtype=F64), normals, offsets, c=1.0)
-    torch.testing.assert_close(logits[0], -4 * normals.norm(dim=-1) * offsets)  # METHOD.md §3.2 sanity value
+    torch.testing.assert_close(logits[0], -4 * normals.norm(dim=-1) * offsets)  # v_k(0), docs/method.md#closed-form
 
 
 @pytest.mark.parametrize("c", CURVATURES)
 @pytest.mark.parametrize("max_frac", [0.2, 0.77, 1 - 4e-3])
 def test_mlr_logits_float32_close_to_float64(c, max_frac):
-    """PERF-NOTES.md G8: max|error| / max|ref| <= 1e-5 and argmax agreement >= 0.999, up to the float32 margin."""
+    """The float32 target: max|error| / max|ref| <= 1e-5 and argmax agreement >= 0.999, up to the float32 margin."""
     g = torch.Generator().manual_seed(3)
     x = random_ball_points(2048, 64, c, max_frac, generator=g)
     normals = torch.randn(256, 64, dtype=F64, generator=g) / 8
@@ -121,7 +121,7 @@ def test_mlr_logits_float32_close_to_float64(c, max_frac):
 
 
 def test_mlr_logits_accurate_for_large_negative_arguments():
-    """geoopt's arsinh gives -34.5 instead of -9.9 at -1e4 (METHOD.md §2.1); torch's asinh does not."""
+    """geoopt's arsinh gives -34.5 instead of -9.9 at -1e4 (docs/method.md#accurate-asinh); torch's asinh does not."""
     x = torch.tensor([[0.99, 0.0]])
     normals = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
     offsets = torch.tensor([3.0, 0.5])

@@ -183,7 +183,8 @@ def test_set_num_updates_reaches_the_quantizer():
 
 @pytest.mark.parametrize("quantizer_type", QUANTIZER_TYPES)
 def test_save_and_from_pretrained_give_identical_outputs(quantizer_type, tmp_path):
-    """Guards the re-initialisation traps of transformers 5 loading (HF-NOTES.md §0)."""
+    """Guards the re-initialisation traps of transformers 5 loading: `_init_weights` runs again on loaded modules, so
+    an init that bypasses `transformers.initialization` would overwrite the loaded weights."""
     model = HyperVQVAEModel(tiny_config(quantizer_type=quantizer_type)).eval()
     with torch.no_grad():  # move every parameter away from its init, so a re-init would show
         for p in model.parameters():

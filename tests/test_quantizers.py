@@ -1,4 +1,4 @@
-"""The five quantizers behind the shared interface (DESIGN.md, "Public API")."""
+"""The five quantizers behind the shared interface (`VectorQuantizer`, `QuantizerOutput`)."""
 
 import contextlib
 

@@ -6,7 +6,7 @@ import time
 
 
 # glibc keeps freed memory instead of returning it, like a caching allocator; otherwise every fresh N×K tensor above
-# 32 MiB is page-faulted again, which costs more than the matmul that fills it (PERF-NOTES.md §1).
+# 32 MiB is page-faulted again, which costs more than the matmul that fills it (docs/performance.md#allocator).
 TUNED_ALLOCATOR = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 

@@ -39,9 +39,9 @@ def corrupt_image(image: Image.Image, corruption: str, severity: int) -> Image.I
 
 
 class CorruptionAugmentation:
-    """VQ-SA's training augmentation (METHOD.md §7.2): each image is left clean or gets one of the 15 common
-    corruptions, at severity 1-5. The 16 × 5 = 80 (corruption, severity) pairs are drawn without replacement from a
-    shuffled cycle, so every pair comes up equally often; the cycle is seeded."""
+    """VQ-SA's training augmentation (docs/method.md#training-recipe): each image is left clean or gets one of the 15
+    common corruptions, at severity 1-5. The 16 × 5 = 80 (corruption, severity) pairs are drawn without replacement
+    from a shuffled cycle, so every pair comes up equally often; the cycle is seeded."""
 
     def __init__(self, seed: int = 0, corruptions: tuple[str, ...] = COMMON_CORRUPTIONS):
         _corrupt()  # fail early if the library is missing

@@ -92,7 +92,8 @@ def evaluate_classifier(model, loader, accelerator: Accelerator) -> dict:
 
 
 def evaluate_corruptions(evaluate_loader, corruptions, severities=(1, 2, 3, 4, 5)) -> dict:
-    """Top-1 error under each (corruption, severity), then AlexNet-normalised CE and mCE (METHOD.md §7.3).
+    """Top-1 error under each (corruption, severity), then AlexNet-normalised CE and mCE
+    (docs/method.md#corruption-error).
 
     `evaluate_loader(corruption, severity) -> {"accuracy": ...}` evaluates the model on the corrupted split."""
     errors = {name: [1 - evaluate_loader(name, s)["accuracy"] for s in severities] for name in corruptions}

@@ -2,7 +2,7 @@
 checkpoints, and atomic writes of everything they leave in the output folder.
 
 The loop follows transformers' `run_image_classification_no_trainer.py` and accelerate's examples, with their known
-defects fixed (STYLE.md §5): `--resume_from_checkpoint latest` really finds the latest checkpoint, a checkpoint is
+defects fixed: `--resume_from_checkpoint latest` really finds the latest checkpoint, a checkpoint is
 written under a temporary name and renamed (a run killed while saving never leaves a half-written one behind), data
 order and random numbers are restored so a resumed run ends with the weights of an uninterrupted one, and every run
 ends with `accelerator.end_training()`.

@@ -4,7 +4,7 @@
 - codebook perplexity and the fraction of codes used (Table 4);
 - silhouette score and Davies-Bouldin index of pre-quantization embeddings clustered by code id (Table 5), also after
   perturbing the inputs (`perturb`: random rotations, flips, Gaussian noise);
-- corruption errors and mCE normalised by AlexNet, with VQ-SA's known/unknown split (METHOD.md §7.3).
+- corruption errors and mCE normalised by AlexNet, with VQ-SA's known/unknown split (docs/method.md#corruption-error).
 """
 
 import math

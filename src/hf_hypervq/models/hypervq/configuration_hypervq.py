@@ -52,8 +52,8 @@ def _check_positive(config, *names: str) -> None:
 @strict
 class HyperVQVAEConfig(PreTrainedConfig):
     r"""Configuration of `HyperVQVAEModel` (the image tokenizer) and `HyperVQVAEForImageClassification` (a
-    frozen-feature classifier on its codes). Defaults are the Sonnet/zalando CIFAR VQ-VAE (METHOD.md §6) with
-    HyperVQ: 32×32 images become an 8×8 grid of codes from a codebook of 512.
+    frozen-feature classifier on its codes). Defaults are the Sonnet/zalando CIFAR VQ-VAE
+    (docs/method.md#vq-vae-backbone) with HyperVQ: 32×32 images become an 8×8 grid of codes from a codebook of 512.
 
     Args:
         quantizer_type (`str`, *optional*, defaults to `"hyperbolic"`):
@@ -89,7 +89,7 @@ class HyperVQVAEConfig(PreTrainedConfig):
             j optimizer updates (Gumbel quantizers only).
         classifier_hidden_size (`int`, *optional*, defaults to 128):
             Width of the frozen-feature classifier's head (conv 3×3 + ReLU, global average pool, two linear
-            layers; METHOD.md §6); unused by the tokenizer.
+            layers; docs/method.md#vq-vae-backbone); unused by the tokenizer.
 
     Example:
 
@@ -142,7 +142,7 @@ class HyperVQVAEConfig(PreTrainedConfig):
 
 @strict
 class HyperVQSAConfig(PreTrainedConfig):
-    r"""Configuration of `HyperVQSAForImageClassification`: VQ-SA (Yang et al., CVPR 2023; METHOD.md §7) with a
+    r"""Configuration of `HyperVQSAForImageClassification`: VQ-SA (Yang et al., CVPR 2023; docs/method.md#vq-sa) with a
     HyperVQ quantizer. A ResNet's pooled feature is quantized, the code and the feature attend to each other as two
     tokens, and the fused result feeds the classifier.
 
@@ -154,10 +154,11 @@ class HyperVQSAConfig(PreTrainedConfig):
         codebook_size (`int`, *optional*, defaults to 1000):
             Number of codes K (VQ-SA's recommended value).
         feature_scale (`str`, *optional*, defaults to `"sqrt_dim"`):
-            How the pooled feature f is scaled before the quantizer and the attention (METHOD.md §7.4). ResNet
-            features are non-negative with norms far above 1, so with c = 1 raw features all land on the ball's
-            boundary and only their direction survives. `"sqrt_dim"` uses `f / sqrt(dim)` (norms near 1 for
-            ResNet-50), `"l2"` uses `f / ||f||` (direction only, like VQ-SA's cosine selection), `"none"` uses f.
+            How the pooled feature f is scaled before the quantizer and the attention
+            (docs/method.md#feature-scale). ResNet features are non-negative with norms far above 1, so with c = 1
+            raw features all land on the ball's boundary and only their direction survives. `"sqrt_dim"` uses
+            `f / sqrt(dim)` (norms near 1 for ResNet-50), `"l2"` uses `f / ||f||` (direction only, like VQ-SA's
+            cosine selection), `"none"` uses f.
         curvature (`float`, *optional*, defaults to 1.0):
             Curvature c of the Poincaré ball (hyperbolic quantizers only).
         commitment_weight (`float`, *optional*):

@@ -2,8 +2,8 @@ r"""Poincaré-ball math for HyperVQ: pure functions on tensors, no modules.
 
 The ball of curvature :math:`-c` is :math:`\mathbb{B}^d_c = \{x : c\|x\|^2 < 1\}`; every function takes the
 (positive) curvature ``c`` as a keyword-only argument and works on the last dimension. Inputs may be float32
-or float64 and the output has the input's dtype. Half precision is not safe here (METHOD.md §2): the quantizers
-call these functions in float32 with autocast disabled.
+or float64 and the output has the input's dtype. Half precision is not safe here (docs/method.md#half-precision):
+the quantizers call these functions in float32 with autocast disabled.
 
 geoopt is the provider where its numerics are right (``expmap0``, ``logmap0``, ``mobius_add``, ``dist``); the rest
 is our own, each saying why:
@@ -11,7 +11,7 @@ is our own, each saying why:
 - :func:`project` picks its margin from the dtype; geoopt gives float16/bfloat16 a margin of ``1e-5``, which is
   below their resolution, so points land on the boundary.
 - :func:`mlr_logits` computes an accurate asinh; geoopt's ``arsinh`` is ``log(x + sqrt(1 + x^2))``, which cancels
-  catastrophically for large negative arguments (190% error at the float32 boundary, METHOD.md §2.1).
+  catastrophically for large negative arguments (190% error at the float32 boundary, docs/method.md#accurate-asinh).
 - :func:`expmap0_projected` and :func:`pairwise_dist` are closed forms of compositions (geoopt's ``expmap0`` then
   :func:`project`; :func:`dist` of all pairs) that cost one pass or one matmul instead of several, or an N×K×dim
   tensor; tests check them against the compositions in float64.
@@ -155,7 +155,7 @@ class _ScaledAsinhMatmul(torch.autograd.Function):
 
 
 def mlr_logits(x: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor, *, c: float) -> torch.Tensor:
-    r"""Closed-form logits of the unidirectional Poincaré MLR of HNN++ [2] (METHOD.md §3.2).
+    r"""Closed-form logits of the unidirectional Poincaré MLR of HNN++ [2] (docs/method.md#closed-form).
 
     For a point :math:`x` of the ball, a normal :math:`a_k` (any norm) and a signed offset :math:`r_k`,
 
@@ -165,11 +165,12 @@ def mlr_logits(x: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor, *,
                  {1 - c\|x\|^2}\right),
 
     which equals :math:`2\|a_k\|` times the signed geodesic distance from :math:`x` to the hyperplane through
-    :math:`q_k = \exp_0^c(r_k [a_k])` with normal direction :math:`[a_k] = a_k/\|a_k\|` (METHOD.md §3.3).
+    :math:`q_k = \exp_0^c(r_k [a_k])` with normal direction :math:`[a_k] = a_k/\|a_k\|`
+    (docs/method.md#hyperplane-geometry).
 
     The per-row factors :math:`1/(1 - c\|x\|^2)`, :math:`(1 + c\|x\|^2)` and the per-code :math:`\cosh`,
     :math:`\sinh` are folded into one `(N, dim + 1) @ (dim + 1, K)` matmul, so the N×K work is that matmul
-    plus the asinh (PERF-NOTES.md §6); never an N×K×dim tensor.
+    plus the asinh (docs/performance.md#folded-mlr-matmul); never an N×K×dim tensor.
 
     Args:
         x: points of the ball, `(..., dim)`; not projected here, so use :func:`project` first (a point outside

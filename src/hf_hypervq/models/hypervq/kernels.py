@@ -1,11 +1,12 @@
 """The N×K elementwise work of the quantizers, in one place, eager or fused by `torch.compile`.
 
 On CPU the quantizers' cost is not their matmul but the passes over the N×K score matrix around it (asinh, Gumbel
-noise, softmax and their backwards; PERF-NOTES.md §4). Each kernel below is written once, with in-place ops so that
-eager mode allocates little. `set_compiled_kernels(True)` (or `HF_HYPERVQ_COMPILE=1`) runs the `@_kernel` ones
-through `torch.compile(dynamic=True)`, which fuses each into one loop (the first call of each then compiles for a few
-seconds; a kernel that fails to compile falls back to eager, with one warning). The others stay eager because
-inductor made them slower on CPU: its random numbers cost more than `uniform_`, and its column sums than eager's.
+noise, softmax and their backwards; docs/performance.md#passes-over-the-score-matrix). Each kernel below is written
+once, with in-place ops so that eager mode allocates little. `set_compiled_kernels(True)` (or
+`HF_HYPERVQ_COMPILE=1`) runs the `@_kernel` ones through `torch.compile(dynamic=True)`, which fuses each into one loop
+(the first call of each then compiles for a few seconds; a kernel that fails to compile falls back to eager, with one
+warning). The others stay eager because inductor made them slower on CPU: its random numbers cost more than
+`uniform_`, and its column sums than eager's.
 """
 
 import functools

@@ -1,7 +1,7 @@
 """HyperVQ models as transformers `PreTrainedModel`s.
 
-- `HyperVQVAEModel`: the image tokenizer, a VQ-VAE (Sonnet/zalando architecture, METHOD.md §6) whose quantizer is
-  any of the five in quantizers.py; pixels -> `image_tokens` (B, h, w) -> pixels.
+- `HyperVQVAEModel`: the image tokenizer, a VQ-VAE (Sonnet/zalando architecture, docs/method.md#vq-vae-backbone)
+  whose quantizer is any of the five in quantizers.py; pixels -> `image_tokens` (B, h, w) -> pixels.
 - `HyperVQVAEForImageClassification`: the paper's frozen-feature classifier on a tokenizer's quantized latents.
 - `HyperVQSAForImageClassification`: VQ-SA (Yang et al., CVPR 2023) on a transformers ResNet, with HyperVQ as
   its quantizer.
@@ -143,8 +143,8 @@ class HyperVQPreTrainedModel(PreTrainedModel):
 
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    # The ball's math is unsafe in half precision (METHOD.md §2): the quantizer stays float32 when a model is loaded
-    # with `dtype=torch.bfloat16`/`float16` (the plain `_keep_in_fp32_modules` only covers float16).
+    # The ball's math is unsafe in half precision (docs/method.md#half-precision): the quantizer stays float32 when a
+    # model is loaded with `dtype=torch.bfloat16`/`float16` (the plain `_keep_in_fp32_modules` only covers float16).
     _keep_in_fp32_modules_strict = ["quantizer"]
 
     @torch.no_grad()
@@ -384,7 +384,7 @@ class HyperVQVAEForImageClassification(HyperVQVAEPreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` gives a tuple
-        model.freeze_tokenizer()  # loading hands every parameter back with requires_grad=True (HF-NOTES.md §0.9)
+        model.freeze_tokenizer()  # transformers 5's loading hands every parameter back with requires_grad=True
         return loaded
 
     @can_return_tuple
@@ -422,7 +422,7 @@ class HyperVQSAAttention(nn.Module):
 
 
 class HyperVQSAForImageClassification(HyperVQPreTrainedModel):
-    """VQ-SA (Yang et al., CVPR 2023) with a HyperVQ quantizer (METHOD.md §7): ResNet pooled feature f →
+    """VQ-SA (Yang et al., CVPR 2023) with a HyperVQ quantizer (docs/method.md#vq-sa): ResNet pooled feature f →
     quantizer → self-attention over (code, f) → fuse (2·D → D) + ReLU → classifier. The loss is the cross-entropy
     plus the quantizer's loss. Build it from a ResNet image classifier with `from_resnet`.
     """

@@ -1,4 +1,4 @@
-"""The five vector quantizers of the HyperVQ paper, behind one interface (DESIGN.md, "Public API").
+"""The five vector quantizers of the HyperVQ paper, behind one interface (`VectorQuantizer` -> `QuantizerOutput`).
 
 - `HyperVQ`: the paper's method. Latents go onto the Poincaré ball, a hyperbolic MLR scores the K codes, a hard
   Gumbel-softmax sample picks one in training (argmax in eval), and the codebook vector is the hyperplane's
@@ -9,8 +9,8 @@
   MLR with a separate codebook matrix). The paper does not define them further; our choices are in their docstrings.
 
 Every quantizer takes channel-last input `(..., dim)` in any float dtype, computes in float32 with autocast
-disabled (the ball's math is not safe in half precision, METHOD.md §2), and returns a `QuantizerOutput` whose
-`quantized` has the input's dtype.
+disabled (the ball's math is not safe in half precision, docs/method.md#half-precision), and returns a
+`QuantizerOutput` whose `quantized` has the input's dtype.
 """
 
 import math
@@ -69,8 +69,8 @@ class _GumbelStraightThrough(torch.autograd.Function):
     straight-through estimator of `F.gumbel_softmax(logits, tau, hard=True) @ codebook`.
 
     Same estimator as `F.gumbel_softmax`, rewritten because on CPU its `exponential_` noise costs 20× a matmul
-    and it materialises the one-hot matrix (PERF-NOTES.md §4): the noise comes from one `uniform_`, the forward
-    gathers rows instead of multiplying by a one-hot, and the backward is written out.
+    and it materialises the one-hot matrix (docs/performance.md#gumbel-noise): the noise comes from one `uniform_`,
+    the forward gathers rows instead of multiplying by a one-hot, and the backward is written out.
     """
 
     @staticmethod
@@ -95,7 +95,7 @@ class _GumbelStraightThrough(torch.autograd.Function):
 
 
 def code_perplexity(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
-    """`exp(entropy)` of the histogram of `indices` (METHOD.md §4, "code perplexity")."""
+    """`exp(entropy)` of the histogram of `indices` (docs/method.md#codebook-metrics)."""
     counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
     probs = counts / counts.sum().clamp_min(1)
     return torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
@@ -239,7 +239,7 @@ def decay_for_run(tau_max: float, tau_min: float, num_updates: int) -> float:
 
     vq-wav2vec's decay of 0.999995 is made for ~300k updates: in a run of a few thousand the temperature stays near
     `tau_max` and the hard samples stay close to uniform draws. Scaling the decay to the run's length is the
-    `run_length` schedule of the training scripts (the ablation's "temperature" rows, `results/ABLATIONS.md`)."""
+    `run_length` schedule of the training scripts (`results/ABLATIONS.md`, row `per_update`, is the run without it)."""
     if isinstance(num_updates, bool) or not isinstance(num_updates, int) or num_updates < 1:
         raise ValueError(f"`num_updates` must be a positive integer, got {num_updates!r}")
     if not 0 < tau_min <= tau_max:
@@ -279,23 +279,25 @@ class HyperVQ(_GumbelTemperature, VectorQuantizer):
     Args:
         dim (`int`): size of the latent vectors.
         codebook_size (`int`): number of codes K (>= 2).
-        curvature (`float`, *optional*, defaults to 1.0): the ball's curvature c > 0, fixed as in HNN++
-            (METHOD.md §9 Q2).
+        curvature (`float`, *optional*, defaults to 1.0): the ball's curvature c > 0, fixed (not learned),
+            as in HNN++.
         commitment_weight (`float`, *optional*, defaults to 0.0): weight of an optional commitment loss
             :math:`\|z - \operatorname{sg}(z_q)\|^2` (mean). The paper trains on the reconstruction loss alone
             (its Algorithm 1), and so do we by default: the term pulls the latents towards the ball's centre,
             where the MLR logits are flat, so the hard samples become near-uniform draws and eval uses a handful
-            of codes (`results/ABLATIONS.md`, row "commitment 0.25"). There is no codebook loss: the codes learn
+            of codes (`results/ABLATIONS.md`, row `beta_0.25`). There is no codebook loss: the codes learn
             through the decoder's gradient and the logits.
         temperature (`tuple[float, float, float]`, *optional*, defaults to `(2.0, 0.5, 0.999995)`):
             `(tau_max, tau_min, decay)` of the Gumbel temperature, stepped by `set_num_updates` (vq-wav2vec's
-            values, METHOD.md §9 Q7). With this decay tau reaches 0.5 only after ~277k updates.
+            values). With this decay tau reaches 0.5 only after ~277k updates; `scripts/train_vqvae.py` passes
+            a decay sized to the run instead (docs/method.md#gumbel-temperature).
         ball_eps (`float`, *optional*): the projection margin; defaults to 4e-3 (geoopt/HNN++ in float32).
         offset_init_scale (`float`, *optional*, defaults to 1.0): the offsets start Uniform(0, s/sqrt(c·dim))
             with this s; 0 gives HNN++'s zeros. It sets the initial norms of the code vectors, which equal
-            :math:`r_k` (`results/ABLATIONS.md`, rows "offsets").
+            :math:`r_k` (`results/ABLATIONS.md`, rows `offsets_0`, `offsets_x8`).
         normal_init_scale (`float`, *optional*, defaults to 1.0): multiplies HNN++'s standard deviation of the
-            normals, and with it the initial scale of the logits (`results/ABLATIONS.md`, rows "normals").
+            normals, and with it the initial scale of the logits (`results/ABLATIONS.md`, rows `normals_x0.25`,
+            `normals_x4`).
 
     Choices where the paper is silent, each a documented decision:
 
@@ -313,8 +315,8 @@ class HyperVQ(_GumbelTemperature, VectorQuantizer):
       300 steps, 3 seeds): eval perplexity 11.1-14.0 with this init against 2.0-2.8 for symmetric offsets and
       2.8-3.8 for zeros (with zeros every code vector is also 0 at step 0).
     - Gumbel noise is float32 and the estimator is the hard straight-through one of `F.gumbel_softmax`
-      (METHOD.md §9 Q8). The encoder learns through the logits and the commitment term; there is no
-      :math:`z + \operatorname{sg}(z_q - z)` path (§9 Q9).
+      (docs/method.md#gradient-paths). The encoder learns through the logits (and the commitment term when
+      its weight is > 0); there is no :math:`z + \operatorname{sg}(z_q - z)` path, as in GumbelVQ.
 
     Example:
 
@@ -433,7 +435,7 @@ class KmeansVQ(VectorQuantizer):
         codebook_size (`int`): number of codes K (>= 2).
         commitment_weight (`float`, *optional*, defaults to 0.25): the VQ-VAE's beta.
 
-    The codebook starts Uniform(-1/K, 1/K), as in the Sonnet/zalando VQ-VAE (METHOD.md §5.1).
+    The codebook starts Uniform(-1/K, 1/K), as in the Sonnet/zalando VQ-VAE.
     """
 
     def __init__(self, dim: int, codebook_size: int, *, commitment_weight: float = 0.25):
@@ -471,7 +473,7 @@ class GumbelVQ(_GumbelTemperature, VectorQuantizer):
         temperature (`tuple[float, float, float]`, *optional*, defaults to `(2.0, 0.5, 0.999995)`):
             `(tau_max, tau_min, decay)`, as for `HyperVQ`.
 
-    As in fairseq's `GumbelVectorQuantizer` with one group and a one-layer projection (METHOD.md §5.2): the
+    As in fairseq's `GumbelVectorQuantizer` with one group and a one-layer projection: the
     projection weight starts Normal(0, 1), its bias 0, the codebook Uniform[0, 1). There is no extra loss
     (vq-wav2vec's Gumbel recipe has no diversity term), so `loss` is 0.
     """
@@ -515,7 +517,7 @@ class HyperKmeansVQ(VectorQuantizer):
         commitment_weight (`float`, *optional*, defaults to 0.25): the VQ-VAE's beta.
         ball_eps (`float`, *optional*): the projection margin; defaults to 4e-3 in float32.
 
-    Choices (the paper gives one sentence, METHOD.md §5.4): the codes are Euclidean parameters :math:`w_k` (tangent
+    Choices (the paper gives one sentence): the codes are Euclidean parameters :math:`w_k` (tangent
     vectors at the origin, so plain Adam is correct), initialised Uniform(-1/K, 1/K) like KmeansVQ; the nearest
     code minimises :math:`\|x - e_k\|^2 / (1 - c\|e_k\|^2)`, which orders codes exactly as the geodesic distance
     does for a fixed :math:`x` (one matmul, no N×K×dim Möbius sum); and the codebook and commitment losses are

@@ -1,0 +1,96 @@
+"""Every design note the code points to is in the repository: references name `docs/<file>.md#<section>`, and the
+file and the section exist."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+SCANNED = ("src", "scripts", "tests", "demo", "model_cards")
+SKIPPED_PARTS = {"__pycache__", ".pytest_cache", ".hypothesis"}
+# Notes that were never part of the repository, and the folder they lived in; the names are built here so that this
+# file does not mention them itself.
+PRIVATE_NOTES = [name + ".md" for name in ("METHOD", "PERF-NOTES", "STYLE", "DESIGN", "HF-NOTES")] + [
+    "shared" + "/docs"
+]
+# `docs/<name>.md` and an optional `#anchor`, anywhere in a file; in docs/ itself, relative Markdown links too.
+DOCS_REFERENCE = re.compile(r"(?<![\w/.-])docs/(\w[\w.-]*\.md)(?:#([\w-]+))?")
+RELATIVE_LINK = re.compile(r"\]\((\w[\w.-]*\.md)?(?:#([\w-]+))?\)")
+
+
+def text_files():
+    """(path relative to the root, text) of every readable text file in the scanned folders, and the README."""
+    paths = [ROOT / "README.md"]
+    for folder in SCANNED:
+        paths += sorted(p for p in (ROOT / folder).rglob("*") if p.is_file())
+    for path in paths:
+        relative = path.relative_to(ROOT)
+        if SKIPPED_PARTS & set(relative.parts) or any(part.endswith(".egg-info") for part in relative.parts):
+            continue
+        try:
+            yield relative.as_posix(), path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):  # images, example files
+            continue
+
+
+def slugify(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lowercase, punctuation removed, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(markdown: str) -> set[str]:
+    """The anchors of every heading outside code blocks, with GitHub's `-1`, `-2` suffixes for repeated ones."""
+    found, seen = set(), {}
+    in_code = False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+            continue
+        match = None if in_code else re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if match:
+            slug = slugify(match.group(1))
+            count = seen.get(slug, 0)
+            seen[slug] = count + 1
+            found.add(slug if count == 0 else f"{slug}-{count}")
+    return found
+
+
+def test_slugify_follows_github():
+    assert slugify("Gumbel temperature") == "gumbel-temperature"
+    assert slugify("VQ-SA") == "vq-sa"
+    assert slugify("Baselines, and: ablations (as implemented)!") == "baselines-and-ablations-as-implemented"
+    assert slugify("The `project` margin") == "the-project-margin"
+    assert anchors("# A\n## A\n```\n# not a heading\n```\n") == {"a", "a-1"}
+
+
+def test_no_reference_to_notes_outside_the_repository():
+    offenders = [f"{path}: {note}" for path, text in text_files() for note in PRIVATE_NOTES if note in text]
+    assert not offenders, "references to notes that are not in the repository:\n" + "\n".join(offenders)
+
+
+def references():
+    """(where, file name, anchor or None) of every `docs/<name>.md` reference and of every link inside docs/."""
+    for path, text in text_files():
+        for match in DOCS_REFERENCE.finditer(text):
+            yield path, match.group(1), match.group(2)
+    for doc in sorted(DOCS.glob("*.md")):
+        for match in RELATIVE_LINK.finditer(doc.read_text(encoding="utf-8")):
+            if match.group(1) or match.group(2):
+                yield f"docs/{doc.name}", match.group(1) or doc.name, match.group(2)
+
+
+def test_docs_exist():
+    assert sorted(p.name for p in DOCS.glob("*.md")), "docs/ holds no Markdown file"
+    assert any(name for _, name, _ in references()), "nothing refers to docs/"
+
+
+@pytest.mark.parametrize("where, name, anchor", sorted(set(references()), key=str))
+def test_docs_reference_resolves(where, name, anchor):
+    target = DOCS / name
+    assert target.is_file(), f"{where} refers to docs/{name}, which does not exist"
+    if anchor is not None:
+        known = anchors(target.read_text(encoding="utf-8"))
+        assert anchor in known, f"{where} refers to docs/{name}#{anchor}; its sections are {sorted(known)}"
