@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForImageClassification, pipeline
 
@@ -200,6 +202,19 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     for name, value in straight.items():
         assert torch.equal(resumed[name], value), name  # bit for bit, as the README promises
     assert json.loads((interrupted / "all_results.json").read_text())["step"] == 60
+
+
+def test_data_file_evaluates_on_a_held_out_split_and_records_it(tmp_path):
+    from datasets import Dataset
+
+    images = [Image.fromarray((np.random.default_rng(i).random((8, 8)) * 255).astype("uint8")) for i in range(40)]
+    Dataset.from_dict({"image": images, "label": [i % 2 for i in range(40)]}).to_parquet(tmp_path / "data.parquet")
+    common = ["--dataset", tmp_path / "data.parquet", *TINY_VQVAE, "--max_train_steps", "2"]
+    refused = run_script("train_vqvae.py", "--output_dir", tmp_path / "refused", *common, check=False)
+    assert refused.returncode == 2 and "--validation_split_percentage" in refused.stderr
+    run_script("train_vqvae.py", "--output_dir", tmp_path / "out", *common, "--validation_split_percentage", "25")
+    evaluation = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert evaluation["split"] == "train (25% held out, seed 0)" and evaluation["num_eval_samples"] == 10
 
 
 def _learning_rates(folder):

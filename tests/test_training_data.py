@@ -55,6 +55,9 @@ def test_image_folder_save_to_disk_and_parquet(tmp_path):
     table.to_parquet(tmp_path / "data.parquet")
     parquet = load_image_dataset(str(tmp_path / "data.parquet"), image_column="img", label_column="fine_label")
     assert parquet.column_names == ["image", "label"] and len(parquet) == 4
+    # one file has one split: asking for another used to return the training rows as "test" rows
+    with pytest.raises(DataError, match="--validation_split_percentage"):
+        load_image_dataset(str(tmp_path / "data.parquet"), split="test", image_column="img")
 
 
 def test_streaming_yields_examples():

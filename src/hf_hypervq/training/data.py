@@ -53,6 +53,11 @@ def _load(name_or_path: str, config_name: str | None, split: str, streaming: boo
         builder = {".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".json": "json"}.get(path.suffix)
         if builder is None:
             raise DataError(f"{name_or_path}: data files must be .parquet, .csv, .json or .jsonl")
+        if split != "train":  # datasets would hand back the same rows for any split name
+            raise DataError(
+                f"{name_or_path} is one data file, so it has only a 'train' split, not {split!r}: pass "
+                "--validation_split_percentage N to hold out N% of it for evaluation"
+            )
         return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
     return datasets.load_dataset(name_or_path, config_name, split=split, streaming=streaming)
 

@@ -51,6 +51,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, learning_rate: floa
     data.add_argument("--eval_split", default=None, help="split to evaluate on (default: test, else validation)")
     data.add_argument("--image_column", default=None, help="image column (default: image, img, ... whichever exists)")
     data.add_argument("--label_column", default=None, help="label column (default: label, fine_label, ...)")
+    data.add_argument(
+        "--validation_split_percentage", type=int, default=None,
+        help="evaluate on N%% of the training split, held out with --seed (stratified by label when there is one), "
+        "instead of a separate split; needed for a single data file",
+    )  # fmt: skip
     data.add_argument("--streaming", action="store_true", help="stream the data set instead of downloading it")
     data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training examples")
     data.add_argument("--max_eval_samples", type=int, default=None, help="use only the first N evaluation examples")
@@ -124,6 +129,11 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
         parser.error("--learning_rate must be > 0")
     if args.checkpointing_steps not in (None, "epoch") and not str(args.checkpointing_steps).isdigit():
         parser.error("--checkpointing_steps must be a positive integer or 'epoch'")
+    if args.validation_split_percentage is not None:
+        if not 1 <= args.validation_split_percentage <= 50:
+            parser.error("--validation_split_percentage must be between 1 and 50")
+        if args.streaming or args.eval_split is not None:
+            parser.error("--validation_split_percentage cannot be combined with --streaming or --eval_split")
     if args.streaming and args.max_train_steps is None:
         parser.error("--streaming needs --max_train_steps (a stream has no known length)")
     if args.push_to_hub and not args.hub_model_id:
@@ -182,8 +192,8 @@ def make_loader(dataset, batch_size: int, collate_fn, args, shuffle: bool) -> Da
 
 
 def load_splits(args, require_labels: bool = False):
-    """The training and evaluation splits the flags ask for, cut to --max_train_samples / --max_eval_samples.
-    Call it inside `accelerator.main_process_first()`, so that the other processes find the data set cached."""
+    """The training and evaluation splits the flags ask for, cut to --max_train_samples / --max_eval_samples; sets
+    `args.eval_split` to the evaluation split actually used (results and cards record it). Call it inside `accelerator.main_process_first()`, so that the other processes find the data set cached."""
     common = dict(
         config_name=args.dataset_config,
         image_column=args.image_column,
@@ -191,13 +201,25 @@ def load_splits(args, require_labels: bool = False):
         require_labels=require_labels,
     )
     train_data = load_image_dataset(args.dataset, split=args.train_split, streaming=args.streaming, **common)
-    if args.eval_split is not None:
+    if args.validation_split_percentage:
+        label = "label" if "label" in train_data.column_names else None
+        try:
+            parts = train_data.train_test_split(
+                test_size=args.validation_split_percentage / 100, seed=args.seed, stratify_by_column=label
+            )
+        except ValueError:  # too few examples of a class to stratify
+            parts = train_data.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+        train_data, eval_data = parts["train"], parts["test"]
+        args.eval_split = f"{args.train_split} ({args.validation_split_percentage}% held out, seed {args.seed})"
+    elif args.eval_split is not None:
         eval_data = load_image_dataset(args.dataset, split=args.eval_split, **common)
     else:  # test, else validation (ImageNet has no labelled test split)
         try:
             eval_data = load_image_dataset(args.dataset, split="test", **common)
+            args.eval_split = "test"
         except DataError:
             eval_data = load_image_dataset(args.dataset, split="validation", **common)
+            args.eval_split = "validation"  # recorded as the split actually used
     if args.max_train_samples:
         if args.streaming:
             train_data = train_data.take(args.max_train_samples)
