@@ -134,6 +134,22 @@ def test_frozen_tokenizer_keeps_its_schedule_while_the_head_trains():
     assert int(classifier.hypervq.quantizer.num_updates) == 0
 
 
+def test_loading_another_kind_of_model_is_an_error_not_random_weights(tmp_path):
+    from hf_hypervq import HyperVQPriorConfig, HyperVQPriorModel
+
+    HyperVQVAEModel(HyperVQVAEConfig(**TINY)).save_pretrained(tmp_path / "tokenizer")
+    HyperVQPriorModel(HyperVQPriorConfig(codebook_size=16, num_layers=2)).save_pretrained(tmp_path / "prior")
+    with pytest.raises(ValueError, match="holds a 'hypervq_vae' model; HyperVQPriorModel loads 'hypervq_prior'"):
+        HyperVQPriorModel.from_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(ValueError, match="holds a 'hypervq_prior' model"):
+        HyperVQVAEForImageClassification.from_pretrained(tmp_path / "prior", num_labels=3)
+    config = json.loads((tmp_path / "tokenizer" / "config.json").read_text())
+    del config["model_type"]
+    (tmp_path / "tokenizer" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="without `model_type`"):
+        HyperVQVAEModel.from_pretrained(tmp_path / "tokenizer")
+
+
 def test_tokenizer_output_carries_the_mlr_logits():
     model = HyperVQVAEModel(HyperVQVAEConfig(**TINY)).eval()
     out = model(torch.randn(2, 3, 8, 8))

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForImageClassification, pipeline
 
 import hf_hypervq  # noqa: F401
+from hf_hypervq import HyperVQImageProcessor
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,6 +216,17 @@ def test_data_file_evaluates_on_a_held_out_split_and_records_it(tmp_path):
     run_script("train_vqvae.py", "--output_dir", tmp_path / "out", *common, "--validation_split_percentage", "25")
     evaluation = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert evaluation["split"] == "train (25% held out, seed 0)" and evaluation["num_eval_samples"] == 10
+
+
+def test_a_prior_folder_as_tokenizer_is_one_clear_error(tmp_path):
+    from hf_hypervq import HyperVQPriorConfig, HyperVQPriorModel
+
+    HyperVQPriorModel(HyperVQPriorConfig(codebook_size=16, num_layers=2)).save_pretrained(tmp_path / "prior")
+    HyperVQImageProcessor().save_pretrained(tmp_path / "prior")
+    result = run_script("train_classifier.py", "--tokenizer", tmp_path / "prior", "--output_dir", tmp_path / "out",
+                        check=False)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "holds a 'hypervq_prior' model" in result.stderr.strip().splitlines()[-1]
 
 
 def _learning_rates(folder):

@@ -142,11 +142,11 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
 
 @contextlib.contextmanager
 def reported_errors():
-    """Turn the errors a user can fix (bad data, a model or checkpoint that is not there, a missing optional
-    package) into one `error:` line and exit status 2."""
+    """Turn the errors a user can fix (bad data, a model or checkpoint that is not there or of the wrong kind, a
+    value our checks reject, a missing optional package) into one `error:` line and exit status 2."""
     try:
         yield
-    except (DataError, PublishError, OSError, ImportError) as error:
+    except (DataError, PublishError, OSError, ImportError, ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

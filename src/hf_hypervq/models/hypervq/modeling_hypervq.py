@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, ResNetForImageClassification, ResNetModel
+from transformers import PreTrainedConfig, PreTrainedModel, ResNetForImageClassification, ResNetModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
 from transformers.utils import ModelOutput, can_return_tuple
@@ -32,6 +32,8 @@ from .configuration_hypervq import (
 from .quantizers import QUANTIZER_CLASSES, VectorQuantizer
 
 
+# The `from_pretrained` options that say where a config comes from.
+_HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 # The remote-code name (file.class) of the tokenizer, as `save_pretrained` copies it.
 _AUTO_MODEL = "modeling_hypervq.HyperVQVAEModel"
 
@@ -163,6 +165,22 @@ class HyperVQPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
         else:
             super()._init_weights(module)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As transformers' `from_pretrained`, but a folder or repo holding another kind of model is an error: the
+        plain method only warns, then hands back a model with random weights (a prior loaded as a tokenizer, a
+        tokenizer as a prior)."""
+        if not isinstance(kwargs.get("config"), PreTrainedConfig):
+            hub_options = {k: kwargs[k] for k in _HUB_OPTIONS if k in kwargs}
+            config, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **hub_options)
+            found, expected = config.get("model_type"), cls.config_class.model_type
+            if found != expected:
+                held = f"a {found!r} model" if found else "a config.json without `model_type`"
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} holds {held}; {cls.__name__} loads {expected!r} models"
+                )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def set_num_updates(self, num_updates: int) -> None:
         """Step the quantizer's schedule (the Gumbel temperature); call after every optimizer update."""
