@@ -150,6 +150,27 @@ def test_loading_another_kind_of_model_is_an_error_not_random_weights(tmp_path):
         HyperVQVAEModel.from_pretrained(tmp_path / "tokenizer")
 
 
+def test_vqsa_attention_gets_its_kaiming_normal_init():
+    """transformers 5 skips `_init_weights` for modules without parameters of their own; VQ-SA's attention init
+    used to be PyTorch's default (std 0.036 at D = 256 instead of kaiming-normal's 0.088)."""
+    torch.manual_seed(0)
+    resnet = dict(embedding_size=8, hidden_sizes=[8, 256], depths=[1, 1], layer_type="basic")
+    model = HyperVQSAForImageClassification(HyperVQSAConfig(backbone_config=resnet, num_labels=3))
+    for projection in (model.attention.query, model.attention.key, model.attention.value):
+        assert projection.weight.std().item() == pytest.approx((2 / 256) ** 0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("quantizer_type", QUANTIZER_TYPES)
+def test_quantizer_is_float32_under_a_float16_default_dtype(quantizer_type):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        model = HyperVQVAEModel(HyperVQVAEConfig(**TINY, quantizer_type=quantizer_type))
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(p.dtype == torch.float32 for p in model.quantizer.parameters())
+
+
 def test_tokenizer_output_carries_the_mlr_logits():
     model = HyperVQVAEModel(HyperVQVAEConfig(**TINY)).eval()
     out = model(torch.randn(2, 3, 8, 8))

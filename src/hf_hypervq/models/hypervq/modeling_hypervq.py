@@ -152,9 +152,8 @@ class HyperVQPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         # Only `transformers.initialization` functions: they skip tensors that `from_pretrained` already loaded.
-        if isinstance(module, HyperVQSAAttention):
-            for projection in (module.query, module.key, module.value):
-                init.kaiming_normal_(projection.weight)  # as VQ-SA
+        if getattr(module, "kaiming_normal_init", False):  # VQ-SA's attention projections
+            init.kaiming_normal_(module.weight)  # as VQ-SA
         elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             # PyTorch's own default, as in the Sonnet/zalando VQ-VAE (transformers' default is normal(0, 0.02))
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
@@ -430,6 +429,10 @@ class HyperVQSAAttention(nn.Module):
         self.query = nn.Linear(dim, dim, bias=False)
         self.key = nn.Linear(dim, dim, bias=False)
         self.value = nn.Linear(dim, dim, bias=False)
+        # transformers 5 calls `_init_weights` only on modules with parameters of their own, so this module never
+        # sees it: the projections carry the mark instead.
+        for projection in (self.query, self.key, self.value):
+            projection.kaiming_normal_init = True
         self.scale = scale
 
     def forward(self, code: torch.Tensor, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

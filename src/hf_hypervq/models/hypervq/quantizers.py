@@ -104,6 +104,9 @@ def code_perplexity(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
 class VectorQuantizer(nn.Module):
     """Base class: argument checks, the float32 region, reshaping, perplexity and `indices_to_codes`.
 
+    Parameters are created in float32 whatever `torch.get_default_dtype()` is: the models keep the quantizer in
+    float32 (`_keep_in_fp32_modules_strict`), and a model built under a float16 default must not start otherwise.
+
     Subclasses implement `codebook` and `_quantize(z)` on a float32 `(N, dim)` matrix, returning
     `(quantized, indices, loss, logits)`.
     """
@@ -349,9 +352,9 @@ class HyperVQ(_GumbelTemperature, VectorQuantizer):
         self.normal_init_scale = _check_weight("normal_init_scale", normal_init_scale)
         if self.normal_init_scale == 0:
             raise ValueError("`normal_init_scale` must be > 0: a zero normal defines no hyperplane")
-        self.normal_directions = nn.Parameter(torch.empty(codebook_size, dim))  # HNN++'s weight_v
-        self.normal_scales = nn.Parameter(torch.empty(codebook_size))  # HNN++'s weight_g
-        self.offsets = nn.Parameter(torch.empty(codebook_size))
+        self.normal_directions = nn.Parameter(torch.empty(codebook_size, dim, dtype=torch.float32))  # HNN++'s weight_v
+        self.normal_scales = nn.Parameter(torch.empty(codebook_size, dtype=torch.float32))  # HNN++'s weight_g
+        self.offsets = nn.Parameter(torch.empty(codebook_size, dtype=torch.float32))
         self._reset_hyperplanes()
 
     def reset_parameters(self) -> None:
@@ -411,7 +414,7 @@ class HyperEmbMatVQ(HyperVQ):
         super().__init__(dim, codebook_size, **kwargs)
         # Drawn after the hyperplanes, which are drawn once: for the same seed they equal HyperVQ's, so the
         # ablation against HyperVQ is paired.
-        self.embedding = nn.Parameter(torch.empty(codebook_size, dim))
+        self.embedding = nn.Parameter(torch.empty(codebook_size, dim, dtype=torch.float32))
         init.uniform_(self.embedding, 0.0, 1.0)
 
     def reset_parameters(self) -> None:
@@ -441,7 +444,7 @@ class KmeansVQ(VectorQuantizer):
     def __init__(self, dim: int, codebook_size: int, *, commitment_weight: float = 0.25):
         super().__init__(dim, codebook_size)
         self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
-        self.embedding = nn.Parameter(torch.empty(codebook_size, dim))
+        self.embedding = nn.Parameter(torch.empty(codebook_size, dim, dtype=torch.float32))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -483,9 +486,9 @@ class GumbelVQ(_GumbelTemperature, VectorQuantizer):
     ):
         super().__init__(dim, codebook_size)
         self._init_temperature(temperature)
-        self.projection_weight = nn.Parameter(torch.empty(codebook_size, dim))
-        self.projection_bias = nn.Parameter(torch.empty(codebook_size))
-        self.embedding = nn.Parameter(torch.empty(codebook_size, dim))
+        self.projection_weight = nn.Parameter(torch.empty(codebook_size, dim, dtype=torch.float32))
+        self.projection_bias = nn.Parameter(torch.empty(codebook_size, dtype=torch.float32))
+        self.embedding = nn.Parameter(torch.empty(codebook_size, dim, dtype=torch.float32))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -537,7 +540,7 @@ class HyperKmeansVQ(VectorQuantizer):
         self.curvature = _check_curvature(curvature)
         self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
         self.ball_eps = _check_ball_eps(ball_eps)
-        self.embedding = nn.Parameter(torch.empty(codebook_size, dim))
+        self.embedding = nn.Parameter(torch.empty(codebook_size, dim, dtype=torch.float32))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
