@@ -79,6 +79,8 @@ def test_train_vqvae_output_folder(tokenizer_dir):
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "reconstructions.png",
                  "codebook_usage.png", "eval_results.json", "all_results.json", "modeling_hypervq.py"):  # fmt: skip
         assert (tokenizer_dir / name).exists(), name
+    modes = {name: (tokenizer_dir / name).stat().st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert modes["model.safetensors"] == modes["config.json"], modes  # the weights used to be 0600
     model = AutoModel.from_pretrained(tokenizer_dir)
     assert model.config.codebook_size == 16
     results = json.loads((tokenizer_dir / "all_results.json").read_text())

@@ -451,7 +451,10 @@ def save_model(accelerator: Accelerator, model, processor, output_dir) -> None:
         accelerator.unwrap_model(model).save_pretrained(partial)
         processor.save_pretrained(partial)
         (output_dir / "config.json").unlink(missing_ok=True)
+        umask = os.umask(0)
+        os.umask(umask)
         for path in sorted(partial.iterdir(), key=lambda p: p.name == "config.json"):
+            os.chmod(path, 0o666 & ~umask)  # safetensors writes its file 0600; every output is readable alike
             os.replace(path, output_dir / path.name)
         partial.rmdir()
     accelerator.wait_for_everyone()
