@@ -231,6 +231,32 @@ def test_a_prior_folder_as_tokenizer_is_one_clear_error(tmp_path):
     assert "holds a 'hypervq_prior' model" in result.stderr.strip().splitlines()[-1]
 
 
+def test_resume_edge_cases(tmp_path):
+    args = ["--max_train_steps", "4", "--checkpointing_steps", "2", *TINY_VQVAE]
+    run_script("train_vqvae.py", "--output_dir", tmp_path / "run", *args)
+    before = load_file(tmp_path / "run" / "model.safetensors")
+    # rerunning a finished run with 'latest' evaluates again and changes nothing (it used to train one more update)
+    run_script("train_vqvae.py", "--output_dir", tmp_path / "run", *args, "--resume_from_checkpoint", "latest")
+    after = load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+    assert json.loads((tmp_path / "run" / "all_results.json").read_text())["step"] == 4
+    # a new run into a folder with another run's checkpoints is refused before training
+    refused = run_script("train_vqvae.py", "--output_dir", tmp_path / "run", *args, check=False)
+    assert refused.returncode == 2 and "holds checkpoints of an earlier run" in refused.stderr
+    # a checkpoint without its random states stops the resume
+    (tmp_path / "run" / "checkpoints" / "step_4" / "random_states_0.pkl").unlink()
+    broken = run_script("train_vqvae.py", "--output_dir", tmp_path / "run", *args, "--resume_from_checkpoint",
+                        "latest", check=False)  # fmt: skip
+    assert broken.returncode == 2 and "has no random_states_0.pkl" in broken.stderr
+
+
+@pytest.mark.parametrize("flags, message", [(["--checkpoints_total_limit", "-1"], "checkpoints_total_limit"),
+                                            (["--checkpointing_steps", "0"], "checkpointing_steps")])  # fmt: skip
+def test_checkpoint_flags_that_would_keep_nothing_are_refused(flags, message, tmp_path):
+    result = run_script("train_vqvae.py", "--output_dir", tmp_path, *TINY_VQVAE, *flags, check=False)
+    assert result.returncode == 2 and message in result.stderr
+
+
 def _learning_rates(folder):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

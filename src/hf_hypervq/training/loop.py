@@ -127,8 +127,12 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
         parser.error("--max_train_steps must be >= 1")
     if args.learning_rate <= 0:
         parser.error("--learning_rate must be > 0")
-    if args.checkpointing_steps not in (None, "epoch") and not str(args.checkpointing_steps).isdigit():
+    if args.checkpointing_steps not in (None, "epoch") and not (
+        str(args.checkpointing_steps).isdigit() and int(args.checkpointing_steps) > 0
+    ):
         parser.error("--checkpointing_steps must be a positive integer or 'epoch'")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error("--checkpoints_total_limit must be >= 1")
     if args.validation_split_percentage is not None:
         if not 1 <= args.validation_split_percentage <= 50:
             parser.error("--validation_split_percentage must be between 1 and 50")
@@ -310,9 +314,18 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
     every = int(args.checkpointing_steps) if str(args.checkpointing_steps).isdigit() else None
 
     completed_steps, start_epoch, skip_batches = 0, 0, 0
+    if not args.resume_from_checkpoint and checkpoint_steps(args.output_dir):
+        # their rotation would delete this run's own checkpoints and keep the stale ones
+        raise FileExistsError(
+            f"{Path(args.output_dir) / 'checkpoints'} holds checkpoints of an earlier run: resume it with "
+            "--resume_from_checkpoint latest, or train into a new --output_dir"
+        )
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
         if checkpoint is not None:
+            states = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+            if not states.exists():  # without it the resumed run would not repeat the uninterrupted one
+                raise FileNotFoundError(f"{checkpoint} is incomplete: it has no {states.name}")
             accelerator.load_state(str(checkpoint))
             completed_steps = int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
             if steps_per_epoch:
@@ -322,6 +335,8 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
         else:
             logger.info("no checkpoint to resume from yet: starting from scratch", main_process_only=True)
 
+    if completed_steps >= args.max_train_steps:  # a finished run resumed: evaluate, train no further
+        num_epochs = start_epoch
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.set_num_updates(completed_steps)
     if args.with_tracking:
