@@ -91,7 +91,8 @@ def write_report(results: list, rows: list, seeds: list, path: Path, wall_minute
         + ("; **quick mode: a smoke test, not evidence**" if quick else "")
         + ". "
         f"Data: scikit-learn's handwritten digits (1,437 training / 360 test images, 16×16, 4×4 tokens). Model: "
-        f"`{json.dumps(QUICK_MODEL if quick else MODEL)}`, AdamW 1e-3, batch 128, seeds {seeds}; mean ± std over seeds. Defaults: `{json.dumps(DEFAULTS)}`; each row changes "
+        f"`{json.dumps(QUICK_MODEL if quick else MODEL)}`, AdamW 1e-3, batch 128, seeds {seeds}; mean ± std over "
+        f"seeds. Defaults: `{json.dumps(DEFAULTS)}`; each row changes "
         "what its description says and nothing else. Gumbel temperature rules: `run_length` decays from 2 to 0.5 "
         "over the run (`decay_for_run`), `per_update` is vq-wav2vec's 0.999995 per update. The classifier "
         "protocols are in `scripts/study.py`'s docstring; `early stopping` chooses its learning rate and stopping epoch "

@@ -52,10 +52,13 @@ def test_no_commitment_default_keeps_latents_off_the_flat_centre():
     """results/ABLATIONS.md, row `beta_0.25`: a commitment term pulls the latents towards the ball's centre, where the
     MLR logits are flat, and reconstruction suffers. Measured here with seeds 0-2: mean ball norm 0.95-0.97 and MSE
     0.0125-0.0136 without it, against 0.52-0.56 and 0.0152-0.0173 with it."""
-    default_norm, default_mse = mean_ball_norm(HyperVQ(dim=16, codebook_size=32))
-    beta_norm, beta_mse = mean_ball_norm(HyperVQ(dim=16, codebook_size=32, commitment_weight=0.25))
-    assert default_norm > beta_norm + 0.05, (default_norm, beta_norm)
-    assert default_mse < beta_mse, (default_mse, beta_mse)
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)  # the quantizer's own initialisation, before the autoencoder's
+        default_norm, default_mse = mean_ball_norm(HyperVQ(dim=16, codebook_size=32), seed=seed)
+        torch.manual_seed(seed)
+        beta_norm, beta_mse = mean_ball_norm(HyperVQ(dim=16, codebook_size=32, commitment_weight=0.25), seed=seed)
+        assert default_norm > beta_norm + 0.2, (seed, default_norm, beta_norm)
+        assert default_mse < beta_mse, (seed, default_mse, beta_mse)
 
 
 def test_hypervq_keeps_many_codes_in_use_on_real_data():

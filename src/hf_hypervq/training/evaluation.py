@@ -24,8 +24,8 @@ MAX_CLUSTER_POINTS = 4000
 def evaluate_tokenizer(model, loader, accelerator: Accelerator, seed: int = 0) -> dict:
     """Reconstruction MSE, codebook usage of the eval argmax (perplexity, codes used, dead codes, per-code counts),
     for the MLR/Gumbel quantizers how decided their logits are (mean max probability, top-1 − top-2 margin; see
-    `metrics.logit_confidence`), and the cluster quality of the pre-quantization latents with code ids as clusters (silhouette, Davies-Bouldin), on clean inputs and on
-    perturbed ones (paper Table 5)."""
+    `metrics.logit_confidence`), and the cluster quality of the pre-quantization latents with code ids as clusters
+    (silhouette, Davies-Bouldin), on clean inputs and on perturbed ones (paper Table 5)."""
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     codebook_size = unwrapped.config.codebook_size

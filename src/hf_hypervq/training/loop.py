@@ -197,7 +197,8 @@ def make_loader(dataset, batch_size: int, collate_fn, args, shuffle: bool) -> Da
 
 def load_splits(args, require_labels: bool = False):
     """The training and evaluation splits the flags ask for, cut to --max_train_samples / --max_eval_samples; sets
-    `args.eval_split` to the evaluation split actually used (results and cards record it). Call it inside `accelerator.main_process_first()`, so that the other processes find the data set cached."""
+    `args.eval_split` to the evaluation split actually used (results and cards record it). Call it inside
+    `accelerator.main_process_first()`, so that the other processes find the data set cached."""
     common = dict(
         config_name=args.dataset_config,
         image_column=args.image_column,
