@@ -25,6 +25,7 @@ from transformers import (
 
 from hf_hypervq import (
     HyperVQImageProcessor,
+    HyperVQPriorConfig,
     HyperVQSAConfig,
     HyperVQSAForImageClassification,
     HyperVQVAEConfig,
@@ -63,7 +64,7 @@ def pil_image(seed=0, size=(20, 17)):
 # ---- configs ----
 
 
-@pytest.mark.parametrize("config_class", [HyperVQVAEConfig, HyperVQSAConfig])
+@pytest.mark.parametrize("config_class", [HyperVQVAEConfig, HyperVQSAConfig, HyperVQPriorConfig])
 def test_every_config_field_is_documented(config_class):
     own_fields = {f.name for f in dataclasses.fields(config_class)} - {
         f.name for f in dataclasses.fields(config_class.__mro__[1])
@@ -135,7 +136,7 @@ def test_frozen_tokenizer_keeps_its_schedule_while_the_head_trains():
 
 
 def test_loading_another_kind_of_model_is_an_error_not_random_weights(tmp_path):
-    from hf_hypervq import HyperVQPriorConfig, HyperVQPriorModel
+    from hf_hypervq import HyperVQPriorModel
 
     HyperVQVAEModel(HyperVQVAEConfig(**TINY)).save_pretrained(tmp_path / "tokenizer")
     HyperVQPriorModel(HyperVQPriorConfig(codebook_size=16, num_layers=2)).save_pretrained(tmp_path / "prior")
