@@ -172,6 +172,12 @@ def test_quantizer_is_float32_under_a_float16_default_dtype(quantizer_type):
     assert all(p.dtype == torch.float32 for p in model.quantizer.parameters())
 
 
+def test_from_resnet_on_another_model_is_an_error(tmp_path):
+    HyperVQVAEModel(HyperVQVAEConfig(**TINY)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a transformers ResNet"):
+        HyperVQSAForImageClassification.from_resnet(str(tmp_path))
+
+
 def test_tokenizer_output_carries_the_mlr_logits():
     model = HyperVQVAEModel(HyperVQVAEConfig(**TINY)).eval()
     out = model(torch.randn(2, 3, 8, 8))

@@ -468,6 +468,9 @@ class HyperVQSAForImageClassification(HyperVQPreTrainedModel):
         """VQ-SA on a transformers ResNet image classifier (a folder or a Hub id such as `microsoft/resnet-50`): the
         backbone and the final linear layer are copied from it; the quantizer, attention and fuse layers are new.
         `config_kwargs` go to `HyperVQSAConfig` (e.g. `quantizer_type="kmeans"`, `codebook_size=1000`)."""
+        found = ResNetForImageClassification.config_class.get_config_dict(resnet_name_or_path)[0].get("model_type")
+        if found != "resnet":  # transformers would only warn, and hand back a ResNet with random weights
+            raise ValueError(f"{resnet_name_or_path} holds a {found!r} model, not a transformers ResNet ('resnet')")
         resnet = ResNetForImageClassification.from_pretrained(resnet_name_or_path)
         labels = {"id2label": resnet.config.id2label, "label2id": resnet.config.label2id}
         config = HyperVQSAConfig(backbone_config=resnet.config.to_dict(), **labels, **config_kwargs)
