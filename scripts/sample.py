@@ -55,6 +55,13 @@ def main(argv=None):
         if tokenizer_path is None:
             raise FileNotFoundError("the prior does not record its tokenizer: pass --tokenizer")
         tokenizer = AutoModel.from_pretrained(tokenizer_path).eval()
+        if tokenizer.config.codebook_size != prior.config.codebook_size:  # its tokens would decode to garbage
+            raise ValueError(
+                f"the prior models {prior.config.codebook_size} codes but the tokenizer {tokenizer_path} has "
+                f"{tokenizer.config.codebook_size}: pass the --tokenizer it was trained on"
+            )
+        if args.class_labels and not prior.config.num_classes:
+            raise ValueError("--class_labels needs a class-conditional prior; this one is unconditional")
         processor = AutoImageProcessor.from_pretrained(tokenizer_path)
 
         def labels(count):

@@ -193,6 +193,14 @@ def test_train_prior_and_sample_with_fid_and_is(tmp_path):
     )
     assert "Traceback" not in offline.stderr
 
+    other = tmp_path / "other-tokenizer"  # K = 32: the prior's K = 16 tokens would decode to garbage
+    HyperVQVAEModel(HyperVQVAEConfig(hidden_size=16, residual_hidden_size=8, embedding_dim=8, codebook_size=32)
+                    ).save_pretrained(other)  # fmt: skip
+    HyperVQImageProcessor(size={"height": 8, "width": 8}).save_pretrained(other)
+    mismatch = run("sample.py", "--prior", prior_dir, "--tokenizer", other, "--output", tmp_path / "g3.png",
+                   check=False)  # fmt: skip
+    assert mismatch.returncode == 2 and "the prior models 16 codes but the tokenizer" in mismatch.stderr
+
 
 def test_train_prior_on_two_cpu_processes(tmp_path):
     import socket
