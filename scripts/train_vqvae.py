@@ -88,6 +88,11 @@ def parse_args(argv=None):
     check_common_arguments(args, parser)
     if args.image_size is None:
         args.image_size = 16 if args.dataset is None else 32
+    factor = 2**args.num_downsamples if args.num_downsamples >= 1 else 1
+    if args.image_size < 1 or args.image_size % factor:
+        parser.error(
+            f"--image_size must be a positive multiple of 2**num_downsamples = {factor}, got {args.image_size}"
+        )
     try:
         build_config(args, num_updates=args.max_train_steps or 1)
     except (ValueError, StrictDataclassError) as error:

@@ -307,6 +307,15 @@ def test_cosine_schedule_with_accumulation_steps_per_update_and_resumes(tmp_path
         (["--dataset", "nobody/no-such-dataset"], "cannot load data set 'nobody/no-such-dataset'"),
         (["--image_column", "pixels"], "--image_column 'pixels' is not a column"),
         (["--resume_from_checkpoint", "/no/such/step_3"], "is not a checkpoint folder"),
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0"),
+        (["--learning_rate=-1e-3"], "--learning_rate must be a finite number > 0"),
+        (["--weight_decay", "-0.1"], "--weight_decay must be a finite number >= 0"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--dataloader_num_workers", "-2"], "--dataloader_num_workers must be >= 0"),
+        (["--max_train_samples", "0"], "--max_train_samples must be >= 1"),
+        (["--max_eval_samples", "0"], "--max_eval_samples must be >= 1"),
+        (["--image_size", "10"], "--image_size must be a positive multiple of 2**num_downsamples = 4"),
+        (["--mixed_precision", "fp16", "--cpu"], "fp16 needs a GPU"),
     ],
 )
 def test_bad_input_is_one_clear_error_before_training(args, message, tmp_path):
@@ -315,6 +324,14 @@ def test_bad_input_is_one_clear_error_before_training(args, message, tmp_path):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_an_output_path_that_cannot_take_results_is_refused_before_training(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    result = run_script("train_vqvae.py", "--output_dir", tmp_path / "file", *TINY_VQVAE, check=False)
+    assert result.returncode == 2 and "is a file, not a folder" in result.stderr
+    result = run_script("train_vqvae.py", "--output_dir", tmp_path / "file" / "out", *TINY_VQVAE, check=False)
+    assert result.returncode == 2 and "is not writable" in result.stderr  # a folder below a file cannot be made
 
 
 def test_unreadable_image_in_a_folder_is_reported(tmp_path):

@@ -125,8 +125,28 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
             parser.error(f"--{name} must be >= 1")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         parser.error("--max_train_steps must be >= 1")
-    if args.learning_rate <= 0:
-        parser.error("--learning_rate must be > 0")
+    if not 0 < args.learning_rate < math.inf:  # also NaN
+        parser.error(f"--learning_rate must be a finite number > 0, got {args.learning_rate}")
+    if not 0 <= args.weight_decay < math.inf:
+        parser.error(f"--weight_decay must be a finite number >= 0, got {args.weight_decay}")
+    for name in ("seed", "dataloader_num_workers", "num_warmup_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1 (leave it out to use every example), got {getattr(args, name)}")
+    if args.mixed_precision == "fp16" and (args.cpu or not torch.cuda.is_available()):
+        parser.error("--mixed_precision fp16 needs a GPU; on a CPU use bf16")
+    output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output_dir {args.output_dir} is a file, not a folder")
+    try:  # find out now, not after training, that the results could not be written
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        parser.error(f"--output_dir {args.output_dir} is not writable: {error.strerror or error}")
     if args.checkpointing_steps not in (None, "epoch") and not (
         str(args.checkpointing_steps).isdigit() and int(args.checkpointing_steps) > 0
     ):
