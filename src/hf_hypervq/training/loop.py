@@ -142,7 +142,7 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
         parser.error(f"--output_dir {args.output_dir} is a file, not a folder")
     try:  # find out now, not after training, that the results could not be written
         output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write-test"
+        probe = output / f".write-test-{os.getpid()}"  # one per process: accelerate starts several
         probe.write_text("")
         probe.unlink()
     except OSError as error:
