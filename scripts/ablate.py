@@ -54,7 +54,6 @@ ROWS = {
     "steps_400": ("training length 400 updates", {"steps": 400}),
     "steps_3000": ("training length 3000 updates", {"steps": 3000}),
     "kmeans": ("reference: KmeansVQ (VQ-VAE), its defaults", {"quantizer": "kmeans"}),
-    "kmeans_steps_3000": ("reference: KmeansVQ, 3000 updates", {"quantizer": "kmeans", "steps": 3000}),
     "gumbel": ("reference: GumbelVQ (vq-wav2vec), the same schedule rule", {"quantizer": "gumbel"}),
     "gumbel_per_update": (
         "reference: GumbelVQ with the per-update decay",
