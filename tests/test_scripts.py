@@ -240,11 +240,21 @@ def test_resume_edge_cases(tmp_path):
     args = ["--max_train_steps", "4", "--checkpointing_steps", "2", *TINY_VQVAE]
     run_script("train_vqvae.py", "--output_dir", tmp_path / "run", *args)
     before = load_file(tmp_path / "run" / "model.safetensors")
+    first = json.loads((tmp_path / "run" / "all_results.json").read_text())
     # rerunning a finished run with 'latest' evaluates again and changes nothing (it used to train one more update)
     run_script("train_vqvae.py", "--output_dir", tmp_path / "run", *args, "--resume_from_checkpoint", "latest")
     after = load_file(tmp_path / "run" / "model.safetensors")
     assert all(torch.equal(after[name], value) for name, value in before.items())
-    assert json.loads((tmp_path / "run" / "all_results.json").read_text())["step"] == 4
+    again = json.loads((tmp_path / "run" / "all_results.json").read_text())
+    assert again["step"] == 4 and again["train_loss"] == pytest.approx(first["train_loss"], rel=1e-6)
+    # resumed mid-epoch (all 4 updates are in epoch 0): the epoch's loss covers the batches before the checkpoint
+    # too (it used to cover only those after it)
+    run_script("train_vqvae.py", "--output_dir", tmp_path / "run", *args, "--resume_from_checkpoint",
+               tmp_path / "run" / "checkpoints" / "step_2")  # fmt: skip
+    resumed = json.loads((tmp_path / "run" / "all_results.json").read_text())
+    assert resumed["train_loss"] == pytest.approx(first["train_loss"], rel=1e-6)
+    assert resumed["train_perplexity"] == pytest.approx(first["train_perplexity"], rel=1e-6)
+    assert all(torch.equal(load_file(tmp_path / "run" / "model.safetensors")[n], v) for n, v in before.items())
     # a new run into a folder with another run's checkpoints is refused before training
     refused = run_script("train_vqvae.py", "--output_dir", tmp_path / "run", *args, check=False)
     assert refused.returncode == 2 and "holds checkpoints of an earlier run" in refused.stderr
@@ -292,6 +302,10 @@ def test_cosine_schedule_with_accumulation_steps_per_update_and_resumes(tmp_path
                resumed / "checkpoints" / "step_4")  # fmt: skip
     for name, value in load_file(straight / "model.safetensors").items():
         assert torch.equal(load_file(resumed / "model.safetensors")[name], value), name
+    # the epoch's training loss and code counts continue across the resume (they used to restart at it)
+    straight_results, resumed_results = (json.loads((d / "all_results.json").read_text()) for d in (straight, resumed))
+    for key in ("train_loss", "train_perplexity"):
+        assert resumed_results[key] == pytest.approx(straight_results[key], rel=1e-6), key
 
     constant = tmp_path / "constant"
     run_script("train_vqvae.py", "--output_dir", constant, *common, "--lr_scheduler_type", "constant")

@@ -335,6 +335,9 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
     every = int(args.checkpointing_steps) if str(args.checkpointing_steps).isdigit() else None
 
     completed_steps, start_epoch, skip_batches = 0, 0, 0
+    codebook_size = getattr(accelerator.unwrap_model(model).config, "codebook_size", None)
+    epoch_stats = EpochStatistics(codebook_size or 0, accelerator.device)
+    accelerator.register_for_checkpointing(epoch_stats)  # a resume mid-epoch keeps the epoch's loss and codes
     if not args.resume_from_checkpoint and checkpoint_steps(args.output_dir):
         # their rotation would delete this run's own checkpoints and keep the stale ones
         raise FileExistsError(
@@ -375,17 +378,14 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
         desc="train",
     )
     results: dict = {}
-    codebook_size = getattr(unwrapped.config, "codebook_size", None)
     shown_eval: dict = {}  # the last evaluation's codebook numbers, kept in the progress bar
     for epoch in range(start_epoch, num_epochs):
         model.train()
         train_loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        if not skip_batches:  # a resumed epoch goes on with the statistics its checkpoint saved
+            epoch_stats.reset()
         skip_batches = 0
-        loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
-        # the codes the training steps used this epoch (Gumbel samples for the MLR/Gumbel quantizers); on device,
-        # so counting them costs no host sync
-        train_counts = torch.zeros(codebook_size or 0, dtype=torch.long, device=accelerator.device)
         for batch in batches:
             with accelerator.accumulate(model):
                 outputs = model(**batch)
@@ -394,11 +394,7 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
                 if scheduler is not None:
                     scheduler.step()
                 optimizer.zero_grad()
-            loss_sum += outputs.loss.detach().float()
-            loss_count += 1
-            tokens = getattr(outputs, "image_tokens", None)
-            if codebook_size and tokens is not None:
-                train_counts += torch.bincount(tokens.detach().reshape(-1), minlength=codebook_size)
+            epoch_stats.add(outputs.loss, getattr(outputs, "image_tokens", None))
             if not accelerator.sync_gradients:
                 continue
             completed_steps += 1
@@ -417,14 +413,14 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
             if completed_steps >= args.max_train_steps:
                 break
 
-        train_loss = accelerator.reduce(loss_sum, reduction="sum").item() / max(
-            1, loss_count * accelerator.num_processes
+        train_loss = accelerator.reduce(epoch_stats.loss_sum, reduction="sum").item() / max(
+            1, epoch_stats.count * accelerator.num_processes
         )
         last_epoch = completed_steps >= args.max_train_steps or epoch == num_epochs - 1
         evaluation = evaluate(model) if last_epoch or not args.eval_at_end_only else {}
         results = {"epoch": epoch, "step": completed_steps, "train_loss": train_loss}
-        if codebook_size and loss_count:
-            results.update(_train_usage(accelerator.reduce(train_counts, reduction="sum").cpu()))
+        if codebook_size and epoch_stats.count:
+            results.update(_train_usage(accelerator.reduce(epoch_stats.code_counts, reduction="sum").cpu()))
         results.update(evaluation)
         shown_eval = {k: _short(evaluation[k]) for k in PROGRESS_EVAL_KEYS if k in evaluation}
         scalars = {k: v for k, v in results.items() if _is_number(v) and k != "epoch"}
@@ -436,11 +432,44 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
         if completed_steps >= args.max_train_steps:
             break
     progress.close()
-    if not results:  # resumed at the very end: evaluate once anyway
-        results = {"step": completed_steps, **evaluate(model)}
+    if not results:  # resumed at the very end: evaluate once anyway, with the last epoch's saved statistics
+        results = {"step": completed_steps}
+        if epoch_stats.count:
+            results["train_loss"] = accelerator.reduce(epoch_stats.loss_sum, reduction="sum").item() / (
+                epoch_stats.count * accelerator.num_processes
+            )
+        results.update(evaluate(model))
     results["num_processes"] = accelerator.num_processes
     results["weights_identical_across_processes"] = _same_weights_everywhere(accelerator, model)
     return results
+
+
+class EpochStatistics:
+    """The running training loss of an epoch and the codes its steps used (the Gumbel samples, for the MLR/Gumbel
+    quantizers), kept on the device so that adding to them costs no host sync. Saved in every checkpoint."""
+
+    def __init__(self, codebook_size: int, device):
+        self.codebook_size, self.device = codebook_size, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.count = 0
+        self.code_counts = torch.zeros(self.codebook_size, dtype=torch.long, device=self.device)
+
+    def add(self, loss: torch.Tensor, tokens: torch.Tensor | None) -> None:
+        self.loss_sum += loss.detach().float()
+        self.count += 1
+        if self.codebook_size and tokens is not None:
+            self.code_counts += torch.bincount(tokens.detach().reshape(-1), minlength=self.codebook_size)
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": self.loss_sum.cpu(), "count": self.count, "code_counts": self.code_counts.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.count = state["count"]
+        self.code_counts = state["code_counts"].to(self.device)
 
 
 # The evaluation's codebook numbers the progress bar keeps showing after each evaluation.
