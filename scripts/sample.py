@@ -15,6 +15,7 @@ the numbers: FID and IS are only comparable between runs that used the same one.
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -47,8 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv=None):
+    """The flags, checked before any model is loaded (argparse's one-line error, exit status 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_images < 1:
+        parser.error(f"--num_images must be >= 1, got {args.num_images}")
+    if args.num_samples is not None and args.num_samples < 2:
+        parser.error(f"--num_samples must be >= 2 (FID needs a covariance), got {args.num_samples}")
+    if not 0 < args.temperature < math.inf:  # also NaN
+        parser.error(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    if args.class_labels and min(args.class_labels) < 0:
+        parser.error(f"--class_labels must be class ids >= 0, got {args.class_labels}")
+    return args
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     with reported_errors():
         prior = AutoModel.from_pretrained(args.prior).eval()
         tokenizer_path = args.tokenizer or prior.config.tokenizer_name_or_path

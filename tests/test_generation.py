@@ -202,6 +202,21 @@ def test_train_prior_and_sample_with_fid_and_is(tmp_path):
     assert mismatch.returncode == 2 and "the prior models 16 codes but the tokenizer" in mismatch.stderr
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_images", "0"], "--num_images must be >= 1"),
+        (["--num_samples", "1"], "--num_samples must be >= 2"),
+        (["--temperature", "0"], "--temperature must be a finite number > 0"),
+        (["--temperature", "nan"], "--temperature must be a finite number > 0"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+    ],
+)
+def test_sample_flags_are_checked_before_loading(flags, message, tmp_path):
+    result = run("sample.py", "--prior", tmp_path / "no-such-prior", *flags, check=False)
+    assert result.returncode == 2 and message in result.stderr  # not the missing prior: the flags come first
+
+
 def test_train_prior_on_two_cpu_processes(tmp_path):
     import socket
 
