@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     parser.add_argument("--quick", action="store_true", help="a tiny model, K <= 64, 1/50 of the updates (smoke test)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each (default: 2)")
-    parser.add_argument("--output_dir", default="results", help="where ABLATIONS.md goes (default: results)")
+    parser.add_argument("--output_dir", default=None,
+                        help="where ABLATIONS.md goes (default: results; results/quick with --quick)")  # fmt: skip
     return parser
 
 
@@ -153,8 +154,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.workers < 1:
         raise SystemExit("error: --workers must be >= 1")
-    output_dir = Path(args.output_dir)
-    runs_dir = output_dir / ("runs-quick" if args.quick else "runs")
+    # a smoke test never overwrites the committed study
+    output_dir = Path(args.output_dir or ("results/quick" if args.quick else "results"))
+    runs_dir = output_dir / "runs"
     jobs = [(name, seed) for name in args.rows for seed in args.seeds]
     results = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
@@ -169,11 +171,10 @@ def main(argv=None):
                   f"eval perplexity {result['perplexity']:.1f}, train perplexity {result['train_perplexity']:.1f}",
                   flush=True)  # fmt: skip
     wall_minutes = sum(r["wall_seconds"] for r in results) / 60
-    name = "ABLATIONS-quick.md" if args.quick else "ABLATIONS.md"
-    write_report(results, args.rows, args.seeds, output_dir / name, wall_minutes, args.quick)
+    write_report(results, args.rows, args.seeds, output_dir / "ABLATIONS.md", wall_minutes, args.quick)
     compact = [{k: v for k, v in r.items() if k != "code_counts"} for r in results]
-    (output_dir / name.replace(".md", ".json").lower()).write_text(json.dumps(compact, indent=1))
-    print(f"wrote {output_dir / name}")
+    (output_dir / "ablations.json").write_text(json.dumps(compact, indent=1))
+    print(f"wrote {output_dir / 'ABLATIONS.md'}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     parser.add_argument("--tokenizer_steps", type=int, default=1500, help="updates per tokenizer (default: 1500)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each (default: 2)")
-    parser.add_argument("--output_dir", default="results", help="where the report goes (default: results)")
+    parser.add_argument("--output_dir", default=None,
+                        help="where the report goes (default: results; results/quick with --quick)")  # fmt: skip
     return parser
 
 
@@ -59,9 +60,9 @@ def scatter_panels(quick: bool, steps: int, runs_dir: Path):
     data = load_digits_tensors()
     model_options = {**(QUICK_MODEL if quick else MODEL), "embedding_dim": 3}
     panels, metrics = [], {}
+    torch.set_num_threads(2)  # the grid's workers are done: this process has both cores
     for quantizer in ("hyperbolic", "kmeans"):
         setting = setting_of({"quantizer": quantizer, "codebook_size": 16, "steps": steps})
-        torch.set_num_threads(2)
         model, train_tokens = train_tokenizer(setting, model_options, 0, data)
         metrics[quantizer] = {
             k: v for k, v in tokenizer_metrics(model, train_tokens, data).items() if k != "code_counts"
@@ -116,8 +117,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.quick:
         args.codebook_sizes, args.seeds = [16], [0]
-    output_dir = Path(args.output_dir)
-    runs_dir = output_dir / ("runs-quick" if args.quick else "runs")
+    # a smoke test never overwrites the committed study
+    output_dir = Path(args.output_dir or ("results/quick" if args.quick else "results"))
+    runs_dir = output_dir / "runs"
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     cells = [(q, k, seed) for k in args.codebook_sizes for q in args.quantizers for seed in args.seeds]

@@ -31,13 +31,8 @@ import torch.nn.functional as F
 from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEForImageClassification, HyperVQVAEModel
 from hf_hypervq.models.hypervq.quantizers import decay_for_run
 from hf_hypervq.training.data import load_image_dataset
-from hf_hypervq.training.metrics import (
-    codebook_usage,
-    davies_bouldin_index,
-    logit_confidence,
-    perturb,
-    silhouette_score,
-)
+from hf_hypervq.training.evaluation import cluster_scores
+from hf_hypervq.training.metrics import codebook_usage, logit_confidence, perturb
 
 
 MODEL = {"hidden_size": 64, "residual_hidden_size": 32, "embedding_dim": 64}
@@ -56,7 +51,6 @@ TAU_MAX, TAU_MIN, PER_UPDATE_DECAY = 2.0, 0.5, 0.999995
 CLASSIFIER_LEARNING_RATES = (1e-3, 3e-3, 1e-2)
 BATCH_SIZE = 128
 IMAGE_SIZE = 16
-MAX_CLUSTER_POINTS = 4000  # as `training.evaluation`: silhouette is quadratic in the points
 
 
 def temperature_for(schedule: str, steps: int) -> list[float]:
@@ -133,25 +127,14 @@ def train_tokenizer(setting: dict, model_options: dict, seed: int, data: dict):
     return model.eval(), torch.cat(train_tokens)
 
 
-def _cluster_scores(latents: torch.Tensor, codes: torch.Tensor, prefix: str) -> dict:
-    keep = torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))[:MAX_CLUSTER_POINTS]
-    if len(codes[keep].unique()) < 2:
-        return {}
-    return {
-        f"{prefix}silhouette": silhouette_score(latents[keep], codes[keep]),
-        f"{prefix}davies_bouldin": davies_bouldin_index(latents[keep], codes[keep]),
-    }
-
-
 @torch.no_grad()
 def tokenizer_metrics(model, train_tokens, data) -> dict:
     """Test-split quality (MSE, eval-argmax usage, cluster scores on clean and perturbed inputs) and the mechanism
     numbers: training-sample perplexity, latent norms, code-vector norms, logit margin and max probability."""
     pixels = data["test"][0]
-    out = model(pixels)
-    encoded = model.encode(pixels)
+    out = model(pixels)  # carries the latents, codes and logits too
     quantizer, config = model.quantizer, model.config
-    latents = encoded.latents.permute(0, 2, 3, 1).reshape(-1, config.embedding_dim)
+    latents = out.latents.permute(0, 2, 3, 1).reshape(-1, config.embedding_dim)
     results = {
         "reconstruction_mse": F.mse_loss(out.reconstruction, pixels).item(),
         **codebook_usage(out.image_tokens, config.codebook_size),
@@ -163,12 +146,12 @@ def tokenizer_metrics(model, train_tokens, data) -> dict:
     if hasattr(quantizer, "curvature"):  # distance from the origin on the ball, in units of its radius
         ball = quantizer._to_ball(latents)
         results["ball_norm"] = (ball.norm(dim=-1) * quantizer.curvature**0.5).mean().item()
-    if encoded.logits is not None:
-        results.update(logit_confidence(encoded.logits))
-    results.update(_cluster_scores(latents, encoded.image_tokens.reshape(-1), ""))
+    if out.logits is not None:
+        results.update(logit_confidence(out.logits))
+    results.update(cluster_scores(latents, out.image_tokens.reshape(-1), ""))
     noisy = model.encode(perturb(pixels, torch.Generator().manual_seed(0)))
     noisy_latents = noisy.latents.permute(0, 2, 3, 1).reshape(-1, config.embedding_dim)
-    results.update(_cluster_scores(noisy_latents, noisy.image_tokens.reshape(-1), "noisy_"))
+    results.update(cluster_scores(noisy_latents, noisy.image_tokens.reshape(-1), "noisy_"))
     return results
 
 

@@ -44,10 +44,10 @@ def test_quick_reproduction_writes_the_report(tmp_path):
 
 def test_quick_ablation_writes_every_row(tmp_path):
     _run("ablate.py", "--quick", "--seeds", "0", "--rows", "defaults", "beta_0.25", "kmeans", "--output_dir", tmp_path)
-    table = (tmp_path / "ABLATIONS-quick.md").read_text()
+    table = (tmp_path / "ABLATIONS.md").read_text()
     for row in ("defaults", "beta_0.25", "kmeans"):
         assert f"| `{row}` |" in table
-    rows = {r["row"]: r for r in json.loads((tmp_path / "ablations-quick.json").read_text())}
+    rows = {r["row"]: r for r in json.loads((tmp_path / "ablations.json").read_text())}
     assert rows["beta_0.25"]["setting"]["commitment_weight"] == 0.25
     assert rows["defaults"]["setting"]["commitment_weight"] is None
     for key in ("train_perplexity", "perplexity", "dead_codes", "ball_norm", "logit_margin", "mean_max_probability"):

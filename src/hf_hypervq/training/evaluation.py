@@ -9,6 +9,7 @@ from .metrics import (
     EXTRA_CORRUPTIONS,
     codebook_usage,
     davies_bouldin_index,
+    logit_confidence_per_row,
     mean_corruption_error,
     perturb,
     silhouette_score,
@@ -18,6 +19,18 @@ from .metrics import (
 
 # Cluster metrics use at most this many latent vectors (silhouette is quadratic in them).
 MAX_CLUSTER_POINTS = 4000
+
+
+def cluster_scores(latents: torch.Tensor, codes: torch.Tensor, prefix: str = "", seed: int = 0) -> dict:
+    """Silhouette and Davies-Bouldin of latent vectors `(N, D)` clustered by their code ids `(N,)`, on a seeded
+    sample of at most `MAX_CLUSTER_POINTS`; empty when fewer than two codes occur."""
+    keep = torch.randperm(len(codes), generator=torch.Generator().manual_seed(seed))[:MAX_CLUSTER_POINTS]
+    if len(codes[keep].unique()) < 2:
+        return {}
+    return {
+        f"{prefix}silhouette": silhouette_score(latents[keep], codes[keep]),
+        f"{prefix}davies_bouldin": davies_bouldin_index(latents[keep], codes[keep]),
+    }
 
 
 @torch.no_grad()
@@ -41,10 +54,9 @@ def evaluate_tokenizer(model, loader, accelerator: Accelerator, seed: int = 0) -
         squared_errors.append(per_image_mse.cpu())
         tokens.append(image_tokens.cpu())
         if out.logits is not None:  # how decided the MLR/Gumbel quantizer is, per latent
-            top2 = out.logits.float().topk(2, dim=-1).values
-            confidence = (out.logits.float().softmax(-1).amax(-1), top2[..., 0] - top2[..., 1])
+            confidence = logit_confidence_per_row(out.logits)
             for store, values in zip((max_probabilities, margins), accelerator.gather_for_metrics(confidence)):
-                store.append(values.reshape(-1).cpu())
+                store.append(values.cpu())
         if collected >= MAX_CLUSTER_POINTS:  # enough latents for the cluster scores: skip the rest
             continue
         noisy = unwrapped.encode(perturb(pixel_values.cpu(), generator).to(pixel_values))
@@ -61,14 +73,10 @@ def evaluate_tokenizer(model, loader, accelerator: Accelerator, seed: int = 0) -
     results = {"reconstruction_mse": squared_errors.mean().item(), "num_eval_samples": len(squared_errors)}
     results.update(codebook_usage(tokens, codebook_size))
     if max_probabilities:
-        results["mean_max_probability"] = torch.cat(max_probabilities).double().mean().item()
-        results["logit_margin"] = torch.cat(margins).double().mean().item()
+        results["mean_max_probability"] = torch.cat(max_probabilities).mean().item()
+        results["logit_margin"] = torch.cat(margins).mean().item()
     for prefix, (vectors, codes) in clusters.items():
-        vectors, codes = torch.cat(vectors), torch.cat(codes)
-        keep = torch.randperm(len(codes), generator=torch.Generator().manual_seed(seed))[:MAX_CLUSTER_POINTS]
-        if len(codes[keep].unique()) >= 2:
-            results[f"{prefix}silhouette"] = silhouette_score(vectors[keep], codes[keep])
-            results[f"{prefix}davies_bouldin"] = davies_bouldin_index(vectors[keep], codes[keep])
+        results.update(cluster_scores(torch.cat(vectors), torch.cat(codes), prefix, seed))
     results["code_counts"] = torch.bincount(tokens.reshape(-1), minlength=codebook_size).tolist()
     return results
 

@@ -42,17 +42,21 @@ def usage_from_counts(counts: torch.Tensor) -> dict[str, float]:
     }
 
 
+def logit_confidence_per_row(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logit_confidence` before the mean: the largest softmax probability and the top-1 − top-2 gap of each row of
+    `logits` `(..., K)`, each `(N,)` in float64 (for gathering across processes before averaging)."""
+    logits = logits.reshape(-1, logits.shape[-1]).double()
+    top2 = logits.topk(2, dim=-1).values
+    return logits.softmax(-1).amax(-1), top2[:, 0] - top2[:, 1]
+
+
 def logit_confidence(logits: torch.Tensor) -> dict[str, float]:
     """How decided an MLR/Gumbel quantizer's choice is, from its logits `(..., K)`: `mean_max_probability` (mean
     over rows of the largest softmax probability: 1/K for flat logits, 1 for a sure choice) and `logit_margin` (mean
     gap between the largest and second-largest logit). Flat logits make the training-time Gumbel sample a near-uniform
     draw, whatever the argmax is."""
-    logits = logits.reshape(-1, logits.shape[-1]).double()
-    top2 = logits.topk(2, dim=-1).values
-    return {
-        "mean_max_probability": logits.softmax(-1).max(-1).values.mean().item(),
-        "logit_margin": (top2[:, 0] - top2[:, 1]).mean().item(),
-    }
+    max_probability, margin = logit_confidence_per_row(logits)
+    return {"mean_max_probability": max_probability.mean().item(), "logit_margin": margin.mean().item()}
 
 
 def _compact_labels(labels: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -173,7 +173,8 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"{name} expects at least one vector in `z`, got shape {tuple(z.shape)}")
         # One reduction in the common case. The sum of squares also catches finite values too large for float32
         # squared errors (|z| above ~1e17), which would make the loss inf without an error.
-        if not torch.isfinite(z.float().pow(2).sum()):
+        flat = z.reshape(-1).float()
+        if not torch.isfinite(torch.dot(flat, flat)):  # one pass, no N×dim temporary
             if not torch.isfinite(z).all():
                 raise ValueError(f"{name} got NaN or inf values in `z`")
             raise ValueError(
