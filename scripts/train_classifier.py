@@ -17,14 +17,14 @@ import torch
 from transformers import AutoImageProcessor
 
 from hf_hypervq import HyperVQVAEForImageClassification
-from hf_hypervq.training.data import DataError, collate, label_names, with_image_transform
+from hf_hypervq.training.data import DataError, label_names
 from hf_hypervq.training.evaluation import evaluate_classifier
 from hf_hypervq.training.loop import (
     add_common_arguments,
     check_common_arguments,
     load_splits,
     make_accelerator,
-    make_loader,
+    make_loaders,
     make_scheduler,
     push_if_asked,
     reported_errors,
@@ -70,9 +70,7 @@ def main(argv=None):
             label2id={name: i for i, name in enumerate(names)},
             **head,
         )
-        batch_sizes = args.per_device_train_batch_size, args.per_device_eval_batch_size
-        train_loader = make_loader(with_image_transform(train_data, processor), batch_sizes[0], collate, args, True)
-        eval_loader = make_loader(with_image_transform(eval_data, processor), batch_sizes[1], collate, args, False)
+        train_loader, eval_loader = make_loaders(args, train_data, eval_data, processor)
         trainable = [p for p in model.parameters() if p.requires_grad]  # the head only
         optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
         scheduler = make_scheduler(args, optimizer, total_updates(args, train_loader, accelerator), accelerator)

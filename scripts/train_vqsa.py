@@ -16,21 +16,20 @@ small ResNet (3 stages of 16-64 channels) starts from scratch. Evaluate robustne
 
 import argparse
 import math
-import random
 
 import torch
 
 from hf_hypervq import HyperVQImageProcessor, HyperVQSAConfig, HyperVQSAForImageClassification
 from hf_hypervq.models.hypervq.configuration_hypervq import QUANTIZER_TYPES
 from hf_hypervq.training.corruptions import CorruptionAugmentation
-from hf_hypervq.training.data import DataError, collate, label_names, with_image_transform
+from hf_hypervq.training.data import DataError, label_names
 from hf_hypervq.training.evaluation import evaluate_classifier
 from hf_hypervq.training.loop import (
     add_common_arguments,
     check_common_arguments,
     load_splits,
     make_accelerator,
-    make_loader,
+    make_loaders,
     make_scheduler,
     push_if_asked,
     reported_errors,
@@ -79,26 +78,27 @@ def parse_args(argv=None):
 
 class TrainAugmentation:
     """Random resized crop (scale 0.08-1, aspect 3/4-4/3) to the processor's input size, random flip, then VQ-SA's
-    corruption augmentation."""
+    corruption augmentation; the random numbers come from the example's `SampleKey`."""
 
-    def __init__(self, size: int, seed: int, corruptions: bool):
-        self.size, self.rng = size, random.Random(seed)
-        self.corrupt = CorruptionAugmentation(seed) if corruptions else None
+    def __init__(self, size: int, corruptions: bool):
+        self.size = size
+        self.corrupt = CorruptionAugmentation() if corruptions else None
 
-    def __call__(self, image):
+    def __call__(self, image, key):
+        rng = key.rng()
         width, height = image.size
         for _ in range(10):
-            area = width * height * self.rng.uniform(0.08, 1.0)
-            ratio = math.exp(self.rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            area = width * height * rng.uniform(0.08, 1.0)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
             w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
             if 0 < w <= width and 0 < h <= height:
-                left, top = self.rng.randint(0, width - w), self.rng.randint(0, height - h)
+                left, top = rng.randint(0, width - w), rng.randint(0, height - h)
                 image = image.crop((left, top, left + w, top + h))
                 break
         image = image.resize((self.size, self.size))
-        if self.rng.random() < 0.5:
+        if rng.random() < 0.5:
             image = image.transpose(0)  # left-right flip
-        return self.corrupt(image) if self.corrupt else image
+        return self.corrupt(image, key) if self.corrupt else image
 
 
 def build_model(args, num_labels: int, names: list[str]) -> HyperVQSAForImageClassification:
@@ -136,13 +136,8 @@ def main(argv=None):
             )
         else:  # digits are tiny: no crop at evaluation
             processor = HyperVQImageProcessor.for_imagenet(size={"height": size, "width": size}, do_center_crop=False)
-        seed = args.seed + accelerator.process_index  # a different augmentation stream per process
-        augment = TrainAugmentation(size, seed, corruptions=not args.no_corruptions)
-        batch_sizes = args.per_device_train_batch_size, args.per_device_eval_batch_size
-        train_loader = make_loader(
-            with_image_transform(train_data, processor, augment), batch_sizes[0], collate, args, True
-        )
-        eval_loader = make_loader(with_image_transform(eval_data, processor), batch_sizes[1], collate, args, False)
+        augment = TrainAugmentation(size, corruptions=not args.no_corruptions)
+        train_loader, eval_loader = make_loaders(args, train_data, eval_data, processor, augment)
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(
             parameters, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay

@@ -21,14 +21,13 @@ from huggingface_hub.errors import StrictDataclassError
 from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
 from hf_hypervq.models.hypervq.configuration_hypervq import QUANTIZER_TYPES
 from hf_hypervq.models.hypervq.quantizers import decay_for_run
-from hf_hypervq.training.data import collate, with_image_transform
 from hf_hypervq.training.evaluation import evaluate_tokenizer
 from hf_hypervq.training.loop import (
     add_common_arguments,
     check_common_arguments,
     load_splits,
     make_accelerator,
-    make_loader,
+    make_loaders,
     make_scheduler,
     push_if_asked,
     reported_errors,
@@ -129,9 +128,7 @@ def main(argv=None):
         with accelerator.main_process_first():
             train_data, eval_data = load_splits(args)
         sample_images = [eval_data[i]["image"] for i in range(min(8, len(eval_data)))]
-        batch_sizes = args.per_device_train_batch_size, args.per_device_eval_batch_size
-        train_loader = make_loader(with_image_transform(train_data, processor), batch_sizes[0], collate, args, True)
-        eval_loader = make_loader(with_image_transform(eval_data, processor), batch_sizes[1], collate, args, False)
+        train_loader, eval_loader = make_loaders(args, train_data, eval_data, processor)
         num_updates = total_updates(args, train_loader, accelerator)
         model = HyperVQVAEModel(build_config(args, num_updates=num_updates))
 

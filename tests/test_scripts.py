@@ -313,6 +313,24 @@ def test_cosine_schedule_with_accumulation_steps_per_update_and_resumes(tmp_path
     assert any(not torch.equal(load_file(constant / "model.safetensors")[n], v) for n, v in weights.items())
 
 
+def test_a_stream_is_shuffled_and_resumes_where_it_stopped(tmp_path):
+    """Streams used to be read in order, and a resume replayed them from the start."""
+    args = ["--streaming", "--max_train_steps", "10", "--checkpointing_steps", "3", "--checkpoints_total_limit", "4",
+            "--shuffle_buffer_size", "64", *TINY_VQVAE]  # fmt: skip
+    straight = tmp_path / "straight"
+    run_script("train_vqvae.py", "--output_dir", straight, *args)
+    weights = load_file(straight / "model.safetensors")
+    # 200 examples in batches of 32: 7 batches an epoch, so step 3 is inside epoch 0 and step 9 inside epoch 1
+    for step in (3, 9):
+        run_script("train_vqvae.py", "--output_dir", straight, *args, "--resume_from_checkpoint",
+                   straight / "checkpoints" / f"step_{step}")  # fmt: skip
+        resumed = load_file(straight / "model.safetensors")
+        assert all(torch.equal(resumed[name], value) for name, value in weights.items()), step
+    in_order = tmp_path / "in_order"
+    run_script("train_vqvae.py", "--output_dir", in_order, *args, "--shuffle_buffer_size", "0")
+    assert any(not torch.equal(load_file(in_order / "model.safetensors")[n], v) for n, v in weights.items())
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

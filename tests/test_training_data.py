@@ -107,6 +107,50 @@ def test_transform_and_collate(tmp_path):
     assert batch["pixel_values"].shape == (5, 3, 16, 16) and batch["labels"].dtype == torch.int64
     assert torch.equal(batch["labels"], torch.tensor(data["label"]))
     flipped = with_image_transform(
-        data, HyperVQImageProcessor(size={"height": 16, "width": 16}), lambda im: im.transpose(0)
+        data, HyperVQImageProcessor(size={"height": 16, "width": 16}), lambda im, key: im.transpose(0)
     )
     assert torch.equal(collate([flipped[0]])["pixel_values"], batch["pixel_values"][:1].flip(-1))
+
+
+def shifted(image, key):
+    """An augmentation whose random numbers show in the output: a random shift of the image."""
+    rng = key.rng()
+    return image.rotate(0, translate=(rng.randint(-3, 3), rng.randint(-3, 3)))
+
+
+def epoch_batches(examples, epoch, num_workers):
+    examples.set_epoch(epoch)
+    loader = torch.utils.data.DataLoader(examples, batch_size=4, collate_fn=collate, num_workers=num_workers)
+    return torch.cat([batch["pixel_values"] for batch in loader])
+
+
+def test_augmentation_numbers_depend_on_seed_epoch_and_index_only():
+    """Two loader workers used to draw the same numbers, and epoch 1 repeated epoch 0; a resume restarted them."""
+    image = load_image_dataset(None, split="test").select(range(1))[0]["image"]
+    data = Dataset.from_dict({"image": [image] * 16}, features=Features({"image": ImageFeature()}))
+    processor = HyperVQImageProcessor(size={"height": 8, "width": 8})
+    examples = with_image_transform(data, processor, shifted, seed=0)
+    epoch0 = epoch_batches(examples, 0, num_workers=0)
+    assert torch.equal(epoch_batches(examples, 0, num_workers=2), epoch0)  # workers change nothing
+    assert not torch.equal(epoch0[:4], epoch0[4:8])  # the two workers' first batches (same images) differ
+    assert not torch.equal(epoch_batches(examples, 1, num_workers=0), epoch0)  # a new epoch, new numbers
+    examples.set_epoch(0)
+    assert torch.equal(examples[9]["pixel_values"], epoch0[9])  # index 9 alone, as a resume would fetch it
+    other_seed = with_image_transform(data, processor, shifted, seed=1)
+    assert not torch.equal(epoch_batches(other_seed, 0, num_workers=0), epoch0)
+
+
+def test_streams_are_shuffled_per_epoch_through_a_buffer():
+    stream = load_image_dataset(None, split="train", require_labels=True, streaming=True)
+    in_order = [example["label"] for example in stream.take(64)]
+    processor = HyperVQImageProcessor(size={"height": 8, "width": 8})
+    shuffled = with_image_transform(stream.take(64), processor, seed=0, shuffle_buffer_size=32)
+
+    def labels(epoch):
+        shuffled.set_epoch(epoch)
+        return [int(example["labels"]) for example in shuffled]
+
+    assert sorted(labels(0)) == sorted(in_order) and labels(0) != in_order
+    assert labels(0) == labels(0) and labels(1) != labels(0)
+    unshuffled = with_image_transform(stream.take(64), processor, seed=0)
+    assert [int(example["labels"]) for example in unshuffled] == in_order

@@ -40,17 +40,20 @@ def corrupt_image(image: Image.Image, corruption: str, severity: int) -> Image.I
 
 class CorruptionAugmentation:
     """VQ-SA's training augmentation (docs/method.md#training-recipe): each image is left clean or gets one of the 15
-    common corruptions, at severity 1-5. The 16 × 5 = 80 (corruption, severity) pairs are drawn without replacement
-    from a shuffled cycle, so every pair comes up equally often; the cycle is seeded."""
+    common corruptions, at severity 1-5. Within an epoch, every block of 80 consecutive example indices gets the 16 ×
+    5 = 80 (corruption, severity) pairs in a shuffled order, so every pair comes up equally often; the order is
+    drawn from (seed, epoch, block) of the example's `SampleKey`, so it does not depend on loader workers or
+    resumes."""
 
-    def __init__(self, seed: int = 0, corruptions: tuple[str, ...] = COMMON_CORRUPTIONS):
+    def __init__(self, corruptions: tuple[str, ...] = COMMON_CORRUPTIONS):
         _corrupt()  # fail early if the library is missing
         self.pairs = [(name, severity) for name in (None, *corruptions) for severity in range(1, 6)]
-        self.rng = np.random.default_rng(seed)
-        self.queue: list[tuple[str | None, int]] = []
 
-    def __call__(self, image: Image.Image) -> Image.Image:
-        if not self.queue:
-            self.queue = [self.pairs[i] for i in self.rng.permutation(len(self.pairs))]
-        corruption, severity = self.queue.pop()
+    def pair(self, key) -> tuple[str | None, int]:
+        block, position = divmod(key.index, len(self.pairs))
+        order = np.random.default_rng([key.seed, key.epoch, block]).permutation(len(self.pairs))
+        return self.pairs[order[position]]
+
+    def __call__(self, image: Image.Image, key) -> Image.Image:
+        corruption, severity = self.pair(key)
         return image if corruption is None else corrupt_image(image, corruption, severity)

@@ -2,7 +2,9 @@
 default, scikit-learn's handwritten digits (real data that needs no network)."""
 
 import io
+import random
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import numpy as np
@@ -140,22 +142,91 @@ def label_names(data: Dataset | IterableDataset) -> list[str] | None:
     return list(feature.names) if isinstance(feature, ClassLabel) else None
 
 
-def with_image_transform(data, processor, image_transform=None):
-    """Lazily turn `image` into `pixel_values` with `processor`; `image_transform(pil_image) -> pil_image` runs
-    first (augmentation). Works for map-style and streaming data sets."""
+class SampleKey(NamedTuple):
+    """What an example's augmentation random numbers are drawn from: the run's seed, the epoch and the example's
+    index. They do not depend on the worker, the process or what came before, so two loader workers never draw the
+    same numbers, every epoch draws new ones, and a resumed run draws those of an uninterrupted one."""
 
-    def transform(batch):
-        pil_images = [image.convert("RGB") if processor.do_convert_rgb else image for image in batch["image"]]
-        if image_transform is not None:
-            pil_images = [image_transform(image) for image in pil_images]
-        out = {"pixel_values": processor(images=pil_images, return_tensors="pt")["pixel_values"]}
+    seed: int
+    epoch: int
+    index: int
+
+    def rng(self) -> random.Random:
+        return random.Random(f"{self.seed}/{self.epoch}/{self.index}")  # str seeds hash with SHA-512: stable
+
+
+class _ImageTransform:
+    """`image` -> `pixel_values` with `processor`, after `augment(pil_image, key) -> pil_image` when given."""
+
+    def __init__(self, processor, augment, seed: int):
+        self.processor, self.augment, self.seed, self.epoch = processor, augment, seed, 0
+
+    def __call__(self, batch: dict, indices) -> dict:
+        images = [image.convert("RGB") if self.processor.do_convert_rgb else image for image in batch["image"]]
+        if self.augment is not None:
+            images = [self.augment(image, SampleKey(self.seed, self.epoch, i)) for image, i in zip(images, indices)]
+        out = {"pixel_values": self.processor(images=images, return_tensors="pt")["pixel_values"]}
         if "label" in batch:
             out["labels"] = torch.as_tensor(batch["label"])
         return out
 
+
+class ImageExamples(torch.utils.data.Dataset):
+    """A map-style data set's rows as model inputs (`pixel_values`, `labels`), transformed as the loader fetches
+    them; `set_epoch` tells the augmentation which epoch it is in."""
+
+    def __init__(self, data: Dataset, transform: _ImageTransform):
+        self.data, self.transform = data, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.transform.epoch = epoch
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        out = self.transform(self.data[indices], indices)
+        return [{key: value[i] for key, value in out.items()} for i in range(len(indices))]
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+
+class ImageStream(torch.utils.data.IterableDataset):
+    """A streaming data set as model inputs, shuffled through a buffer of `shuffle_buffer_size` examples (reseeded
+    every epoch) when that is given. An example's augmentation key is its position in the epoch's stream, made
+    distinct across loader workers (which read different shards)."""
+
+    def __init__(self, data: IterableDataset, transform: _ImageTransform, shuffle_buffer_size: int | None):
+        self.transform = transform
+        if shuffle_buffer_size is not None:
+            data = data.shuffle(seed=transform.seed, buffer_size=shuffle_buffer_size)
+        names = data.column_names or ["image", "label"]
+        # mapped once: datasets' `map` would start a new copy at epoch 0
+        self.data = data.map(self._transform, batched=True, with_indices=True, remove_columns=names)
+
+    def _transform(self, batch: dict, positions: list[int]) -> dict:
+        worker = torch.utils.data.get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        return self.transform(batch, [position * workers + worker_id for position in positions])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.data.set_epoch(epoch)
+        self.transform.epoch = epoch
+
+    def __iter__(self):
+        return iter(self.data)
+
+
+def with_image_transform(data, processor, augment=None, *, seed: int = 0, shuffle_buffer_size: int | None = None):
+    """Lazily turn `image` into `pixel_values` with `processor` (and `label` into `labels`), as a torch data set with
+    `set_epoch`. `augment(pil_image, key) -> pil_image` runs first: it draws its random numbers from `key.rng()`
+    (a `SampleKey` of `seed`, the epoch and the example's index). A streaming data set is shuffled through a buffer
+    of `shuffle_buffer_size` examples when given."""
+    transform = _ImageTransform(processor, augment, seed)
     if isinstance(data, IterableDataset):
-        return data.map(transform, batched=True, remove_columns=data.column_names)
-    return data.with_transform(transform)
+        return ImageStream(data, transform, shuffle_buffer_size)
+    return ImageExamples(data, transform)
 
 
 def collate(examples: list[dict]) -> dict:

@@ -27,7 +27,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import DataError, load_image_dataset
+from .data import DataError, collate, load_image_dataset, with_image_transform
 from .hub import PublishError, push_to_hub
 from .metrics import usage_from_counts
 
@@ -57,6 +57,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, learning_rate: floa
         "instead of a separate split; needed for a single data file",
     )  # fmt: skip
     data.add_argument("--streaming", action="store_true", help="stream the data set instead of downloading it")
+    data.add_argument(
+        "--shuffle_buffer_size", type=int, default=10_000,
+        help="--streaming: shuffle the stream through a buffer of N examples, reseeded every epoch (default: 10000; 0: in stream order)",
+    )  # fmt: skip
     data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training examples")
     data.add_argument("--max_eval_samples", type=int, default=None, help="use only the first N evaluation examples")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="worker processes per data loader")
@@ -129,7 +133,7 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
         parser.error(f"--learning_rate must be a finite number > 0, got {args.learning_rate}")
     if not 0 <= args.weight_decay < math.inf:
         parser.error(f"--weight_decay must be a finite number >= 0, got {args.weight_decay}")
-    for name in ("seed", "dataloader_num_workers", "num_warmup_steps"):
+    for name in ("seed", "dataloader_num_workers", "num_warmup_steps", "shuffle_buffer_size"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     for name in ("max_train_samples", "max_eval_samples"):
@@ -213,6 +217,18 @@ def make_loader(dataset, batch_size: int, collate_fn, args, shuffle: bool) -> Da
         num_workers=args.dataloader_num_workers,
         generator=torch.Generator().manual_seed(args.seed),
     )
+
+
+def make_loaders(args, train_data, eval_data, processor, augment=None) -> tuple[DataLoader, DataLoader]:
+    """The training and evaluation loaders of images turned into `pixel_values` by `processor`; `augment(image,
+    key)` (training only) draws its random numbers from the example's `SampleKey` of (--seed, epoch, index)."""
+    train_examples = with_image_transform(
+        train_data, processor, augment, seed=args.seed, shuffle_buffer_size=args.shuffle_buffer_size or None
+    )
+    train_loader = make_loader(train_examples, args.per_device_train_batch_size, collate, args, shuffle=True)
+    eval_loader = make_loader(with_image_transform(eval_data, processor), args.per_device_eval_batch_size, collate,
+                              args, shuffle=False)  # fmt: skip
+    return train_loader, eval_loader
 
 
 def load_splits(args, require_labels: bool = False):
@@ -355,6 +371,8 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
             if steps_per_epoch:
                 start_epoch = completed_steps // steps_per_epoch
                 skip_batches = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+            else:  # a stream of unknown length: go on in the epoch and after the batch the checkpoint saw last
+                start_epoch, skip_batches = epoch_stats.epoch, epoch_stats.count
             logger.info(f"resumed from {checkpoint} at update {completed_steps}", main_process_only=True)
         else:
             logger.info("no checkpoint to resume from yet: starting from scratch", main_process_only=True)
@@ -382,11 +400,13 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
     for epoch in range(start_epoch, num_epochs):
         model.train()
         train_loader.set_epoch(epoch)
+        if hasattr(train_loader.dataset, "set_epoch"):  # augmentation and stream shuffling (accelerate may not)
+            train_loader.dataset.set_epoch(epoch)
         batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
         if not skip_batches:  # a resumed epoch goes on with the statistics its checkpoint saved
-            epoch_stats.reset()
+            epoch_stats.reset(epoch)
         skip_batches = 0
-        for batch in batches:
+        for batch in _keeping_global_rng(batches):
             with accelerator.accumulate(model):
                 outputs = model(**batch)
                 accelerator.backward(outputs.loss)
@@ -444,15 +464,29 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
     return results
 
 
+def _keeping_global_rng(batches):
+    """The batches of a data loader, with the seed its new iterator draws from the global random generator given
+    back. accelerate drops a streaming loader's own generator, so that draw would move the quantizer's noise by one
+    number at every epoch start and at a resume, and a resumed stream would not repeat an uninterrupted one."""
+    iterator = iter(batches)
+    with torch.random.fork_rng(devices=[]):
+        first = next(iterator, None)  # the loader's iterator (and its seed) is made here
+    if first is not None:
+        yield first
+        yield from iterator
+
+
 class EpochStatistics:
-    """The running training loss of an epoch and the codes its steps used (the Gumbel samples, for the MLR/Gumbel
-    quantizers), kept on the device so that adding to them costs no host sync. Saved in every checkpoint."""
+    """The running training loss of an epoch, its batch count and the codes its steps used (the Gumbel samples, for
+    the MLR/Gumbel quantizers), kept on the device so that adding to them costs no host sync. Saved in every
+    checkpoint, so a resumed run knows where in which epoch it stopped (for a stream, there is no other way)."""
 
     def __init__(self, codebook_size: int, device):
         self.codebook_size, self.device = codebook_size, device
-        self.reset()
+        self.reset(0)
 
-    def reset(self) -> None:
+    def reset(self, epoch: int) -> None:
+        self.epoch = epoch
         self.loss_sum = torch.zeros((), device=self.device)
         self.count = 0
         self.code_counts = torch.zeros(self.codebook_size, dtype=torch.long, device=self.device)
@@ -464,9 +498,11 @@ class EpochStatistics:
             self.code_counts += torch.bincount(tokens.detach().reshape(-1), minlength=self.codebook_size)
 
     def state_dict(self) -> dict:
-        return {"loss_sum": self.loss_sum.cpu(), "count": self.count, "code_counts": self.code_counts.cpu()}
+        return {"epoch": self.epoch, "loss_sum": self.loss_sum.cpu(), "count": self.count,
+                "code_counts": self.code_counts.cpu()}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
         self.loss_sum = state["loss_sum"].to(self.device)
         self.count = state["count"]
         self.code_counts = state["code_counts"].to(self.device)
