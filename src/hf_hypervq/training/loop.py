@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -34,6 +34,7 @@ from .metrics import usage_from_counts
 
 logger = get_logger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)  # each process holds only a part of the weights
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, epochs: int, batch_size: int):
@@ -526,8 +527,11 @@ def _train_usage(counts: torch.Tensor) -> dict:
     return {"train_perplexity": usage["perplexity"], "train_codes_used": usage["codes_used"]}
 
 
-def _same_weights_everywhere(accelerator: Accelerator, model) -> bool:
-    """Whether every process ended with the same weights (a checksum of all parameters, gathered)."""
+def _same_weights_everywhere(accelerator: Accelerator, model) -> bool | None:
+    """Whether every process ended with the same weights (a checksum of all parameters, gathered). None under FSDP
+    and DeepSpeed, where each process holds a different shard of one copy of the weights."""
+    if accelerator.distributed_type in SHARDED:
+        return None
     checksum = sum(p.detach().double().sum() + p.detach().double().pow(2).sum() for p in model.parameters())
     checksums = accelerator.gather(checksum.reshape(1).to(accelerator.device))
     return bool((checksums == checksums[0]).all())
@@ -545,11 +549,12 @@ def save_model(accelerator: Accelerator, model, processor, output_dir) -> None:
     """Write the final model and image processor into `output_dir`: first into a temporary folder, then moved in
     with `config.json` last, so a folder with a `config.json` always holds complete weights."""
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # on every process: FSDP and DeepSpeed gather their shards here
     if accelerator.is_main_process:
         output_dir = Path(output_dir)
         partial = output_dir / ".partial-model"
         shutil.rmtree(partial, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(partial)
+        accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict)
         processor.save_pretrained(partial)
         (output_dir / "config.json").unlink(missing_ok=True)
         umask = os.umask(0)
