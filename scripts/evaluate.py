@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 import hf_hypervq  # noqa: F401  (registers the models)
-from hf_hypervq.training.corruptions import corrupt_image
+from hf_hypervq.training.corruptions import corrupted_after_crop
 from hf_hypervq.training.data import collate, load_image_dataset, with_image_transform
 from hf_hypervq.training.evaluation import evaluate_classifier, evaluate_corruptions, evaluate_tokenizer
 from hf_hypervq.training.loop import reported_errors, write_json
@@ -49,7 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not all(1 <= severity <= 5 for severity in args.severities):
+        parser.error(f"--severities must be between 1 and 5, got {args.severities}")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1")
+    if args.max_eval_samples is not None and args.max_eval_samples < 1:
+        parser.error("--max_eval_samples must be >= 1 (leave it out to evaluate every example)")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    return args
 
 
 def main(argv=None):
@@ -70,8 +80,8 @@ def main(argv=None):
             data = data.select(range(min(args.max_eval_samples, len(data))))
         model = accelerator.prepare(model)
 
-        def loader(image_transform=None):
-            dataset = with_image_transform(data, processor, image_transform)
+        def loader(image_transform=None, image_processor=processor):
+            dataset = with_image_transform(data, image_processor, image_transform)
             return accelerator.prepare(DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate))
 
         if is_classifier:
@@ -81,7 +91,7 @@ def main(argv=None):
                     args.corruptions, COMMON_CORRUPTIONS + EXTRA_CORRUPTIONS
                 )
                 corrupted = lambda name, severity: evaluate_classifier(  # noqa: E731
-                    model, loader(lambda image: corrupt_image(image, name, severity)), accelerator
+                    model, loader(*corrupted_after_crop(processor, name, severity)), accelerator
                 )
                 results.update(evaluate_corruptions(corrupted, names, args.severities))
         else:

@@ -108,3 +108,28 @@ def test_perturb_is_seeded_and_changes_images():
     assert all(
         torch.allclose(s, i, atol=1e-5) or torch.allclose(f, i, atol=1e-5) for s, f, i in zip(still, flipped, images)
     )
+
+
+def test_corruptions_apply_to_the_crop_the_model_sees(monkeypatch):
+    """ImageNet-C corrupts the resized, centre-cropped image; the evaluation used to corrupt the full-size one."""
+    from PIL import Image
+
+    from hf_hypervq import HyperVQImageProcessor
+    from hf_hypervq.training import corruptions
+
+    seen = []
+
+    def identity(pixels, corruption_name, severity):
+        seen.append((pixels.shape, corruption_name, severity))
+        return pixels
+
+    monkeypatch.setattr(corruptions, "_corrupt", lambda: identity)
+    processor = HyperVQImageProcessor.for_imagenet(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
+    image = Image.fromarray((np.random.default_rng(0).random((60, 100, 3)) * 255).astype("uint8"))
+    transform, normalise = corruptions.corrupted_after_crop(processor, "fog", 3)
+    corrupted = normalise(images=transform(image), return_tensors="pt")["pixel_values"]
+    assert seen == [((32, 32, 3), "fog", 3)]  # the 32-pixel crop, not the 100×60 original
+    # with the corruption left out, the two stages give exactly the usual preprocessing
+    assert torch.equal(corrupted, processor(images=image, return_tensors="pt")["pixel_values"])
+    with pytest.raises(ValueError, match="severity"):
+        corruptions.corrupted_after_crop(processor, "fog", 6)

@@ -358,6 +358,16 @@ def test_bad_input_is_one_clear_error_before_training(args, message, tmp_path):
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--severities", "0", "3"], "--severities must be between 1 and 5"), (["--batch_size", "0"], "--batch_size"),
+     (["--max_eval_samples", "0"], "--max_eval_samples")],
+)  # fmt: skip
+def test_evaluate_checks_its_flags_before_loading_anything(args, message, tmp_path):
+    result = run_script("evaluate.py", tmp_path / "no-model-needed-yet", *args, check=False)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_an_output_path_that_cannot_take_results_is_refused_before_training(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     result = run_script("train_vqvae.py", "--output_dir", tmp_path / "file", *TINY_VQVAE, check=False)

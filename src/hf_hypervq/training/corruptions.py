@@ -38,6 +38,26 @@ def corrupt_image(image: Image.Image, corruption: str, severity: int) -> Image.I
     return Image.fromarray(np.uint8(corrupted)).resize(image.size)
 
 
+def corrupted_after_crop(processor, corruption: str, severity: int):
+    """ImageNet-C's protocol: the corruption applies to the image as the model sees it, resized and centre-cropped
+    (224 pixels for ImageNet), before rescaling and normalisation; corrupting the full-size image first would not
+    give errors comparable to published (AlexNet-normalised) ones. Returns `(image_transform, processor)` for
+    `with_image_transform`: the transform resizes, crops and corrupts, the processor then only rescales and
+    normalises."""
+    if not 1 <= severity <= 5:
+        raise ValueError(f"`severity` must be 1-5, got {severity}")
+    normalise = type(processor)(**{**processor.to_dict(), "do_resize": False, "do_center_crop": False})
+
+    def transform(image: Image.Image, key=None) -> Image.Image:
+        cropped = processor(images=image, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"]
+        pixels = np.moveaxis(cropped[0], 0, -1)
+        cropped = Image.fromarray(np.uint8(pixels[..., 0] if pixels.shape[-1] == 1 else pixels))
+        corrupted = corrupt_image(cropped, corruption, severity).convert(cropped.mode)
+        return corrupted.resize(cropped.size, Image.BILINEAR)  # small crops were upscaled to the library's minimum
+
+    return transform, normalise
+
+
 class CorruptionAugmentation:
     """VQ-SA's training augmentation (docs/method.md#training-recipe): each image is left clean or gets one of the 15
     common corruptions, at severity 1-5. Within an epoch, every block of 80 consecutive example indices gets the 16 ×
