@@ -6,7 +6,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from hf_hypervq import HyperVQVAEConfig, HyperVQImageProcessor, HyperVQVAEModel
+from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
 from hf_hypervq.training import loop
 
 
