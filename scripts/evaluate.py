@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 import hf_hypervq  # noqa: F401  (registers the models)
+from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
 from hf_hypervq.training.corruptions import corrupted_after_crop
 from hf_hypervq.training.data import collate, load_image_dataset, with_image_transform
 from hf_hypervq.training.evaluation import evaluate_classifier, evaluate_corruptions, evaluate_tokenizer
@@ -65,6 +66,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with reported_errors():
+        check_pretrained_source(args.model, "model")
         accelerator = Accelerator(cpu=args.cpu)
         config = AutoConfig.from_pretrained(args.model)
         is_classifier = any(name.endswith("ForImageClassification") for name in config.architectures or [])

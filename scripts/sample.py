@@ -23,6 +23,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModel
 
 import hf_hypervq  # noqa: F401  (registers the models)
+from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
 from hf_hypervq.training.data import load_image_dataset
 from hf_hypervq.training.generation import INCEPTION_V3, load_feature_extractor, sample_images
 from hf_hypervq.training.loop import reported_errors
@@ -68,10 +69,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with reported_errors():
+        check_pretrained_source(args.prior, "prior")
         prior = AutoModel.from_pretrained(args.prior).eval()
         tokenizer_path = args.tokenizer or prior.config.tokenizer_name_or_path
         if tokenizer_path is None:
             raise FileNotFoundError("the prior does not record its tokenizer: pass --tokenizer")
+        check_pretrained_source(tokenizer_path, "--tokenizer")
         tokenizer = AutoModel.from_pretrained(tokenizer_path).eval()
         if tokenizer.config.codebook_size != prior.config.codebook_size:  # its tokens would decode to garbage
             raise ValueError(

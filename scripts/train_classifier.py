@@ -17,6 +17,7 @@ import torch
 from transformers import AutoImageProcessor
 
 from hf_hypervq import HyperVQVAEForImageClassification
+from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
 from hf_hypervq.training.data import DataError, label_names
 from hf_hypervq.training.evaluation import evaluate_classifier
 from hf_hypervq.training.loop import (
@@ -55,6 +56,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with reported_errors():
+        check_pretrained_source(args.tokenizer, "--tokenizer")
         accelerator = make_accelerator(args)
         processor = AutoImageProcessor.from_pretrained(args.tokenizer)
         with accelerator.main_process_first():

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from transformers import AutoImageProcessor, AutoModel
 
 from hf_hypervq import HyperVQPriorConfig, HyperVQPriorModel
+from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
 from hf_hypervq.training.data import DataError, collate, label_names, with_image_transform
 from hf_hypervq.training.generation import sample_images
 from hf_hypervq.training.loop import (
@@ -98,6 +99,7 @@ def tokenize(data, tokenizer, processor, accelerator, args) -> tuple[torch.Tenso
 def main(argv=None):
     args = parse_args(argv)
     with reported_errors():
+        check_pretrained_source(args.tokenizer, "--tokenizer")
         accelerator = make_accelerator(args)
         tokenizer = AutoModel.from_pretrained(args.tokenizer).eval().to(accelerator.device)
         processor = AutoImageProcessor.from_pretrained(args.tokenizer)

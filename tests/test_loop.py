@@ -1,5 +1,7 @@
 """Pieces of the training loop that a CPU run cannot reach: saving and checking the weights of sharded training."""
 
+import shutil
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -35,3 +37,34 @@ def test_identical_weights_are_not_claimed_for_sharded_parameters(accelerator, k
     assert loop._same_weights_everywhere(accelerator, model) is True
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: kind))
     assert loop._same_weights_everywhere(accelerator, model) is None
+
+
+def test_a_full_disk_is_reported_as_such(accelerator, tmp_path, monkeypatch):
+    """torch's writer reports a full disk as "unexpected pos 704 vs 598", without an errno."""
+
+    def full(folder):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(accelerator, "save_state", full)
+    free = lambda folder: shutil._ntuple_diskusage(total=2**30, used=2**30 - 2**20, free=2**20)  # noqa: E731
+    monkeypatch.setattr(loop.shutil, "disk_usage", free)
+    with pytest.raises(OSError, match=r"no space left on the disk of .*step_3 \(1 MiB free\)"):
+        loop.save_checkpoint(accelerator, tmp_path, 3, total_limit=2)
+    assert not (tmp_path / "checkpoints" / "step_3").exists()
+
+
+def test_a_failed_write_with_space_left_keeps_its_own_error(accelerator, tmp_path, monkeypatch):
+    monkeypatch.setattr(accelerator, "save_state", lambda folder: (_ for _ in ()).throw(RuntimeError("bad tensor")))
+    with pytest.raises(RuntimeError, match="bad tensor"):
+        loop.save_checkpoint(accelerator, tmp_path, 3, total_limit=2)
+
+
+def test_damaged_checkpoint_files_are_named(tmp_path):
+    folder = tmp_path / "step_2"
+    folder.mkdir()
+    torch.save({"state": torch.zeros(100)}, folder / "optimizer.bin")
+    loop.check_checkpoint_files(folder)  # complete: no error
+    data = (folder / "optimizer.bin").read_bytes()
+    (folder / "optimizer.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match=r"optimizer\.bin is damaged"):
+        loop.check_checkpoint_files(folder)

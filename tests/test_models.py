@@ -147,8 +147,28 @@ def test_loading_another_kind_of_model_is_an_error_not_random_weights(tmp_path):
     config = json.loads((tmp_path / "tokenizer" / "config.json").read_text())
     del config["model_type"]
     (tmp_path / "tokenizer" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="without `model_type`"):
+    with pytest.raises(ValueError, match=r"config\.json has no `model_type`"):
         HyperVQVAEModel.from_pretrained(tmp_path / "tokenizer")
+
+
+def test_damaged_or_missing_folders_are_named(tmp_path):
+    """transformers used to answer these with a safetensors header error, "Repo id must be in the form ...", or a
+    config error that did not say which file."""
+    folder = tmp_path / "tokenizer"
+    HyperVQVAEModel(HyperVQVAEConfig(**TINY)).save_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        HyperVQVAEModel.from_pretrained(tmp_path / "typo")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        HyperVQVAEModel.from_pretrained(str(tmp_path / "typo"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantizer_type": "nearest"}))
+    with pytest.raises(ValueError, match=r"tokenizer/config\.json: `quantizer_type` must be one of"):
+        HyperVQVAEModel.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(OSError, match=r"model\.safetensors is damaged"):
+        HyperVQVAEModel.from_pretrained(folder)
 
 
 def test_vqsa_attention_gets_its_kaiming_normal_init():

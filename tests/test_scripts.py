@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -234,6 +235,43 @@ def test_a_prior_folder_as_tokenizer_is_one_clear_error(tmp_path):
                         check=False)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "holds a 'hypervq_prior' model" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [("truncated weights", "model.safetensors is damaged"), ("no model_type", "config.json has no `model_type`"),
+     ("bad quantizer_type", "config.json: `quantizer_type` must be one of"), ("missing", ": no such folder")],
+)  # fmt: skip
+def test_a_damaged_model_folder_is_one_line_naming_it(damage, message, tokenizer_dir, tmp_path):
+    folder = tmp_path / "tokenizer"
+    if damage != "missing":
+        shutil.copytree(tokenizer_dir, folder, ignore=shutil.ignore_patterns("checkpoints", "runs"))
+    config = json.loads((tokenizer_dir / "config.json").read_text())
+    if damage == "truncated weights":
+        weights = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    elif damage == "no model_type":
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "model_type"}))
+    elif damage == "bad quantizer_type":
+        (folder / "config.json").write_text(json.dumps({**config, "quantizer_type": "nearest"}))
+    scripts = [("evaluate.py", folder)]
+    if damage == "missing":  # it used to say "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"
+        scripts.append(("train_classifier.py", "--tokenizer", folder, "--output_dir", tmp_path / "out"))
+    for name, *args in scripts:
+        result = run_script(name, *args, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_truncated_optimizer_state_stops_the_resume_naming_the_file(tmp_path):
+    args = ["--max_train_steps", "2", "--checkpointing_steps", "2", *TINY_VQVAE]
+    run_script("train_vqvae.py", "--output_dir", tmp_path, *args)
+    optimizer = tmp_path / "checkpoints" / "step_2" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    result = run_script("train_vqvae.py", "--output_dir", tmp_path, *args, "--resume_from_checkpoint", "latest",
+                        check=False)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "optimizer.bin is damaged" in result.stderr.strip().splitlines()[-1]
 
 
 def test_resume_edge_cases(tmp_path):

@@ -10,6 +10,7 @@ ends with `accelerator.end_training()`.
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -18,12 +19,14 @@ import re
 import shlex
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -294,6 +297,42 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir) -> Path | None:
     return path
 
 
+# Below this much free space, a failed write is reported as a full disk.
+NEARLY_FULL_BYTES = 64 * 2**20
+
+
+@contextlib.contextmanager
+def reported_write_failure(path):
+    """Report a write into `path` that failed for want of space as "no space left", naming `path`. torch's writer
+    raises a RuntimeError without an errno then ("unexpected pos ..."), so the free space is checked too."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        folder = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+        free = shutil.disk_usage(folder).free
+        if getattr(error, "errno", None) == errno.ENOSPC or free < NEARLY_FULL_BYTES:
+            raise OSError(
+                errno.ENOSPC, f"no space left on the disk of {path} ({free / 2**20:.0f} MiB free) while writing it"
+            ) from None
+        raise
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Name a damaged file of a checkpoint before `load_state` fails on it with a deep torch error. torch.save's
+    files (`*.bin`, `*.pkl`) are zip archives whose directory is at the end, and safetensors' header lists its
+    tensors' extents, so a truncated file of either kind fails here without being read in full."""
+    for path in sorted(folder.iterdir()):
+        try:
+            if path.suffix in (".bin", ".pkl"):
+                with zipfile.ZipFile(path):
+                    pass
+            elif path.suffix == ".safetensors":
+                with safe_open(path, framework="pt"):
+                    pass
+        except (zipfile.BadZipFile, SafetensorError, OSError) as error:
+            raise OSError(f"{path} is damaged ({error}): resume from another checkpoint") from None
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit: int | None) -> None:
     """`accelerator.save_state` into a temporary folder, renamed to `checkpoints/step_N` once complete."""
     folder = Path(output_dir) / "checkpoints"
@@ -302,7 +341,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    with reported_write_failure(partial):
+        accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -367,6 +407,7 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
             states = checkpoint / f"random_states_{accelerator.process_index}.pkl"
             if not states.exists():  # without it the resumed run would not repeat the uninterrupted one
                 raise FileNotFoundError(f"{checkpoint} is incomplete: it has no {states.name}")
+            check_checkpoint_files(checkpoint)
             accelerator.load_state(str(checkpoint))
             completed_steps = int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
             if steps_per_epoch:
@@ -554,8 +595,9 @@ def save_model(accelerator: Accelerator, model, processor, output_dir) -> None:
         output_dir = Path(output_dir)
         partial = output_dir / ".partial-model"
         shutil.rmtree(partial, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict)
-        processor.save_pretrained(partial)
+        with reported_write_failure(partial):
+            accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict)
+            processor.save_pretrained(partial)
         (output_dir / "config.json").unlink(missing_ok=True)
         umask = os.umask(0)
         os.umask(umask)
@@ -570,7 +612,8 @@ def write_json(path, data: dict) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     path = Path(path)
     partial = path.with_name(f".partial-{path.name}")
-    partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    with reported_write_failure(path):
+        partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(partial, path)
 
 

@@ -11,11 +11,14 @@ Learning", NeurIPS 2017; Yang et al., "Vector Quantization with Self-Attention f
 Learning" (VQ-SA), CVPR 2023.
 """
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel, ResNetForImageClassification, ResNetModel
 from transformers import initialization as init
@@ -26,6 +29,7 @@ from .configuration_hypervq import (
     GUMBEL_QUANTIZERS,
     HYPERBOLIC_QUANTIZERS,
     MLR_QUANTIZERS,
+    HyperVQPriorConfig,
     HyperVQSAConfig,
     HyperVQVAEConfig,
 )
@@ -34,6 +38,7 @@ from .quantizers import QUANTIZER_CLASSES, VectorQuantizer
 
 # The `from_pretrained` options that say where a config comes from.
 _HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+_CONFIG_CLASSES = {config.model_type: config for config in (HyperVQVAEConfig, HyperVQSAConfig, HyperVQPriorConfig)}
 # The remote-code name (file.class) of the tokenizer, as `save_pretrained` copies it.
 _AUTO_MODEL = "modeling_hypervq.HyperVQVAEModel"
 
@@ -169,7 +174,9 @@ class HyperVQPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """As transformers' `from_pretrained`, but a folder or repo holding another kind of model is an error: the
         plain method only warns, then hands back a model with random weights (a prior loaded as a tokenizer, a
-        tokenizer as a prior)."""
+        tokenizer as a prior). A local folder that is not there, or a damaged `config.json` or weights file, is
+        one error that names it (`check_pretrained_source`)."""
+        check_pretrained_source(pretrained_model_name_or_path)
         if not isinstance(kwargs.get("config"), PreTrainedConfig):
             hub_options = {k: kwargs[k] for k in _HUB_OPTIONS if k in kwargs}
             config, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **hub_options)
@@ -179,13 +186,52 @@ class HyperVQPreTrainedModel(PreTrainedModel):
                 raise ValueError(
                     f"{pretrained_model_name_or_path} holds {held}; {cls.__name__} loads {expected!r} models"
                 )
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:  # a truncated or overwritten weights file
+            raise OSError(f"the weights in {pretrained_model_name_or_path} are damaged: {error}") from None
 
     def set_num_updates(self, num_updates: int) -> None:
         """Step the quantizer's schedule (the Gumbel temperature); call after every optimizer update."""
         for module in self.modules():
             if isinstance(module, VectorQuantizer):
                 module.set_num_updates(num_updates)
+
+
+def check_pretrained_source(name_or_path, flag: str | None = None) -> None:
+    """Fail with one line naming the problem, where transformers would fail with a misleading one: a local path
+    that does not exist (transformers reads it as a malformed Hub id), a folder without `config.json`, a
+    `config.json` that is not JSON, has no `model_type` or holds invalid values, or a truncated `model.safetensors`.
+    A Hub id is left to transformers. `flag` (e.g. "--tokenizer") prefixes the message."""
+    where = f"{flag} {name_or_path}" if flag else str(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        text = str(name_or_path)
+        if isinstance(name_or_path, Path) or text.startswith(("/", ".", "~")) or text.count("/") > 1:
+            raise FileNotFoundError(f"{where}: no such folder")
+        return
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{where}: the folder has no config.json, so it holds no saved model")
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_file} is damaged (not JSON: {error})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"{config_file} has no `model_type`, so no model class can read it")
+    config_class = _CONFIG_CLASSES.get(config["model_type"])
+    if config_class is not None:
+        try:
+            config_class.from_dict(config)
+        except (ValueError, TypeError) as error:  # our configs check their values
+            raise ValueError(f"{config_file}: {error}") from None
+    weights = path / "model.safetensors"
+    if weights.is_file():
+        try:
+            with safe_open(weights, framework="pt"):  # reads the header, which a truncated file fails
+                pass
+        except SafetensorError as error:
+            raise OSError(f"{weights} is damaged: {error}") from None
 
 
 class HyperVQVAEResidualStack(nn.Module):
