@@ -186,6 +186,22 @@ def test_two_cpu_processes_train_in_sync(tmp_path):
     AutoModel.from_pretrained(output)
 
 
+def test_an_error_under_two_processes_ends_the_output(tmp_path):
+    """The other process's gloo traceback used to bury the `error:` line; now the launcher's summary ends with it."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(SCRIPTS / "train_vqvae.py"), "--cpu",
+        "--output_dir", str(tmp_path), "--dataset", "nobody/no-such-dataset", *TINY_VQVAE,
+    ]  # fmt: skip
+    result = subprocess.run(command, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    assert "[rank1]: Traceback" not in result.stderr and "[rank0]: Traceback" not in result.stderr
+    last = [line for line in result.stderr.strip().splitlines() if line.strip("= ")][-1]
+    assert "error: cannot load data set 'nobody/no-such-dataset'" in last
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     args = ["--max_train_steps", "60", "--checkpointing_steps", "5", "--seed", "3", *TINY_VQVAE]
     run_script("train_vqvae.py", "--output_dir", tmp_path / "straight", *args)

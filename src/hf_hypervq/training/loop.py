@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -175,12 +176,46 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
 @contextlib.contextmanager
 def reported_errors():
     """Turn the errors a user can fix (bad data, a model or checkpoint that is not there or of the wrong kind, a
-    value our checks reject, a missing optional package) into one `error:` line and exit status 2."""
+    value our checks reject, a missing optional package) into one `error:` line and exit status 2.
+
+    Under `accelerate launch`, the process whose error it is also writes the line into the launcher's error file, so
+    the launcher's failure summary, printed last, ends with it; a process that merely lost contact with a failed one
+    says so in a line instead of a traceback from gloo or NCCL."""
     try:
         yield
     except (DataError, PublishError, OSError, ImportError, ValueError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        _report(f"error: {error}")
+    except RuntimeError as error:
+        if not _lost_contact(error):
+            raise
+        rank = torch.distributed.get_rank()
+        print(f"error: process {rank} stopped: it lost contact with another process, which failed", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# How gloo and NCCL say that another process has gone (torch raises them as plain RuntimeErrors).
+LOST_CONTACT = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+)
+
+
+def _lost_contact(error: RuntimeError) -> bool:
+    distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return distributed and (
+        isinstance(error, torch.distributed.DistError) or any(sign in str(error) for sign in LOST_CONTACT)
+    )
+
+
+def _report(line: str):
+    print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # set by torchrun / accelerate launch for each process
+    if error_file:
+        with contextlib.suppress(OSError):
+            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+    raise SystemExit(2) from None
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
