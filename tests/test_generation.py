@@ -73,6 +73,12 @@ def test_class_conditioning_and_bad_inputs():
         tiny_prior()(image_tokens=torch.zeros(4, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="odd"):
         HyperVQPriorConfig(kernel_size=4)
+    for bad in (-1, 0, 2.5):
+        with pytest.raises(ValueError, match="`num_images` must be a positive integer"):
+            tiny_prior().sample(bad)
+    for bad in (float("nan"), 0.0, float("inf")):
+        with pytest.raises(ValueError, match="`temperature` must be a finite number > 0"):
+            tiny_prior().sample(1, temperature=bad)
 
 
 def test_loss_is_cross_entropy_and_training_lowers_it():

@@ -273,11 +273,45 @@ def test_save_and_from_pretrained_give_identical_outputs(quantizer_type, tmp_pat
         (torch.randn(2, 3, 18, 16), ValueError, "multiples of 4"),
         (torch.randn(3, 16, 16), ValueError, "shape"),
         (torch.randint(0, 255, (2, 3, 16, 16)), TypeError, "float tensor"),
+        (torch.randn(2, 3, 0, 0), ValueError, "multiples of 4"),
+        (torch.randn(2, 3, 16, 16, dtype=torch.float64), TypeError, r"float64 but the model's weights torch\.float32"),
     ],
 )
 def test_tokenizer_rejects_bad_images(pixel_values, error, match):
     with pytest.raises(error, match=match):
         HyperVQVAEModel(tiny_config())(pixel_values)
+
+
+def test_bad_latents_labels_and_images_get_our_message_not_a_torch_error():
+    """Each of these used to end in a conv, cross-entropy or transformers error that did not name the argument."""
+    model = HyperVQVAEModel(tiny_config())
+    with pytest.raises(ValueError, match=r"must have 8 channels \(`embedding_dim`\), got 5"):
+        model.decode(torch.randn(2, 5, 4, 4))
+    with pytest.raises(ValueError, match=r"\(batch, 8, height, width\)"):
+        model.decode(torch.randn(8, 4, 4))
+    classifier = HyperVQVAEForImageClassification(tiny_config(num_labels=3))
+    vqsa = HyperVQSAForImageClassification(HyperVQSAConfig(backbone_config=TINY_RESNET, codebook_size=8, num_labels=3))
+    for model in (classifier, vqsa):
+        with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 3\); got values from -1 to 0"):
+            model(images(), labels=torch.tensor([0, -1]))
+        with pytest.raises(ValueError, match=r"`labels` must have shape \(2,\)"):
+            model(images(), labels=torch.tensor([[0, 1]]))
+        with pytest.raises(TypeError, match="`labels` must be an integer tensor"):
+            model(images(), labels=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="at least 1; got"):
+        vqsa(torch.randn(2, 3, 0, 0))
+    with pytest.raises(TypeError, match="float64"):
+        vqsa(images().double())
+
+
+@pytest.mark.parametrize(
+    "image, match",
+    [(np.zeros((8, 8)), r"got an array of shape \(8, 8\) \(for a grey image add a channel axis"),
+     (np.zeros((0, 0, 3), dtype=np.uint8), "has no pixels"), (Image.new("RGB", (0, 0)), "0×0 has no pixels")],
+)  # fmt: skip
+def test_image_processor_says_which_images_it_takes(image, match):
+    with pytest.raises(ValueError, match=match):
+        HyperVQImageProcessor()(images=image, return_tensors="pt")
 
 
 def test_decode_tokens_rejects_bad_tokens():

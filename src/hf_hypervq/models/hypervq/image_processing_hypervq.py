@@ -49,6 +49,11 @@ class HyperVQImageProcessor(PilBackend):
         }
         return cls(**{**defaults, **kwargs})
 
+    def preprocess(self, images, *args, **kwargs):
+        for image in images if isinstance(images, (list, tuple)) else [images]:
+            _check_image(image)
+        return super().preprocess(images, *args, **kwargs)
+
     def postprocess_reconstruction(self, reconstruction: torch.Tensor) -> list[Image.Image]:
         """Undo the normalisation of model outputs `(B, C, H, W)` and return PIL images (clipped to [0, 255])."""
         if not isinstance(reconstruction, torch.Tensor) or reconstruction.ndim != 4:
@@ -59,3 +64,23 @@ class HyperVQImageProcessor(PilBackend):
         pixels = (reconstruction.detach().float().cpu() * std + mean).clamp(0, 1) * 255
         arrays = pixels.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, C)
         return [Image.fromarray(a[..., 0] if channels == 1 else np.ascontiguousarray(a)) for a in arrays]
+
+
+def _check_image(image) -> None:
+    """An image must be a PIL image or an array of shape (height, width, channels) or (channels, height, width) (or
+    a batch of those), with no empty side; transformers would print the array in its error, or resize an empty
+    image into a blank one."""
+    if isinstance(image, Image.Image):
+        if 0 in image.size:
+            raise ValueError(f"`images`: an image of size {image.size[0]}×{image.size[1]} has no pixels")
+        return
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        shape = tuple(image.shape)
+        if len(shape) not in (3, 4):
+            hint = " (for a grey image add a channel axis: `array[..., None]`)" if len(shape) == 2 else ""
+            raise ValueError(
+                "`images` must be PIL images or arrays of shape (height, width, channels) or (channels, height, "
+                f"width), or a batch of those; got an array of shape {shape}{hint}"
+            )
+        if 0 in shape:
+            raise ValueError(f"`images`: an image array of shape {shape} has no pixels")

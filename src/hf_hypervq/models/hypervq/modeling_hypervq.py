@@ -43,6 +43,45 @@ _CONFIG_CLASSES = {config.model_type: config for config in (HyperVQVAEConfig, Hy
 _AUTO_MODEL = "modeling_hypervq.HyperVQVAEModel"
 
 
+def check_pixel_values(pixel_values, channels: int, dtype: torch.dtype, multiple_of: int = 1) -> None:
+    """`pixel_values` must be a `(batch, channels, height, width)` float tensor of the model's dtype, with height
+    and width positive multiples of `multiple_of` (a conv would otherwise fail with a message about its weights)."""
+    sizes = f"multiples of {multiple_of}" if multiple_of > 1 else "at least 1"
+    expected = f"(batch, {channels}, height, width) with height and width {sizes}"
+    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+        got = pixel_values.dtype if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise TypeError(f"`pixel_values` must be a float tensor of shape {expected}; got {got}")
+    shape = tuple(pixel_values.shape)
+    if (
+        len(shape) != 4
+        or shape[1] != channels
+        or min(shape[2:]) < 1
+        or shape[2] % multiple_of
+        or shape[3] % multiple_of
+    ):
+        raise ValueError(f"`pixel_values` must have shape {expected}; got {shape}")
+    if pixel_values.dtype != dtype and not torch.is_autocast_enabled(pixel_values.device.type):
+        raise TypeError(f"`pixel_values` are {pixel_values.dtype} but the model's weights {dtype}: pass "
+                        f"`pixel_values.to({dtype})`")  # fmt: skip
+
+
+def check_class_ids(ids, name: str, count: int, batch_size: int | None = None) -> None:
+    """`ids` must be an integer tensor of values in [0, count) (of shape `(batch_size,)` when given). The range is
+    checked on the host for CPU tensors; on an accelerator `torch._assert_async` checks it without waiting for
+    the device (a failure then raises with this message at the next synchronisation)."""
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"`{name}` must be an integer tensor of ids in [0, {count}); got {got}")
+    if batch_size is not None and tuple(ids.shape) != (batch_size,):
+        raise ValueError(f"`{name}` must have shape ({batch_size},), one id per image; got {tuple(ids.shape)}")
+    message = f"`{name}` must lie in [0, {count})"
+    if ids.device.type == "cpu":
+        if ids.numel() and (ids.min() < 0 or ids.max() >= count):
+            raise ValueError(f"{message}; got values from {int(ids.min())} to {int(ids.max())}")
+    elif ids.numel():
+        torch._assert_async(((ids >= 0) & (ids < count)).all(), message)
+
+
 def build_quantizer(config, dim: int) -> VectorQuantizer:
     """The quantizer a config asks for, with the options that apply to its type."""
     kwargs = {}
@@ -327,25 +366,14 @@ class HyperVQVAEModel(HyperVQVAEPreTrainedModel):
         self.decoder = HyperVQVAEDecoder(config)
         self.post_init()
 
-    def _check_pixel_values(self, pixel_values) -> None:
-        factor, channels = self.config.downsampling_factor, self.config.num_channels
-        expected = f"(batch, {channels}, height, width) with height and width multiples of {factor}"
-        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
-            got = pixel_values.dtype if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise TypeError(f"`pixel_values` must be a float tensor of shape {expected}; got {got}")
-        shape = tuple(pixel_values.shape)
-        if (
-            len(shape) != 4
-            or shape[1] != channels
-            or min(shape[2:]) < factor
-            or shape[2] % factor
-            or shape[3] % factor
-        ):
-            raise ValueError(f"`pixel_values` must have shape {expected} (the downsampling factor); got {shape}")
-
     def encode(self, pixel_values: torch.Tensor) -> HyperVQVAEEncoderOutput:
         """Encode and quantize `pixel_values` `(B, C, H, W)`."""
-        self._check_pixel_values(pixel_values)
+        check_pixel_values(
+            pixel_values,
+            self.config.num_channels,
+            self.encoder.projection.weight.dtype,
+            self.config.downsampling_factor,
+        )
         latents = self.encoder(pixel_values)  # (B, D, h, w)
         quantized = self.quantizer(latents.permute(0, 2, 3, 1))  # channel-last: (B, h, w, D)
         return HyperVQVAEEncoderOutput(
@@ -359,6 +387,19 @@ class HyperVQVAEModel(HyperVQVAEPreTrainedModel):
 
     def decode(self, quantized_latents: torch.Tensor) -> torch.Tensor:
         """Decode code vectors `(B, embedding_dim, h, w)` into images `(B, C, h * f, w * f)`."""
+        dim = self.config.embedding_dim
+        if not isinstance(quantized_latents, torch.Tensor) or quantized_latents.ndim != 4:
+            got = (
+                tuple(quantized_latents.shape)
+                if isinstance(quantized_latents, torch.Tensor)
+                else type(quantized_latents).__name__
+            )
+            raise ValueError(f"`quantized_latents` must be a tensor of shape (batch, {dim}, height, width); got {got}")
+        if quantized_latents.shape[1] != dim:
+            raise ValueError(
+                f"`quantized_latents` must have {dim} channels (`embedding_dim`), got {quantized_latents.shape[1]}: "
+                "pass code vectors channel-first, as `encode(...).quantized_latents` gives them"
+            )
         return self.decoder(quantized_latents)
 
     def get_image_tokens(self, pixel_values: torch.Tensor) -> torch.LongTensor:
@@ -459,6 +500,8 @@ class HyperVQVAEForImageClassification(HyperVQVAEPreTrainedModel):
         **kwargs,
     ) -> ImageClassifierOutputWithNoAttention:
         r"""labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids for the cross-entropy loss."""
+        if labels is not None:
+            check_class_ids(labels, "labels", self.config.num_labels, len(pixel_values))
         with torch.no_grad():
             features = self.hypervq.encode(pixel_values).quantized_latents  # (B, D, h, w)
         logits = self.classifier(features)
@@ -557,6 +600,9 @@ class HyperVQSAForImageClassification(HyperVQPreTrainedModel):
     ) -> HyperVQSAImageClassifierOutput:
         r"""labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids for the cross-entropy loss.
         output_attentions (`bool`, *optional*): also return the two-token attention weights."""
+        check_pixel_values(pixel_values, self.config.backbone_config.num_channels, self.resnet.dtype)
+        if labels is not None:
+            check_class_ids(labels, "labels", self.config.num_labels, len(pixel_values))
         features = self._scale_features(self.resnet(pixel_values).pooler_output.flatten(1))  # (B, D)
         quantized = self.quantizer(features)
         attended, weights = self.attention(quantized.quantized, features)

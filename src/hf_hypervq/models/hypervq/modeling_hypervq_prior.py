@@ -5,6 +5,7 @@ PixelCNN Decoders", NeurIPS 2016 (gated layers with vertical and horizontal stac
 spot); used as the VQ-VAE prior by van den Oord et al. 2017 and by the HyperVQ paper (Table 2).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_hypervq import HyperVQPriorConfig
-from .modeling_hypervq import HyperVQPreTrainedModel
+from .modeling_hypervq import HyperVQPreTrainedModel, check_class_ids
 
 
 @dataclass
@@ -122,16 +123,15 @@ class HyperVQPriorModel(HyperVQPreTrainedModel):
         if not isinstance(image_tokens, torch.Tensor) or image_tokens.ndim != 3 or image_tokens.is_floating_point():
             got = tuple(image_tokens.shape) if isinstance(image_tokens, torch.Tensor) else type(image_tokens).__name__
             raise ValueError(f"`image_tokens` must be an integer tensor of shape (batch, height, width); got {got}")
-        if image_tokens.numel() and (image_tokens.min() < 0 or image_tokens.max() >= self.config.codebook_size):
-            raise ValueError(f"`image_tokens` must lie in [0, {self.config.codebook_size})")
+        check_class_ids(image_tokens, "image_tokens", self.config.codebook_size)
         if self.config.num_classes and class_labels is None:
             raise ValueError(
                 f"this prior is class-conditional ({self.config.num_classes} classes): pass `class_labels`"
             )
         if class_labels is not None and not self.config.num_classes:
             raise ValueError("this prior is unconditional: `class_labels` must be None")
-        if class_labels is not None and (class_labels.min() < 0 or class_labels.max() >= self.config.num_classes):
-            raise ValueError(f"`class_labels` must lie in [0, {self.config.num_classes})")
+        if class_labels is not None:
+            check_class_ids(class_labels, "class_labels", self.config.num_classes, len(image_tokens))
 
     @can_return_tuple
     def forward(
@@ -169,8 +169,10 @@ class HyperVQPriorModel(HyperVQPreTrainedModel):
             class_labels: `(num_images,)` classes, required by a class-conditional prior.
             seed: makes the draw reproducible (a private generator; the global RNG is left alone).
         """
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature}")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"`num_images` must be a positive integer, got {num_images!r}")
+        if not 0 < temperature < math.inf:  # also NaN
+            raise ValueError(f"`temperature` must be a finite number > 0, got {temperature}")
         height, width = grid_size or self.config.grid_size
         device = self.embedding.weight.device
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
