@@ -9,6 +9,20 @@ from torch import nn
 from hf_hypervq import HyperVQ
 
 
+class PlainNormalsHyperVQ(HyperVQ):
+    """HyperVQ with the normals a_k as plain parameters instead of HNN++'s weight norm, initialised alike."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plain_normals = nn.Parameter(super().normals.detach().clone())
+        del self.normal_scales
+        self.normal_directions.requires_grad_(False)
+
+    @property
+    def normals(self):
+        return self.plain_normals
+
+
 def train_tiny_autoencoder(quantizer, steps=300, seed=0):
     """An 8×8 digits autoencoder with a 4×4 latent grid; returns the eval perplexity, codes used and MSE."""
     torch.manual_seed(seed)
@@ -67,3 +81,17 @@ def test_hypervq_keeps_many_codes_in_use_on_real_data():
     assert perplexity > 6, (perplexity, used)
     assert used >= 12
     assert mse < 0.03  # an untrained decoder gives ~0.1
+
+
+def test_weight_norm_of_the_normals_keeps_more_codes_in_use():
+    """The normals' weight norm (HyperVQ's docstring): with plain a_k, Adam grows the most used codes' norms faster
+    and usage drops. Measured here at K = 128, seeds 0-2: eval perplexity 20.5, 35.8, 33.6 (mean 30.0) with it,
+    18.2, 28.5, 33.6 (mean 26.8) without."""
+    with_norm, plain = [], []
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        with_norm.append(train_tiny_autoencoder(HyperVQ(dim=16, codebook_size=128), seed=seed)[0])
+        torch.manual_seed(seed)
+        plain.append(train_tiny_autoencoder(PlainNormalsHyperVQ(dim=16, codebook_size=128), seed=seed)[0])
+    assert sum(with_norm) / 3 > sum(plain) / 3 + 1.5, (with_norm, plain)
+    assert all(a >= b - 0.5 for a, b in zip(with_norm, plain)), (with_norm, plain)

@@ -309,8 +309,8 @@ class HyperVQ(_GumbelTemperature, VectorQuantizer):
       v; `normals` gives :math:`a_k`), initialised as HNN++ does: v entries :math:`\mathcal{N}(0, 1/(c \cdot dim))`,
       :math:`g_k = \|v_k\|` (so :math:`\|a_k\| \approx 1/\sqrt{c}`). The forward equals plain :math:`a_k`
       parameters, but Adam then moves a norm by about one learning rate per step instead of :math:`\sqrt{dim}`:
-      with plain :math:`a_k` the norms of the most used codes grow fastest, their logits win everywhere, and usage
-      drops (same digits check at K = 128: eval perplexity 22-31 against 16-23).
+      with plain :math:`a_k` the norms of the most used codes grow fastest, their logits win more latents, and
+      usage drops (`tests/test_codebook_usage.py`, K = 128, 3 seeds: eval perplexity 30.0 on average against 26.8).
     - The offsets :math:`r_k` start Uniform(0, :math:`1/\sqrt{c \cdot dim}`), not at HNN++'s zero and never
       negative. With :math:`r_k \ge 0` the origin is on the negative side of every hyperplane, so at step 0 the
       codes split the ball by direction and each code vector points into the region its code wins. A negative
