@@ -4,7 +4,7 @@
     python scripts/push_to_hub.py outputs/tokenizer --repo_id your-name/hypervq-digits
     HF_ENDPOINT=https://hub.example.org python scripts/push_to_hub.py outputs/cifar100 --repo_id org/hypervq-cifar100 --private
 
-The card (`README.md`) is rendered from `model_cards/<kind>.md` (tokenizer, classifier or VQ-SA) with metadata and a
+The card (`README.md`) is rendered from `model_cards/<kind>.md` (tokenizer, classifier, VQ-SA or prior) with metadata and a
 `model-index` read from the folder's `eval_results.json` and `all_results.json`. The folder's model, code, image
 processor, results and pictures are uploaded; `checkpoints/` and `runs/` stay local. Log in first with
 `hf auth login` (or set HF_TOKEN). Anything wrong (not a saved model, a malformed repo id, a network error) ends with

@@ -1,6 +1,7 @@
 """Publishing: generated model cards, and the real push -> load round trip against a local Hub-protocol server."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -84,6 +85,63 @@ def test_vqsa_card_names_its_base_model_and_robustness(tmp_path):
     assert card.data.base_model == "microsoft/resnet-50" and card.data.pipeline_tag == "image-classification"
     assert {r.metric_type for r in card.data.eval_results} == {"accuracy", "mCE", "unknown_mCE"}
     assert "| fog | 40.0 |" in str(card) and "Vector Quantization with Self-Attention" in str(card)
+
+
+def saved_prior(folder):
+    from hf_hypervq import HyperVQPriorConfig, HyperVQPriorModel
+
+    config = HyperVQPriorConfig(codebook_size=16, hidden_size=8, num_layers=2, grid_size=[2, 2], num_classes=3,
+                                tokenizer_name_or_path="org/hypervq-tiny")  # fmt: skip
+    HyperVQPriorModel(config).save_pretrained(folder)
+    results = {"dataset": "uoft-cs/cifar100", "split": "test", "eval_loss": 1.5, "bits_per_token": 2.164,
+               "num_eval_samples": 51}  # fmt: skip
+    (folder / "eval_results.json").write_text(json.dumps(results))
+    command = "scripts/train_prior.py --tokenizer org/hypervq-tiny --output_dir out"
+    (folder / "all_results.json").write_text(json.dumps({**results, "tokenizer": "org/hypervq-tiny", "step": 30,
+                                                         "command": command}))  # fmt: skip
+    return folder
+
+
+def test_prior_card_and_push(tmp_path):
+    """Pushing a prior used to fail after training: there was no prior model kind nor card template."""
+    folder = saved_prior(tmp_path / "prior")
+    card = build_model_card(folder, "org/hypervq-prior")
+    assert card.data.pipeline_tag == "unconditional-image-generation" and card.data.base_model == "org/hypervq-tiny"
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {
+        "eval_loss": 1.5,
+        "bits_per_token": 2.164,
+    }
+    text = str(card)
+    assert "Gated PixelCNN" in text and "2×2 code grids" in text and "conditioned on\n3 classes" in text
+    assert (
+        'prior = AutoModel.from_pretrained("org/hypervq-prior")' in text
+        and "class_labels=torch.arange(16) % 3" in text
+    )
+    with LocalHub(tmp_path / "hub") as hub:
+        env = hub.client_env(tmp_path / "hf_home")
+        push = [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), str(folder), "--repo_id", "org/prior"]
+        result = subprocess.run(push, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert {"README.md", "config.json", "model.safetensors"} <= set(hub.snapshot("model", "org/prior", "main")[1])
+
+
+def test_an_installed_wheel_publishes_without_a_checkout(tmp_path):
+    """The card templates used to resolve to the checkout's model_cards/, outside the package."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "wheel"), str(ROOT)], check=True, capture_output=True, timeout=300)  # fmt: skip
+    wheel = next((tmp_path / "wheel").glob("*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, capture_output=True, timeout=300)  # fmt: skip
+    saved_tokenizer(tmp_path / "model")
+    code = (
+        "import sys, hf_hypervq; from hf_hypervq.training.hub import build_model_card; "
+        f"assert hf_hypervq.__file__.startswith({str(tmp_path / 'site')!r}), hf_hypervq.__file__; "
+        f"print(build_model_card({str(tmp_path / 'model')!r}, 'org/x').data.pipeline_tag)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "site"), "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "image-feature-extraction"
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
 """Publishing to the Hub: a model card generated from a template and the run's result files, and the model folder
 pushed in one commit (`create_repo` + `upload_folder`).
 
-Numbers in a card are read from `eval_results.json` / `all_results.json`, never typed. The templates live in the
-repository's `model_cards/` folder (one per model kind), so publishing runs from a checkout of hf-hypervq.
+Numbers in a card are read from `eval_results.json` / `all_results.json`, never typed. The templates (one per model
+kind) ship inside the package, `hf_hypervq/model_cards/` (the checkout's `model_cards/` links there), so publishing
+works from any install.
 """
 
 import json
@@ -15,12 +16,13 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "model_cards"
+TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "model_cards"
 # architecture -> (template / kind, pipeline tag, training script)
 MODEL_KINDS = {
     "HyperVQVAEModel": ("tokenizer", "image-feature-extraction", "scripts/train_vqvae.py"),
     "HyperVQVAEForImageClassification": ("classifier", "image-classification", "scripts/train_classifier.py"),
     "HyperVQSAForImageClassification": ("vqsa", "image-classification", "scripts/train_vqsa.py"),
+    "HyperVQPriorModel": ("prior", "unconditional-image-generation", "scripts/train_prior.py"),
 }
 QUANTIZER_NAMES = {
     "hyperbolic": "HyperVQ",
@@ -46,6 +48,8 @@ METRIC_NAMES = {
     "unknown_accuracy": "Accuracy under the 4 unknown corruptions",
     "mCE": "mCE (15 known corruptions)",
     "unknown_mCE": "mCE (4 unknown corruptions)",
+    "eval_loss": "Token negative log-likelihood (nats)",
+    "bits_per_token": "Bits per token",
 }
 
 
@@ -92,12 +96,13 @@ def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR) -> ModelC
     split = evaluation.get("split", "test")
     metrics = {k: v for k, v in evaluation.items() if k in METRIC_NAMES and isinstance(v, (int, float))}
     base_model = everything.get("resnet") if kind == "vqsa" else everything.get("tokenizer")
-    quantizer = QUANTIZER_NAMES.get(config.get("quantizer_type"), config.get("quantizer_type"))
+    quantizer = QUANTIZER_NAMES.get(config.get("quantizer_type"), config.get("quantizer_type"))  # None for a prior
+    tags = ["hf-hypervq", "hypervq", "vector-quantization", "hyperbolic", *([quantizer.lower()] if quantizer else [])]
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag=pipeline_tag,
         license="apache-2.0",
-        tags=["hf-hypervq", "hypervq", "vector-quantization", "hyperbolic", quantizer.lower(), kind],
+        tags=[*tags, kind],
         datasets=[dataset] if _is_hub_id(dataset) else None,
         base_model=base_model if _is_hub_id(base_model) else None,
         model_name=repo_id.split("/")[-1],
