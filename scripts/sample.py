@@ -25,9 +25,9 @@ from transformers import AutoImageProcessor, AutoModel
 import hf_hypervq  # noqa: F401  (registers the models)
 from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
 from hf_hypervq.training.data import load_image_dataset
+from hf_hypervq.training.evaluation import metric
 from hf_hypervq.training.generation import INCEPTION_V3, load_feature_extractor, sample_images
 from hf_hypervq.training.loop import reported_errors
-from hf_hypervq.training.metrics import frechet_distance, inception_score
 from hf_hypervq.training.plots import save_sample_grid
 
 
@@ -117,22 +117,34 @@ def main(argv=None):
             real_images = [real[i]["image"] for i in range(min(args.num_samples, len(real)))]
             sample_features, sample_probabilities = extractor(samples)
             real_features, _ = extractor(real_images)
-            score, score_std = inception_score(sample_probabilities, splits=min(10, len(samples)))
+            scores = metric("fid_inception_score").compute(
+                predictions=torch.cat([real_features, sample_features]).numpy(),
+                references=[0] * len(real_features) + [1] * len(sample_features),
+                probabilities=sample_probabilities.numpy(), splits=min(10, len(samples)),
+                feature_extractor=f"{extractor.name} (sha256 {extractor.weights_sha256})",
+            )  # fmt: skip
+            score, score_std = scores["inception_score"], scores["inception_score_std"]
             metrics = {
-                "fid": frechet_distance(sample_features, real_features),
+                "fid": scores["fid"],
                 "inception_score": score,
                 "inception_score_std": score_std,
                 "feature_extractor": extractor.name,
-                "num_samples": len(samples),
-                "num_real_images": len(real_images),
-                "real_images": f"{args.dataset or 'scikit-learn/digits'}:{args.split}",
-                "temperature": args.temperature,
+                "protocol": {
+                    "feature_extractor": extractor.name,
+                    "feature_extractor_sha256": extractor.weights_sha256,
+                    "num_samples": len(samples),
+                    "num_real_images": len(real_images),
+                    "real_images": f"{args.dataset or 'scikit-learn/digits'}:{args.split}",
+                    "resolution": [samples[0].height, samples[0].width],
+                    "temperature": args.temperature,
+                },
             }
             path = Path(args.metrics_file or Path(args.output).with_name("sample_metrics.json"))
             path.write_text(json.dumps(metrics, indent=2) + "\n")
             print(
-                f"FID {metrics['fid']:.2f}, IS {score:.2f} ± {score_std:.2f} over {len(samples)} samples, "
-                f"features from {extractor.name} (wrote {path})"
+                f"FID {metrics['fid']:.2f}, IS {score:.2f} ± {score_std:.2f} over {len(samples)} samples against "
+                f"{len(real_images)} real images, features from {extractor.name} "
+                f"(sha256 {extractor.weights_sha256[:12]}), wrote {path}"
             )
 
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEForImageClassification, HyperVQVAEModel
 from hf_hypervq.models.hypervq.quantizers import decay_for_run
 from hf_hypervq.training.data import load_image_dataset
-from hf_hypervq.training.evaluation import cluster_scores
-from hf_hypervq.training.metrics import codebook_usage, logit_confidence, perturb
+from hf_hypervq.training.evaluation import cluster_scores, metric
+from hf_hypervq.training.metrics import logit_confidence, perturb
 
 
 MODEL = {"hidden_size": 64, "residual_hidden_size": 32, "embedding_dim": 64}
@@ -127,6 +127,12 @@ def train_tokenizer(setting: dict, model_options: dict, seed: int, data: dict):
     return model.eval(), torch.cat(train_tokens)
 
 
+def usage(tokens: torch.Tensor, codebook_size: int) -> dict:
+    """Perplexity, codes used and dead codes of code ids, by the `codebook_usage` module."""
+    result = metric("codebook_usage").compute(predictions=tokens.reshape(-1).numpy(), codebook_size=codebook_size)
+    return {k: result[k] for k in ("perplexity", "codes_used", "dead_codes")}
+
+
 @torch.no_grad()
 def tokenizer_metrics(model, train_tokens, data) -> dict:
     """Test-split quality (MSE, eval-argmax usage, cluster scores on clean and perturbed inputs) and the mechanism
@@ -136,9 +142,14 @@ def tokenizer_metrics(model, train_tokens, data) -> dict:
     quantizer, config = model.quantizer, model.config
     latents = out.latents.permute(0, 2, 3, 1).reshape(-1, config.embedding_dim)
     results = {
-        "reconstruction_mse": F.mse_loss(out.reconstruction, pixels).item(),
-        **codebook_usage(out.image_tokens, config.codebook_size),
-        "train_perplexity": codebook_usage(train_tokens, config.codebook_size)["perplexity"],
+        "reconstruction_mse": metric("reconstruction").compute(
+            predictions=out.reconstruction.flatten(1).numpy(),
+            references=pixels.flatten(1).numpy(),
+            image_shape=tuple(pixels.shape[1:]),
+            data_range=2.0,
+        )["mse"],
+        **usage(out.image_tokens, config.codebook_size),
+        "train_perplexity": usage(train_tokens, config.codebook_size)["perplexity"],
         "latent_norm": latents.norm(dim=-1).mean().item(),
         "code_vector_norm": quantizer.codebook.norm(dim=-1).mean().item(),
         "code_counts": torch.bincount(out.image_tokens.reshape(-1), minlength=config.codebook_size).tolist(),

@@ -85,7 +85,7 @@ def main(argv=None):
             model,
             optimizer,
             train_loader,
-            lambda m: evaluate_classifier(m, eval_loader, accelerator),
+            lambda m, final: evaluate_classifier(m, eval_loader, accelerator),
             scheduler=scheduler,
         )
         save_model(accelerator, model, processor, args.output_dir)

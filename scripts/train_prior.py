@@ -135,7 +135,7 @@ def main(argv=None):
             prior, optimizer, train_loader, eval_loader, scheduler
         )
         results = train(
-            args, accelerator, prior, optimizer, train_loader, lambda m: evaluate(m, eval_loader, accelerator),
+            args, accelerator, prior, optimizer, train_loader, lambda m, final: evaluate(m, eval_loader, accelerator),
             scheduler=scheduler,
         )  # fmt: skip
         save_model(accelerator, prior, processor, args.output_dir)

@@ -11,7 +11,7 @@ corrupted with one of the 15 common ImageNet-C corruptions at severity 1-5 (`ima
 "hf-hypervq[vqsa]"); the loss is the cross-entropy plus the quantizer's loss. `--resnet` takes a ResNet image
 classifier (a folder or a Hub id such as microsoft/resnet-50) whose backbone and last layer are copied; without it a
 small ResNet (3 stages of 16-64 channels) starts from scratch. Evaluate robustness (mCE) with
-`scripts/evaluate.py --corruptions all`.
+`scripts/evaluate_model.py --corruptions all`.
 """
 
 import argparse
@@ -148,7 +148,7 @@ def main(argv=None):
         )
         results = train(
             args, accelerator, model, optimizer, train_loader,
-            lambda m: evaluate_classifier(m, eval_loader, accelerator), scheduler=scheduler,
+            lambda m, final: evaluate_classifier(m, eval_loader, accelerator), scheduler=scheduler,
         )  # fmt: skip
         save_model(accelerator, model, processor, args.output_dir)
         if accelerator.is_main_process:

@@ -21,7 +21,7 @@ from huggingface_hub.errors import StrictDataclassError
 from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
 from hf_hypervq.models.hypervq.configuration_hypervq import QUANTIZER_TYPES
 from hf_hypervq.models.hypervq.quantizers import decay_for_run
-from hf_hypervq.training.evaluation import evaluate_tokenizer
+from hf_hypervq.training.evaluation import evaluate_tokenizer, pixel_range
 from hf_hypervq.training.loop import (
     add_common_arguments,
     check_common_arguments,
@@ -143,7 +143,9 @@ def main(argv=None):
             model,
             optimizer,
             train_loader,
-            lambda m: evaluate_tokenizer(m, eval_loader, accelerator),
+            lambda m, final: evaluate_tokenizer(
+                m, eval_loader, accelerator, data_range=pixel_range(processor), structural_similarity=final
+            ),
             scheduler=scheduler,
         )
         save_model(accelerator, model, processor, args.output_dir)

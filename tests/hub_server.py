@@ -137,8 +137,9 @@ class LocalHub:
         huggingface_hub reads these once, at import: they must be set before it is imported.
         """
         env = dict(os.environ if base is None else base)
-        for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "TRANSFORMERS_OFFLINE"):
-            env.pop(var, None)  # they would override HF_HOME / HF_HUB_OFFLINE
+        for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "TRANSFORMERS_OFFLINE",
+                    "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE"):  # fmt: skip
+            env.pop(var, None)  # they would override HF_HOME / HF_HUB_OFFLINE (evaluate reads the last two)
         env.update(
             HF_ENDPOINT=self.url,
             HF_TOKEN="dummy",

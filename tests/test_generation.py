@@ -18,8 +18,9 @@ from hf_hypervq import (
     HyperVQVAEConfig,
     HyperVQVAEForImageClassification,
     HyperVQVAEModel,
+    metrics,
 )
-from hf_hypervq.training.metrics import frechet_distance, inception_score
+from hf_hypervq.metrics.fid_inception_score.fid_inception_score import frechet_distance, inception_score
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +152,20 @@ def test_inception_score_by_hand():
     assert inception_score(p, splits=1)[0] == pytest.approx(kl.exp().item(), rel=1e-9)
 
 
+def test_fid_module_needs_the_extractor_and_matches_the_functions():
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(50, 3, generator=g, dtype=torch.float64), torch.randn(40, 3, generator=g) + 1
+    probabilities = torch.softmax(torch.randn(40, 5, generator=g), -1)
+    module = metrics.load("fid_inception_score")
+    inputs = dict(predictions=torch.cat([real, fake.double()]).numpy(), references=[0] * 50 + [1] * 40)
+    with pytest.raises(ValueError, match="`feature_extractor` is required"):
+        module.compute(**inputs)
+    result = module.compute(**inputs, probabilities=probabilities.numpy(), splits=4, feature_extractor="toy (sha 1)")
+    assert result["fid"] == pytest.approx(frechet_distance(real, fake), rel=1e-9)
+    assert result["inception_score"] == pytest.approx(inception_score(probabilities, splits=4)[0], rel=1e-6)
+    assert (result["num_real"], result["num_generated"], result["feature_extractor"]) == (50, 40, "toy (sha 1)")
+
+
 def run(script, *args, check=True):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
@@ -187,7 +202,8 @@ def test_train_prior_and_sample_with_fid_and_is(tmp_path):
                  "--feature_extractor", tmp_path / "classifier", "--class_labels", "3", "7")  # fmt: skip
     metrics = json.loads((tmp_path / "sample_metrics.json").read_text())
     assert metrics["feature_extractor"].startswith("HyperVQVAEForImageClassification from")
-    assert metrics["fid"] >= 0 and metrics["inception_score"] >= 1 and metrics["num_samples"] == 40
+    assert metrics["fid"] >= 0 and metrics["inception_score"] >= 1 and metrics["protocol"]["num_samples"] == 40
+    assert len(metrics["protocol"]["feature_extractor_sha256"]) == 64 and metrics["protocol"]["resolution"] == [8, 8]
     assert "features from HyperVQVAEForImageClassification" in result.stdout
     assert (tmp_path / "grid.png").exists()
 

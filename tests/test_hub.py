@@ -245,3 +245,50 @@ def test_train_push_and_load_back_from_the_hub(tmp_path):
     assert [outputs["installed"]["pipeline_tokens"]] == tokens
     card = ModelCard.load(output / "README.md") if (output / "README.md").exists() else None
     assert card is None  # the card is generated for the push, not written into the training folder
+
+
+def test_a_metric_pushed_to_the_hub_loads_with_evaluate_in_a_fresh_process(tmp_path):
+    with LocalHub(tmp_path / "hub") as hub:
+        env = hub.client_env(tmp_path / "hf_home")
+        push = [sys.executable, str(ROOT / "scripts" / "push_metric.py"), "codebook_usage", "--repo_id",
+                "org/hypervq-codebook-usage"]  # fmt: skip
+        result = subprocess.run(push, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        files = set(hub.snapshot("space", "org/hypervq-codebook-usage", "main")[1])
+        assert {"hypervq-codebook-usage.py", "README.md", "app.py", "requirements.txt"} <= files
+        load = (
+            "import evaluate, json; "
+            "usage = evaluate.load('org/hypervq-codebook-usage'); "
+            "print(type(usage).__module__); "
+            "print(json.dumps(usage.compute(predictions=[0, 1, 1, 3], codebook_size=4)))"
+        )
+        run = subprocess.run([sys.executable, "-c", load], env={**env, "HF_HOME": str(tmp_path / "fresh")},
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        module, computed = run.stdout.strip().splitlines()[-2:]
+        assert "hypervq-codebook-usage" in module  # the copy from the Hub, not the installed package
+        result = json.loads(computed)
+        assert result == {
+            "perplexity": pytest.approx(2 * 2**0.5),
+            "codes_used": 0.75,
+            "dead_codes": 1,
+            "num_tokens": 4,
+        }
+
+
+def test_the_committed_example_card_shows_each_metric_with_its_protocol():
+    examples = ROOT / "model_cards" / "examples"
+    card = ModelCard.load(examples / "tokenizer-digits.md")
+    evaluation = json.loads((examples / "tokenizer-digits.eval_results.json").read_text())
+    results = {r.metric_type: r for r in card.data.eval_results}
+    for name in ("reconstruction_mse", "psnr", "ssim", "perplexity", "codes_used", "dead_codes"):
+        assert results[name].metric_value == evaluation[name], name  # read from the run's file, not typed
+        assert results[name].metric_args == evaluation["protocol"], name
+        assert (
+            "360 images, 16x16 pixels, 16 tokens per image (4x4 grid, downsampling 4)" in results[name].metric_config
+        )
+    text = str(card)
+    assert (
+        "| PSNR (dB) | 24.58 |" in text and "| SSIM | 0.8132 |" in text and "**Protocol**: scikit-learn/digits" in text
+    )
+    assert "Each image becomes 16 tokens (4×4, downsampling factor" in text

@@ -66,8 +66,8 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "name",
-    ["train_vqvae", "train_classifier", "train_vqsa", "evaluate", "train_prior", "sample", "push_to_hub",
-     "reproduce", "ablate"],
+    ["train_vqvae", "train_classifier", "train_vqsa", "evaluate_model", "train_prior", "sample", "push_to_hub",
+     "push_metric", "reproduce", "ablate"],
 )  # fmt: skip
 def test_help_documents_every_flag(name, monkeypatch):
     monkeypatch.syspath_prepend(str(SCRIPTS))  # the study scripts import their shared `study` module
@@ -78,7 +78,7 @@ def test_help_documents_every_flag(name, monkeypatch):
     for action in parser._actions:
         if action.help != "==SUPPRESS==":
             assert action.help, action.option_strings
-    assert "--output_dir" in parser.format_help() or name in ("evaluate", "sample", "push_to_hub")
+    assert "--output_dir" in parser.format_help() or name in ("evaluate_model", "sample", "push_to_hub", "push_metric")
 
 
 def test_train_vqvae_output_folder(tokenizer_dir):
@@ -107,6 +107,13 @@ def test_train_vqvae_output_folder(tokenizer_dir):
         and "silhouette" in evaluation
         and "noisy_silhouette" in evaluation
     )
+    # PSNR and SSIM beside MSE, and the protocol beside every number
+    assert evaluation["psnr"] > 0 and -1 <= evaluation["ssim"] <= 1
+    assert evaluation["protocol"] == {
+        "dataset": "scikit-learn/digits", "split": "test", "num_images": 51, "resolution": [8, 8],
+        "tokens_per_image": 4, "token_grid": [2, 2], "downsampling_factor": 4, "pixel_range": 2.0,
+        "ssim_window": "uniform 7x7", "cluster_points": 204,
+    }  # fmt: skip
 
 
 def test_with_tracking_writes_tensorboard_scalars(tokenizer_dir):
@@ -138,13 +145,21 @@ def test_classifier_and_evaluate_scripts(tokenizer_dir, tmp_path):
         str(ROOT / "tests" / "data" / "digit.png")
     )[0]["label"] in {str(d) for d in range(10)}
 
-    result = run_script("evaluate.py", output, "--max_eval_samples", "51", "--output_file", tmp_path / "again.json")
+    result = run_script(
+        "evaluate_model.py", output, "--max_eval_samples", "51", "--output_file", tmp_path / "again.json"
+    )
     assert json.loads((tmp_path / "again.json").read_text())["accuracy"] == pytest.approx(accuracy)
-    run_script("evaluate.py", tokenizer_dir, "--max_eval_samples", "51", "--output_file", tmp_path / "tok.json")
+    run_script("evaluate_model.py", tokenizer_dir, "--max_eval_samples", "51", "--output_file", tmp_path / "tok.json")
     saved = json.loads((tokenizer_dir / "eval_results.json").read_text())
     again = json.loads((tmp_path / "tok.json").read_text())
     assert again["reconstruction_mse"] == pytest.approx(saved["reconstruction_mse"], rel=1e-5)
     assert f"{tmp_path / 'again.json'}: " in result.stdout  # the summary line names the file it wrote
+    tokenizer_summary = run_script("evaluate_model.py", tokenizer_dir, "--max_eval_samples", "51", "--output_file",
+                                   tmp_path / "tok2.json").stdout  # fmt: skip
+    assert (
+        "protocol: scikit-learn/digits test, 51 images, 8x8 pixels, 4 tokens per image (2x2 grid, downsampling 4)"
+        in (tokenizer_summary)
+    )
 
 
 def test_train_vqsa_with_corruptions_and_mce(tmp_path):
@@ -158,7 +173,7 @@ def test_train_vqsa_with_corruptions_and_mce(tmp_path):
     assert type(model).__name__ == "HyperVQSAForImageClassification"
     assert 0 <= json.loads((output / "eval_results.json").read_text())["accuracy"] <= 1
     run_script(
-        "evaluate.py", output, "--max_eval_samples", "8", "--corruptions", "extra", "--severities", "1", "5",
+        "evaluate_model.py", output, "--max_eval_samples", "8", "--corruptions", "extra", "--severities", "1", "5",
         "--output_file", tmp_path / "mce.json",
     )  # fmt: skip
     result = json.loads((tmp_path / "mce.json").read_text())
@@ -270,7 +285,7 @@ def test_a_damaged_model_folder_is_one_line_naming_it(damage, message, tokenizer
         (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "model_type"}))
     elif damage == "bad quantizer_type":
         (folder / "config.json").write_text(json.dumps({**config, "quantizer_type": "nearest"}))
-    scripts = [("evaluate.py", folder)]
+    scripts = [("evaluate_model.py", folder)]
     if damage == "missing":  # it used to say "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"
         scripts.append(("train_classifier.py", "--tokenizer", folder, "--output_dir", tmp_path / "out"))
     for name, *args in scripts:
@@ -418,7 +433,7 @@ def test_bad_input_is_one_clear_error_before_training(args, message, tmp_path):
      (["--max_eval_samples", "0"], "--max_eval_samples")],
 )  # fmt: skip
 def test_evaluate_checks_its_flags_before_loading_anything(args, message, tmp_path):
-    result = run_script("evaluate.py", tmp_path / "no-model-needed-yet", *args, check=False)
+    result = run_script("evaluate_model.py", tmp_path / "no-model-needed-yet", *args, check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 

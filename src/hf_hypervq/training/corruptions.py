@@ -8,7 +8,7 @@ gaussian_blur and fog there). Install it with `pip install "hf-hypervq[vqsa]"`.
 import numpy as np
 from PIL import Image
 
-from .metrics import COMMON_CORRUPTIONS
+from ..metrics.mean_corruption_error.mean_corruption_error import COMMON_CORRUPTIONS
 
 
 def _corrupt():

@@ -1,24 +1,52 @@
 """Evaluation of the three model kinds over a data loader, distributed-safe (`gather_for_metrics` drops the samples
-accelerate pads onto uneven last batches), shared by the training scripts and `scripts/evaluate.py`."""
+accelerate pads onto uneven last batches), shared by the training scripts and `scripts/evaluate_model.py`. Every number
+that has an `evaluate` module (`hf_hypervq.metrics`) is computed by it; each result carries its `protocol` (how
+many images, what resolution, how many tokens per image, ...), so that numbers made differently never look alike."""
+
+import functools
 
 import torch
 from accelerate import Accelerator
 
-from .metrics import (
-    COMMON_CORRUPTIONS,
-    EXTRA_CORRUPTIONS,
-    codebook_usage,
-    davies_bouldin_index,
-    logit_confidence_per_row,
-    mean_corruption_error,
-    perturb,
-    silhouette_score,
-    top1_accuracy,
-)
+from .. import metrics
+from .metrics import logit_confidence_per_row, perturb, top1_accuracy
 
 
 # Cluster metrics use at most this many latent vectors (silhouette is quadratic in them).
 MAX_CLUSTER_POINTS = 4000
+
+
+@functools.cache
+def metric(name: str):
+    """The loaded `evaluate` module `name`, once per process (loading one takes a moment)."""
+    return metrics.load(name)
+
+
+def pixel_range(processor) -> float:
+    """The span of the pixel values `processor` produces: 1/std (2.0 for the tokenizer's [-1, 1])."""
+    stds = set(processor.image_std) if processor.do_normalize else {1.0}
+    if len(stds) != 1:
+        raise ValueError(f"PSNR and SSIM need one pixel range for all channels; the processor's std is {stds}")
+    return (1.0 if processor.do_rescale else 255.0) / stds.pop()
+
+
+def protocol_line(protocol: dict) -> str:
+    """A result's protocol in one line, e.g. "scikit-learn/digits test, 360 images, 16x16 pixels, 16 tokens per
+    image (4x4 grid, downsampling 4), pixel range 2.0, SSIM window uniform 7x7"."""
+    parts = [" ".join(str(protocol[k]) for k in ("dataset", "split") if k in protocol)]
+    if "num_images" in protocol:
+        parts.append(f"{protocol['num_images']} images")
+    if "resolution" in protocol:
+        parts.append("x".join(map(str, protocol["resolution"])) + " pixels")
+    if "tokens_per_image" in protocol:
+        grid = "x".join(map(str, protocol["token_grid"]))
+        parts.append(f"{protocol['tokens_per_image']} tokens per image ({grid} grid, downsampling "
+                     f"{protocol['downsampling_factor']})")  # fmt: skip
+    if "pixel_range" in protocol:
+        parts.append(f"pixel range {protocol['pixel_range']}")
+    if protocol.get("ssim_window"):
+        parts.append(f"SSIM window {protocol['ssim_window']}")
+    return ", ".join(part for part in parts if part)
 
 
 def cluster_scores(latents: torch.Tensor, codes: torch.Tensor, prefix: str = "", seed: int = 0) -> dict:
@@ -27,31 +55,41 @@ def cluster_scores(latents: torch.Tensor, codes: torch.Tensor, prefix: str = "",
     keep = torch.randperm(len(codes), generator=torch.Generator().manual_seed(seed))[:MAX_CLUSTER_POINTS]
     if len(codes[keep].unique()) < 2:
         return {}
-    return {
-        f"{prefix}silhouette": silhouette_score(latents[keep], codes[keep]),
-        f"{prefix}davies_bouldin": davies_bouldin_index(latents[keep], codes[keep]),
-    }
+    scores = metric("cluster_quality").compute(predictions=codes[keep].numpy(), references=latents[keep].numpy())
+    return {f"{prefix}silhouette": scores["silhouette"], f"{prefix}davies_bouldin": scores["davies_bouldin"]}
 
 
 @torch.no_grad()
-def evaluate_tokenizer(model, loader, accelerator: Accelerator, seed: int = 0) -> dict:
-    """Reconstruction MSE, codebook usage of the eval argmax (perplexity, codes used, dead codes, per-code counts),
-    for the MLR/Gumbel quantizers how decided their logits are (mean max probability, top-1 − top-2 margin; see
-    `metrics.logit_confidence`), and the cluster quality of the pre-quantization latents with code ids as clusters
-    (silhouette, Davies-Bouldin), on clean inputs and on perturbed ones (paper Table 5)."""
+def evaluate_tokenizer(
+    model, loader, accelerator: Accelerator, seed: int = 0, data_range: float = 2.0, structural_similarity: bool = True
+) -> dict:
+    """Reconstruction MSE, PSNR and SSIM (`data_range`: the span of the pixel values, see `pixel_range`; SSIM, the
+    slow one, is left out with `structural_similarity=False`, as the training scripts do before the last epoch), codebook
+    usage of the eval argmax (perplexity, codes used, dead codes, per-code counts), for the MLR/Gumbel quantizers how
+    decided their logits are (mean max probability, top-1 − top-2 margin; `metrics.logit_confidence`), and the
+    cluster quality of the pre-quantization latents with code ids as clusters (silhouette, Davies-Bouldin), on clean
+    inputs and on perturbed ones (paper Table 5). `protocol` gives the images, resolution and tokens behind them."""
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     codebook_size = unwrapped.config.codebook_size
     generator = torch.Generator().manual_seed(seed)
-    squared_errors, tokens, max_probabilities, margins = [], [], [], []
+    sums, tokens, max_probabilities, margins = {"mse": 0.0, "psnr": 0.0, "ssim": 0.0}, [], [], []
     clusters = {"": ([], []), "noisy_": ([], [])}  # latent vectors and their codes, clean and perturbed
-    collected = 0  # the same on every process: it counts gathered vectors
+    collected = num_images = 0  # the same on every process: they count gathered vectors and images
     for batch in loader:
         pixel_values = batch["pixel_values"]
         out = model(pixel_values=pixel_values)
-        per_image_mse = (out.reconstruction.float() - pixel_values.float()).pow(2).flatten(1).mean(1)
-        per_image_mse, image_tokens = accelerator.gather_for_metrics((per_image_mse, out.image_tokens))
-        squared_errors.append(per_image_mse.cpu())
+        reconstruction, originals, image_tokens = accelerator.gather_for_metrics(
+            (out.reconstruction.float(), pixel_values.float(), out.image_tokens)
+        )
+        shape = tuple(originals.shape[1:])
+        quality = metric("reconstruction").compute(
+            predictions=reconstruction.flatten(1).cpu().numpy(), references=originals.flatten(1).cpu().numpy(),
+            image_shape=shape, data_range=data_range, structural_similarity=structural_similarity,
+        )  # fmt: skip
+        for key in sums:  # per-image means, so batches combine weighted by their size
+            sums[key] = None if quality[key] is None else sums[key] + quality[key] * len(originals)
+        num_images += len(originals)
         tokens.append(image_tokens.cpu())
         if out.logits is not None:  # how decided the MLR/Gumbel quantizer is, per latent
             confidence = logit_confidence_per_row(out.logits)
@@ -69,15 +107,31 @@ def evaluate_tokenizer(model, loader, accelerator: Accelerator, seed: int = 0) -
             vectors.append(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).cpu())  # (B·h·w, D)
             codes.append(k.reshape(-1).cpu())
         collected += image_tokens.numel()
-    squared_errors, tokens = torch.cat(squared_errors), torch.cat(tokens)
-    results = {"reconstruction_mse": squared_errors.mean().item(), "num_eval_samples": len(squared_errors)}
-    results.update(codebook_usage(tokens, codebook_size))
+    tokens = torch.cat(tokens)
+    results = {
+        "reconstruction_mse": sums["mse"] / num_images,
+        "psnr": sums["psnr"] / num_images,
+        "ssim": None if sums["ssim"] is None else sums["ssim"] / num_images,
+        "num_eval_samples": num_images,
+    }
+    usage = metric("codebook_usage").compute(predictions=tokens.reshape(-1).numpy(), codebook_size=codebook_size)
+    results.update({k: usage[k] for k in ("perplexity", "codes_used", "dead_codes")})
     if max_probabilities:
         results["mean_max_probability"] = torch.cat(max_probabilities).mean().item()
         results["logit_margin"] = torch.cat(margins).mean().item()
     for prefix, (vectors, codes) in clusters.items():
         results.update(cluster_scores(torch.cat(vectors), torch.cat(codes), prefix, seed))
     results["code_counts"] = torch.bincount(tokens.reshape(-1), minlength=codebook_size).tolist()
+    results["protocol"] = {
+        "num_images": num_images,
+        "resolution": list(shape[1:]),
+        "tokens_per_image": int(tokens[0].numel()),
+        "token_grid": list(tokens.shape[1:]),
+        "downsampling_factor": unwrapped.config.downsampling_factor,
+        "pixel_range": data_range,
+        "ssim_window": quality["ssim_window"],
+        "cluster_points": min(collected, MAX_CLUSTER_POINTS),
+    }
     return results
 
 
@@ -96,25 +150,19 @@ def evaluate_classifier(model, loader, accelerator: Accelerator) -> dict:
         "accuracy": top1_accuracy(logits, labels),
         "eval_loss": torch.nn.functional.cross_entropy(logits, labels).item(),
         "num_eval_samples": len(labels),
+        "protocol": {"num_images": len(labels), "resolution": list(batch["pixel_values"].shape[2:])},
     }
 
 
 def evaluate_corruptions(evaluate_loader, corruptions, severities=(1, 2, 3, 4, 5)) -> dict:
-    """Top-1 error under each (corruption, severity), then AlexNet-normalised CE and mCE
-    (docs/method.md#corruption-error).
+    """Top-1 error under each (corruption, severity), then AlexNet-normalised CE and mCE with the known/unknown
+    split (the `mean_corruption_error` module; docs/method.md#corruption-error).
 
     `evaluate_loader(corruption, severity) -> {"accuracy": ...}` evaluates the model on the corrupted split."""
-    errors = {name: [1 - evaluate_loader(name, s)["accuracy"] for s in severities] for name in corruptions}
-    summary = mean_corruption_error(errors)
-
-    def mean_accuracy(names):  # paper Table 6's "Known" and "Unknown" columns
-        rates = [1 - e for name in names if name in errors for e in errors[name]]
-        return sum(rates) / len(rates) if rates else None
-
-    return {
-        "mCE": summary["mCE"],
-        "unknown_mCE": summary["unknown_mCE"],
-        "known_accuracy": mean_accuracy(COMMON_CORRUPTIONS),
-        "unknown_accuracy": mean_accuracy(EXTRA_CORRUPTIONS),
-        "corruption_errors": summary["corruption_errors"],
-    }
+    rates, names = [], []
+    for name in corruptions:
+        for severity in severities:
+            rates.append(1 - evaluate_loader(name, severity)["accuracy"])
+            names.append(name)
+    summary = metric("mean_corruption_error").compute(predictions=rates, references=names)
+    return {**summary, "severities": list(severities)}

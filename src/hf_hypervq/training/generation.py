@@ -1,5 +1,7 @@
 """Sampling images through a token prior and a tokenizer, and the feature extractors that FID and IS need."""
 
+import hashlib
+
 import torch
 from PIL import Image
 from torch import nn
@@ -11,6 +13,7 @@ class FeatureExtractor:
 
     def __init__(self, model: nn.Module, processor, name: str):
         self.model, self.processor, self.name = model.eval(), processor, name
+        self.weights_sha256 = weights_sha256(model)
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         if not linears:
             raise ValueError(f"{name} has no final linear layer to take pool features from")
@@ -27,6 +30,16 @@ class FeatureExtractor:
             features.append(self._features.flatten(1).float())
             probabilities.append(torch.softmax(logits.float(), -1))
         return torch.cat(features), torch.cat(probabilities)
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 of a model's weights (every tensor of its state dict, by name, as float32 bytes): two extractors with
+    the same name but other weights give FID/IS values that are not comparable, and this tells them apart."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 # Inception-v3 (torchvision's ImageNet weights) through timm, which transformers loads with

@@ -15,6 +15,8 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .evaluation import protocol_line
+
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "model_cards"
 # architecture -> (template / kind, pipeline tag, training script)
@@ -35,6 +37,8 @@ QUANTIZER_NAMES = {
 PRIVATE_PARTS = ("checkpoints", "runs")
 METRIC_NAMES = {
     "reconstruction_mse": "Reconstruction MSE",
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
     "perplexity": "Codebook perplexity",
     "codes_used": "Fraction of codes used",
     "dead_codes": "Dead codes (never chosen on the eval split)",
@@ -94,7 +98,11 @@ def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR) -> ModelC
     everything = _read_json(Path(folder) / "all_results.json")
     dataset = evaluation.get("dataset") or everything.get("dataset") or "unknown"
     split = evaluation.get("split", "test")
-    metrics = {k: v for k, v in evaluation.items() if k in METRIC_NAMES and isinstance(v, (int, float))}
+    metrics = {  # in METRIC_NAMES' order: reconstruction, then usage, then the rest
+        k: evaluation[k] for k in METRIC_NAMES if isinstance(evaluation.get(k), (int, float))
+    }
+    protocol = evaluation.get("protocol") or {}
+    protocol_summary = protocol_line(protocol) if protocol else None
     base_model = everything.get("resnet") if kind == "vqsa" else everything.get("tokenizer")
     quantizer = QUANTIZER_NAMES.get(config.get("quantizer_type"), config.get("quantizer_type"))  # None for a prior
     tags = ["hf-hypervq", "hypervq", "vector-quantization", "hyperbolic", *([quantizer.lower()] if quantizer else [])]
@@ -115,6 +123,8 @@ def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR) -> ModelC
                 metric_type=name,
                 metric_name=METRIC_NAMES[name],
                 metric_value=value,
+                metric_config=protocol_summary,  # how it was measured, beside every number
+                metric_args=protocol or None,
             )
             for name, value in metrics.items()
         ]
@@ -143,6 +153,8 @@ def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR) -> ModelC
         base_model_name=base_model,
         corruption_errors=evaluation.get("corruption_errors"),
         usage=codebook_usage_summary(config, evaluation, everything),
+        protocol=protocol,
+        protocol_summary=protocol_summary,
     )
 
 

@@ -31,9 +31,9 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..metrics.codebook_usage.codebook_usage import usage_from_counts
 from .data import DataError, collate, load_image_dataset, with_image_transform
 from .hub import PublishError, push_to_hub
-from .metrics import usage_from_counts
 
 
 logger = get_logger(__name__)
@@ -418,7 +418,7 @@ def make_scheduler(args, optimizer, num_updates: int, accelerator: Accelerator):
 
 def train(args, accelerator: Accelerator, model, optimizer, train_loader, evaluate, scheduler=None) -> dict:
     """Train `model` (already prepared) until `args.max_train_steps` updates, evaluating after every epoch with
-    `evaluate(model) -> dict of floats`; returns the last evaluation plus the training loss. Calls the model's
+    `evaluate(model, final) -> dict of floats` (`final`: the run's last evaluation, which may measure more); returns the last evaluation plus the training loss. Calls the model's
     `set_num_updates` after every update, writes checkpoints, logs to the trackers and shows a progress bar."""
     steps_per_epoch = None if args.streaming else math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
@@ -514,7 +514,7 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
             1, epoch_stats.count * accelerator.num_processes
         )
         last_epoch = completed_steps >= args.max_train_steps or epoch == num_epochs - 1
-        evaluation = evaluate(model) if last_epoch or not args.eval_at_end_only else {}
+        evaluation = evaluate(model, final=last_epoch) if last_epoch or not args.eval_at_end_only else {}
         results = {"epoch": epoch, "step": completed_steps, "train_loss": train_loss}
         if codebook_size and epoch_stats.count:
             results.update(_train_usage(accelerator.reduce(epoch_stats.code_counts, reduction="sum").cpu()))
@@ -535,7 +535,7 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
             results["train_loss"] = accelerator.reduce(epoch_stats.loss_sum, reduction="sum").item() / (
                 epoch_stats.count * accelerator.num_processes
             )
-        results.update(evaluate(model))
+        results.update(evaluate(model, final=True))
     results["num_processes"] = accelerator.num_processes
     results["weights_identical_across_processes"] = _same_weights_everywhere(accelerator, model)
     return results
@@ -658,6 +658,8 @@ def write_results(args, results: dict) -> None:
     training_only = ("epoch", "step", "train_loss", "train_perplexity", "train_codes_used")
     evaluation = {k: v for k, v in results.items() if k not in training_only}
     source = {"dataset": args.dataset or "scikit-learn/digits", "split": args.eval_split or "test"}
+    if "protocol" in evaluation:  # the protocol names the data it was measured on, too
+        evaluation["protocol"] = results["protocol"] = {**source, **evaluation["protocol"]}
     command = shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])  # how this run was started
     write_json(Path(args.output_dir) / "eval_results.json", {**source, **evaluation})
     write_json(

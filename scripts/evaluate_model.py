@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Evaluate a saved HyperVQ model on a data split and write `eval_results.json` next to it.
 
-    python scripts/evaluate.py outputs/tokenizer                       # digits test split
-    python scripts/evaluate.py outputs/classifier --dataset uoft-cs/cifar100 --label_column fine_label
-    accelerate launch scripts/evaluate.py outputs/vqsa --dataset ILSVRC/imagenet-1k --eval_split validation \\
+    python scripts/evaluate_model.py outputs/tokenizer                       # digits test split
+    python scripts/evaluate_model.py outputs/classifier --dataset uoft-cs/cifar100 --label_column fine_label
+    accelerate launch scripts/evaluate_model.py outputs/vqsa --dataset ILSVRC/imagenet-1k --eval_split validation \\
         --corruptions all                                              # + corruption errors, mCE (known/unknown)
 
 A tokenizer gets reconstruction MSE, codebook perplexity and usage, and silhouette / Davies-Bouldin of its latents
@@ -20,12 +20,18 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification
 
 import hf_hypervq  # noqa: F401  (registers the models)
+from hf_hypervq.metrics.mean_corruption_error.mean_corruption_error import COMMON_CORRUPTIONS, EXTRA_CORRUPTIONS
 from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
 from hf_hypervq.training.corruptions import corrupted_after_crop
 from hf_hypervq.training.data import collate, load_image_dataset, with_image_transform
-from hf_hypervq.training.evaluation import evaluate_classifier, evaluate_corruptions, evaluate_tokenizer
+from hf_hypervq.training.evaluation import (
+    evaluate_classifier,
+    evaluate_corruptions,
+    evaluate_tokenizer,
+    pixel_range,
+    protocol_line,
+)
 from hf_hypervq.training.loop import reported_errors, write_json
-from hf_hypervq.training.metrics import COMMON_CORRUPTIONS, EXTRA_CORRUPTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,14 +103,17 @@ def main(argv=None):
                 )
                 results.update(evaluate_corruptions(corrupted, names, args.severities))
         else:
-            results = evaluate_tokenizer(model, loader(), accelerator, seed=args.seed)
+            results = evaluate_tokenizer(
+                model, loader(), accelerator, seed=args.seed, data_range=pixel_range(processor)
+            )
         if accelerator.is_main_process:
             local = Path(args.model).is_dir()
             output = Path(args.output_file or (Path(args.model) if local else Path(".")) / "eval_results.json")
             source = {"dataset": args.dataset or "scikit-learn/digits", "split": args.eval_split}
+            results["protocol"] = {**source, **results["protocol"]}
             write_json(output, {**source, **results})
             summary = {k: round(v, 4) for k, v in results.items() if isinstance(v, float)}
-            print(f"{output}: {summary}")
+            print(f"{output}: {summary}\nprotocol: {protocol_line(results['protocol'])}")
         accelerator.end_training()
 
 

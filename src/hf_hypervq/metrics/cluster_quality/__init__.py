@@ -1,0 +1,1 @@
+"""An `evaluate` module; load it with `hf_hypervq.metrics.load`."""
