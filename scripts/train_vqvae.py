@@ -144,7 +144,7 @@ def main(argv=None):
             optimizer,
             train_loader,
             lambda m, final: evaluate_tokenizer(
-                m, eval_loader, accelerator, data_range=pixel_range(processor), structural_similarity=final
+                m, eval_loader, accelerator, data_range=pixel_range(processor), full=final
             ),
             scheduler=scheduler,
         )

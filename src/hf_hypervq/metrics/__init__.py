@@ -4,7 +4,7 @@ Each folder holds one module (the script `evaluate.load` runs) and its metric ca
 
 - `codebook_usage`: perplexity, fraction of codes used, dead codes;
 - `reconstruction`: MSE, PSNR, SSIM (scikit-image's `structural_similarity`);
-- `cluster_quality`: silhouette and Davies-Bouldin of latents clustered by code (scikit-learn's definitions);
+- `cluster_quality`: silhouette and Davies-Bouldin of latents clustered by code (scikit-learn);
 - `mean_corruption_error`: AlexNet-normalised corruption errors, mCE with the known/unknown split;
 - `fid_inception_score`: FID and Inception Score from features, with the feature extractor named.
 

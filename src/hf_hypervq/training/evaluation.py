@@ -61,14 +61,15 @@ def cluster_scores(latents: torch.Tensor, codes: torch.Tensor, prefix: str = "",
 
 @torch.no_grad()
 def evaluate_tokenizer(
-    model, loader, accelerator: Accelerator, seed: int = 0, data_range: float = 2.0, structural_similarity: bool = True
+    model, loader, accelerator: Accelerator, seed: int = 0, data_range: float = 2.0, full: bool = True
 ) -> dict:
-    """Reconstruction MSE, PSNR and SSIM (`data_range`: the span of the pixel values, see `pixel_range`; SSIM, the
-    slow one, is left out with `structural_similarity=False`, as the training scripts do before the last epoch), codebook
+    """Reconstruction MSE, PSNR and SSIM (`data_range`: the span of the pixel values, see `pixel_range`), codebook
     usage of the eval argmax (perplexity, codes used, dead codes, per-code counts), for the MLR/Gumbel quantizers how
     decided their logits are (mean max probability, top-1 − top-2 margin; `metrics.logit_confidence`), and the
     cluster quality of the pre-quantization latents with code ids as clusters (silhouette, Davies-Bouldin), on clean
-    inputs and on perturbed ones (paper Table 5). `protocol` gives the images, resolution and tokens behind them."""
+    inputs and on perturbed ones (paper Table 5). `protocol` gives the images, resolution and tokens behind them.
+    `full=False` leaves out the slow ones, SSIM and the cluster scores, as the training scripts do before their last
+    evaluation."""
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     codebook_size = unwrapped.config.codebook_size
@@ -85,7 +86,7 @@ def evaluate_tokenizer(
         shape = tuple(originals.shape[1:])
         quality = metric("reconstruction").compute(
             predictions=reconstruction.flatten(1).cpu().numpy(), references=originals.flatten(1).cpu().numpy(),
-            image_shape=shape, data_range=data_range, structural_similarity=structural_similarity,
+            image_shape=shape, data_range=data_range, structural_similarity=full,
         )  # fmt: skip
         for key in sums:  # per-image means, so batches combine weighted by their size
             sums[key] = None if quality[key] is None else sums[key] + quality[key] * len(originals)
@@ -95,7 +96,7 @@ def evaluate_tokenizer(
             confidence = logit_confidence_per_row(out.logits)
             for store, values in zip((max_probabilities, margins), accelerator.gather_for_metrics(confidence)):
                 store.append(values.cpu())
-        if collected >= MAX_CLUSTER_POINTS:  # enough latents for the cluster scores: skip the rest
+        if not full or collected >= MAX_CLUSTER_POINTS:  # enough latents for the cluster scores: skip the rest
             continue
         noisy = unwrapped.encode(perturb(pixel_values.cpu(), generator).to(pixel_values))
         latents, noisy_tokens, noisy_latents = accelerator.gather_for_metrics(
@@ -119,7 +120,7 @@ def evaluate_tokenizer(
     if max_probabilities:
         results["mean_max_probability"] = torch.cat(max_probabilities).mean().item()
         results["logit_margin"] = torch.cat(margins).mean().item()
-    for prefix, (vectors, codes) in clusters.items():
+    for prefix, (vectors, codes) in clusters.items() if full else ():
         results.update(cluster_scores(torch.cat(vectors), torch.cat(codes), prefix, seed))
     results["code_counts"] = torch.bincount(tokens.reshape(-1), minlength=codebook_size).tolist()
     results["protocol"] = {
