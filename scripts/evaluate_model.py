@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 import hf_hypervq  # noqa: F401  (registers the models)
 from hf_hypervq.metrics.mean_corruption_error.mean_corruption_error import COMMON_CORRUPTIONS, EXTRA_CORRUPTIONS
 from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
+from hf_hypervq.training.cli import reported_errors
 from hf_hypervq.training.corruptions import corrupted_after_crop
 from hf_hypervq.training.data import collate, load_image_dataset, with_image_transform
 from hf_hypervq.training.evaluation import (
@@ -31,7 +32,7 @@ from hf_hypervq.training.evaluation import (
     pixel_range,
     protocol_line,
 )
-from hf_hypervq.training.loop import reported_errors, write_json
+from hf_hypervq.training.outputs import write_json
 
 
 def build_parser() -> argparse.ArgumentParser:

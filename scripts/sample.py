@@ -24,10 +24,10 @@ from transformers import AutoImageProcessor, AutoModel
 
 import hf_hypervq  # noqa: F401  (registers the models)
 from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
+from hf_hypervq.training.cli import reported_errors
 from hf_hypervq.training.data import load_image_dataset
 from hf_hypervq.training.evaluation import metric
 from hf_hypervq.training.generation import INCEPTION_V3, load_feature_extractor, sample_images
-from hf_hypervq.training.loop import reported_errors
 from hf_hypervq.training.plots import save_sample_grid
 
 

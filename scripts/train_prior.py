@@ -21,23 +21,11 @@ from transformers import AutoImageProcessor, AutoModel
 
 from hf_hypervq import HyperVQPriorConfig, HyperVQPriorModel
 from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
-from hf_hypervq.training.data import DataError, collate, label_names, with_image_transform
+from hf_hypervq.training.cli import add_common_arguments, check_common_arguments, make_accelerator, reported_errors
+from hf_hypervq.training.data import DataError, collate, label_names, load_splits, make_loader, with_image_transform
 from hf_hypervq.training.generation import sample_images
-from hf_hypervq.training.loop import (
-    add_common_arguments,
-    check_common_arguments,
-    load_splits,
-    make_accelerator,
-    make_loader,
-    make_scheduler,
-    push_if_asked,
-    reported_errors,
-    save_figure,
-    save_model,
-    total_updates,
-    train,
-    write_results,
-)
+from hf_hypervq.training.loop import make_scheduler, total_updates, train
+from hf_hypervq.training.outputs import push_if_asked, save_figure, save_model, write_results
 from hf_hypervq.training.plots import save_sample_grid
 
 

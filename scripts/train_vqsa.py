@@ -21,23 +21,12 @@ import torch
 
 from hf_hypervq import HyperVQImageProcessor, HyperVQSAConfig, HyperVQSAForImageClassification
 from hf_hypervq.models.hypervq.configuration_hypervq import QUANTIZER_TYPES
+from hf_hypervq.training.cli import add_common_arguments, check_common_arguments, make_accelerator, reported_errors
 from hf_hypervq.training.corruptions import CorruptionAugmentation
-from hf_hypervq.training.data import DataError, label_names
+from hf_hypervq.training.data import DataError, label_names, load_splits, make_loaders
 from hf_hypervq.training.evaluation import evaluate_classifier
-from hf_hypervq.training.loop import (
-    add_common_arguments,
-    check_common_arguments,
-    load_splits,
-    make_accelerator,
-    make_loaders,
-    make_scheduler,
-    push_if_asked,
-    reported_errors,
-    save_model,
-    total_updates,
-    train,
-    write_results,
-)
+from hf_hypervq.training.loop import make_scheduler, total_updates, train
+from hf_hypervq.training.outputs import push_if_asked, save_model, write_results
 
 
 SMALL_RESNET = dict(embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1], layer_type="basic")

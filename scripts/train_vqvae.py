@@ -21,22 +21,11 @@ from huggingface_hub.errors import StrictDataclassError
 from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
 from hf_hypervq.models.hypervq.configuration_hypervq import QUANTIZER_TYPES
 from hf_hypervq.models.hypervq.quantizers import decay_for_run
+from hf_hypervq.training.cli import add_common_arguments, check_common_arguments, make_accelerator, reported_errors
+from hf_hypervq.training.data import load_splits, make_loaders
 from hf_hypervq.training.evaluation import evaluate_tokenizer, pixel_range
-from hf_hypervq.training.loop import (
-    add_common_arguments,
-    check_common_arguments,
-    load_splits,
-    make_accelerator,
-    make_loaders,
-    make_scheduler,
-    push_if_asked,
-    reported_errors,
-    save_figure,
-    save_model,
-    total_updates,
-    train,
-    write_results,
-)
+from hf_hypervq.training.loop import make_scheduler, total_updates, train
+from hf_hypervq.training.outputs import push_if_asked, save_figure, save_model, write_results
 from hf_hypervq.training.plots import save_codebook_grid, save_codebook_usage, save_reconstruction_grid
 
 

@@ -1,4 +1,5 @@
-"""Pieces of the training loop that a CPU run cannot reach: saving and checking the weights of sharded training."""
+"""Pieces of the training loop, fast and in-process: checkpoint resolution and rotation, damaged checkpoints, a full
+disk, and what a CPU run cannot reach (saving and checking the weights of sharded training)."""
 
 import shutil
 
@@ -9,7 +10,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
-from hf_hypervq.training import loop
+from hf_hypervq.training import checkpointing, loop, outputs
 
 
 TINY = dict(hidden_size=8, residual_hidden_size=4, embedding_dim=4, codebook_size=8, num_residual_layers=1)
@@ -26,7 +27,7 @@ def test_the_final_save_writes_the_gathered_state_dict(accelerator, tmp_path, mo
     model = HyperVQVAEModel(HyperVQVAEConfig(**TINY))
     gathered = {name: torch.full_like(value, 0.5) for name, value in model.state_dict().items()}
     monkeypatch.setattr(accelerator, "get_state_dict", lambda m, unwrap=True: dict(gathered))
-    loop.save_model(accelerator, model, HyperVQImageProcessor(), tmp_path)
+    outputs.save_model(accelerator, model, HyperVQImageProcessor(), tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
     assert saved and all(torch.equal(saved[name], gathered[name]) for name in saved)
 
@@ -47,24 +48,37 @@ def test_a_full_disk_is_reported_as_such(accelerator, tmp_path, monkeypatch):
 
     monkeypatch.setattr(accelerator, "save_state", full)
     free = lambda folder: shutil._ntuple_diskusage(total=2**30, used=2**30 - 2**20, free=2**20)  # noqa: E731
-    monkeypatch.setattr(loop.shutil, "disk_usage", free)
+    monkeypatch.setattr(outputs.shutil, "disk_usage", free)
     with pytest.raises(OSError, match=r"no space left on the disk of .*step_3 \(1 MiB free\)"):
-        loop.save_checkpoint(accelerator, tmp_path, 3, total_limit=2)
+        checkpointing.save_checkpoint(accelerator, tmp_path, 3, total_limit=2)
     assert not (tmp_path / "checkpoints" / "step_3").exists()
 
 
 def test_a_failed_write_with_space_left_keeps_its_own_error(accelerator, tmp_path, monkeypatch):
     monkeypatch.setattr(accelerator, "save_state", lambda folder: (_ for _ in ()).throw(RuntimeError("bad tensor")))
     with pytest.raises(RuntimeError, match="bad tensor"):
-        loop.save_checkpoint(accelerator, tmp_path, 3, total_limit=2)
+        checkpointing.save_checkpoint(accelerator, tmp_path, 3, total_limit=2)
 
 
 def test_damaged_checkpoint_files_are_named(tmp_path):
     folder = tmp_path / "step_2"
     folder.mkdir()
     torch.save({"state": torch.zeros(100)}, folder / "optimizer.bin")
-    loop.check_checkpoint_files(folder)  # complete: no error
+    checkpointing.check_checkpoint_files(folder)  # complete: no error
     data = (folder / "optimizer.bin").read_bytes()
     (folder / "optimizer.bin").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match=r"optimizer\.bin is damaged"):
-        loop.check_checkpoint_files(folder)
+        checkpointing.check_checkpoint_files(folder)
+
+
+def test_checkpoints_are_resolved_and_rotated(accelerator, tmp_path):
+    assert checkpointing.resolve_checkpoint("latest", tmp_path) is None  # nothing yet: a first run simply starts
+    for step in (2, 10, 4):
+        checkpointing.save_checkpoint(accelerator, tmp_path, step, total_limit=2)
+    assert checkpointing.checkpoint_steps(tmp_path) == [4, 10]  # by number, not by name: step_10 is the newest
+    (tmp_path / "checkpoints" / ".partial-step_12").mkdir()  # a save that was killed never counts
+    (tmp_path / "checkpoints" / "step_13").write_text("a file, not a checkpoint")
+    assert checkpointing.resolve_checkpoint("latest", tmp_path) == tmp_path / "checkpoints" / "step_10"
+    assert checkpointing.resolve_checkpoint(str(tmp_path / "checkpoints" / "step_4"), tmp_path).name == "step_4"
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint folder"):
+        checkpointing.resolve_checkpoint(str(tmp_path / "checkpoints" / "step_3"), tmp_path)

@@ -12,6 +12,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset
 from datasets import Image as ImageFeature
 from PIL import Image
+from torch.utils.data import DataLoader
 
 
 # Columns of well-known Hub data sets (their dataset cards), tried when --image_column/--label_column are not given.
@@ -235,3 +236,72 @@ def collate(examples: list[dict]) -> dict:
     if "labels" in examples[0]:
         batch["labels"] = torch.as_tensor([int(e["labels"]) for e in examples])
     return batch
+
+
+# ---- the splits and loaders the training flags ask for ----
+
+
+def make_loader(dataset, batch_size: int, collate_fn, args, shuffle: bool) -> DataLoader:
+    # The loader's own generator keeps its per-epoch seed draw off the global RNG, which the quantizer's Gumbel
+    # noise uses and a checkpoint restores.
+    shuffle = shuffle and not args.streaming
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+
+def make_loaders(args, train_data, eval_data, processor, augment=None) -> tuple[DataLoader, DataLoader]:
+    """The training and evaluation loaders of images turned into `pixel_values` by `processor`; `augment(image,
+    key)` (training only) draws its random numbers from the example's `SampleKey` of (--seed, epoch, index)."""
+    train_examples = with_image_transform(
+        train_data, processor, augment, seed=args.seed, shuffle_buffer_size=args.shuffle_buffer_size or None
+    )
+    train_loader = make_loader(train_examples, args.per_device_train_batch_size, collate, args, shuffle=True)
+    eval_loader = make_loader(with_image_transform(eval_data, processor), args.per_device_eval_batch_size, collate,
+                              args, shuffle=False)  # fmt: skip
+    return train_loader, eval_loader
+
+
+def load_splits(args, require_labels: bool = False):
+    """The training and evaluation splits the flags ask for, cut to --max_train_samples / --max_eval_samples; sets
+    `args.eval_split` to the evaluation split actually used (results and cards record it). Call it inside
+    `accelerator.main_process_first()`, so that the other processes find the data set cached."""
+    common = dict(
+        config_name=args.dataset_config,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        require_labels=require_labels,
+    )
+    train_data = load_image_dataset(args.dataset, split=args.train_split, streaming=args.streaming, **common)
+    if args.validation_split_percentage:
+        label = "label" if "label" in train_data.column_names else None
+        try:
+            parts = train_data.train_test_split(
+                test_size=args.validation_split_percentage / 100, seed=args.seed, stratify_by_column=label
+            )
+        except ValueError:  # too few examples of a class to stratify
+            parts = train_data.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+        train_data, eval_data = parts["train"], parts["test"]
+        args.eval_split = f"{args.train_split} ({args.validation_split_percentage}% held out, seed {args.seed})"
+    elif args.eval_split is not None:
+        eval_data = load_image_dataset(args.dataset, split=args.eval_split, **common)
+    else:  # test, else validation (ImageNet has no labelled test split)
+        try:
+            eval_data = load_image_dataset(args.dataset, split="test", **common)
+            args.eval_split = "test"
+        except DataError:
+            eval_data = load_image_dataset(args.dataset, split="validation", **common)
+            args.eval_split = "validation"  # recorded as the split actually used
+    if args.max_train_samples:
+        if args.streaming:
+            train_data = train_data.take(args.max_train_samples)
+        else:
+            train_data = train_data.select(range(min(args.max_train_samples, len(train_data))))
+    if args.max_eval_samples:
+        eval_data = eval_data.select(range(min(args.max_eval_samples, len(eval_data))))
+    return train_data, eval_data

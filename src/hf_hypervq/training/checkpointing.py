@@ -1,0 +1,105 @@
+"""Resumable checkpoints: `accelerator.save_state` written under a temporary name and renamed once complete (a run
+killed while saving never leaves a half-written checkpoint), rotation, and the checks a resume makes before it
+loads one: the folder is this run's, complete, and undamaged."""
+
+import os
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from safetensors import SafetensorError, safe_open
+
+from .outputs import reported_write_failure
+
+
+logger = get_logger(__name__)
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_steps(output_dir) -> list[int]:
+    folder = Path(output_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir())
+
+
+def resolve_checkpoint(resume_from_checkpoint: str, output_dir) -> Path | None:
+    """The folder to resume from: 'latest' gives the newest complete checkpoint in `output_dir` (None if there is
+    none yet, so a first run with 'latest' simply starts), anything else must be a checkpoint folder."""
+    if resume_from_checkpoint == "latest":
+        steps = checkpoint_steps(output_dir)
+        return Path(output_dir) / "checkpoints" / f"step_{steps[-1]}" if steps else None
+    path = Path(resume_from_checkpoint)
+    if not CHECKPOINT_PATTERN.match(path.name) or not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint folder")
+    return path
+
+
+# Below this much free space, a failed write is reported as a full disk.
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Name a damaged file of a checkpoint before `load_state` fails on it with a deep torch error. torch.save's
+    files (`*.bin`, `*.pkl`) are zip archives whose directory is at the end, and safetensors' header lists its
+    tensors' extents, so a truncated file of either kind fails here without being read in full."""
+    for path in sorted(folder.iterdir()):
+        try:
+            if path.suffix in (".bin", ".pkl"):
+                with zipfile.ZipFile(path):
+                    pass
+            elif path.suffix == ".safetensors":
+                with safe_open(path, framework="pt"):
+                    pass
+        except (zipfile.BadZipFile, SafetensorError, OSError) as error:
+            raise OSError(f"{path} is damaged ({error}): resume from another checkpoint") from None
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit: int | None) -> None:
+    """`accelerator.save_state` into a temporary folder, renamed to `checkpoints/step_N` once complete."""
+    folder = Path(output_dir) / "checkpoints"
+    final, partial = folder / f"step_{step}", folder / f".partial-step_{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    with reported_write_failure(partial):
+        accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        if total_limit:
+            for old in checkpoint_steps(output_dir)[:-total_limit]:
+                shutil.rmtree(folder / f"step_{old}", ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def resume(args, accelerator: Accelerator, epoch_stats, steps_per_epoch: int | None) -> tuple[int, int, int]:
+    """Load the checkpoint `--resume_from_checkpoint` names, if any; returns `(completed updates, epoch to start,
+    batches of it to skip)`. A new run into a folder with another run's checkpoints is refused: their rotation
+    would delete this run's own checkpoints and keep the stale ones."""
+    if not args.resume_from_checkpoint:
+        if checkpoint_steps(args.output_dir):
+            raise FileExistsError(
+                f"{Path(args.output_dir) / 'checkpoints'} holds checkpoints of an earlier run: resume it with "
+                "--resume_from_checkpoint latest, or train into a new --output_dir"
+            )
+        return 0, 0, 0
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint is None:
+        logger.info("no checkpoint to resume from yet: starting from scratch", main_process_only=True)
+        return 0, 0, 0
+    states = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+    if not states.exists():  # without it the resumed run would not repeat the uninterrupted one
+        raise FileNotFoundError(f"{checkpoint} is incomplete: it has no {states.name}")
+    check_checkpoint_files(checkpoint)
+    accelerator.load_state(str(checkpoint))
+    completed = int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
+    logger.info(f"resumed from {checkpoint} at update {completed}", main_process_only=True)
+    if steps_per_epoch is None:  # a stream of unknown length: go on after the batch the checkpoint saw last
+        return completed, epoch_stats.epoch, epoch_stats.count
+    return (completed, completed // steps_per_epoch,
+            (completed % steps_per_epoch) * args.gradient_accumulation_steps)  # fmt: skip

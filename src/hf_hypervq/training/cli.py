@@ -1,0 +1,226 @@
+"""The training scripts' command line: their common flags and checks, the accelerate setup those flags ask for,
+and the one-line reporting of errors a user can fix."""
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+
+from .data import DataError
+from .hub import PublishError
+
+
+logger = get_logger(__name__)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, learning_rate: float, epochs: int, batch_size: int):
+    """The flags every training script takes."""
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        default=None,
+        help="Hub id (uoft-cs/cifar100, ylecun/mnist, ILSVRC/imagenet-1k), a local image folder (split/class/*.png), "
+        "a folder written by datasets' save_to_disk, or a .parquet/.csv/.json file. Default: scikit-learn's "
+        "handwritten digits, which ship with scikit-learn and need no network.",
+    )
+    data.add_argument("--dataset_config", default=None, help="configuration name of a Hub data set")
+    data.add_argument("--train_split", default="train", help="split to train on (default: train)")
+    data.add_argument("--eval_split", default=None, help="split to evaluate on (default: test, else validation)")
+    data.add_argument("--image_column", default=None, help="image column (default: image, img, ... whichever exists)")
+    data.add_argument("--label_column", default=None, help="label column (default: label, fine_label, ...)")
+    data.add_argument(
+        "--validation_split_percentage", type=int, default=None,
+        help="evaluate on N%% of the training split, held out with --seed (stratified by label when there is one), "
+        "instead of a separate split; needed for a single data file",
+    )  # fmt: skip
+    data.add_argument("--streaming", action="store_true", help="stream the data set instead of downloading it")
+    data.add_argument(
+        "--shuffle_buffer_size", type=int, default=10_000,
+        help="--streaming: shuffle the stream through a buffer of N examples, reseeded every epoch (default: 10000; 0: in stream order)",
+    )  # fmt: skip
+    data.add_argument("--max_train_samples", type=int, default=None, help="use only the first N training examples")
+    data.add_argument("--max_eval_samples", type=int, default=None, help="use only the first N evaluation examples")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="worker processes per data loader")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", required=True, help="where the model, checkpoints and results go")
+    train.add_argument("--seed", type=int, default=0, help="random seed (initialisation, data order, noise)")
+    train.add_argument("--num_train_epochs", type=int, default=epochs, help=f"epochs (default: {epochs})")
+    train.add_argument(
+        "--max_train_steps", type=int, default=None, help="optimizer updates in total; overrides --num_train_epochs"
+    )
+    train.add_argument(
+        "--per_device_train_batch_size",
+        type=int,
+        default=batch_size,
+        help=f"batch per process (default: {batch_size})",
+    )
+    train.add_argument("--per_device_eval_batch_size", type=int, default=256, help="eval batch per process")
+    train.add_argument(
+        "--learning_rate", type=float, default=learning_rate, help=f"peak learning rate ({learning_rate})"
+    )
+    train.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer update")
+    train.add_argument(
+        "--lr_scheduler_type",
+        default="constant",
+        choices=["constant", "cosine", "linear"],
+        help="learning-rate schedule",
+    )
+    train.add_argument("--num_warmup_steps", type=int, default=0, help="linear warm-up updates")
+    train.add_argument(
+        "--mixed_precision", default=None, choices=["no", "bf16", "fp16"], help="autocast dtype (quantizer stays fp32)"
+    )
+    train.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    train.add_argument(
+        "--checkpointing_steps", default=None, help="save a resumable checkpoint every N updates, or 'epoch'"
+    )
+    train.add_argument(
+        "--checkpoints_total_limit", type=int, default=2, help="keep only the newest N checkpoints (default: 2)"
+    )
+    train.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="a checkpoint folder, or 'latest' for the newest in --output_dir",
+    )
+    train.add_argument("--with_tracking", action="store_true", help="log scalars to TensorBoard in --output_dir/runs")
+    train.add_argument("--logging_steps", type=int, default=10, help="updates between tracker logs (default: 10)")
+    train.add_argument(
+        "--eval_at_end_only", action="store_true", help="evaluate once after training instead of after every epoch"
+    )
+    train.add_argument(
+        "--compile_quantizer", action="store_true", help="fuse the quantizer's elementwise kernels with torch.compile"
+    )
+    hub = parser.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="push the final model to the Hub")
+    hub.add_argument("--hub_model_id", default=None, help="repo id to push to, e.g. user/hypervq-cifar100")
+    hub.add_argument("--hub_private", action="store_true", help="create the Hub repo as private")
+    return parser
+
+
+def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Reject inconsistent flags with argparse's one-line error (exit status 2)."""
+    for name in ("num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "logging_steps"):  # fmt: skip
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error("--max_train_steps must be >= 1")
+    if not 0 < args.learning_rate < math.inf:  # also NaN
+        parser.error(f"--learning_rate must be a finite number > 0, got {args.learning_rate}")
+    if not 0 <= args.weight_decay < math.inf:
+        parser.error(f"--weight_decay must be a finite number >= 0, got {args.weight_decay}")
+    for name in ("seed", "dataloader_num_workers", "num_warmup_steps", "shuffle_buffer_size"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1 (leave it out to use every example), got {getattr(args, name)}")
+    if args.mixed_precision == "fp16" and (args.cpu or not torch.cuda.is_available()):
+        parser.error("--mixed_precision fp16 needs a GPU; on a CPU use bf16")
+    output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output_dir {args.output_dir} is a file, not a folder")
+    try:  # find out now, not after training, that the results could not be written
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write-test-{os.getpid()}"  # one per process: accelerate starts several
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        parser.error(f"--output_dir {args.output_dir} is not writable: {error.strerror or error}")
+    if args.checkpointing_steps not in (None, "epoch") and not (
+        str(args.checkpointing_steps).isdigit() and int(args.checkpointing_steps) > 0
+    ):
+        parser.error("--checkpointing_steps must be a positive integer or 'epoch'")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error("--checkpoints_total_limit must be >= 1")
+    if args.validation_split_percentage is not None:
+        if not 1 <= args.validation_split_percentage <= 50:
+            parser.error("--validation_split_percentage must be between 1 and 50")
+        if args.streaming or args.eval_split is not None:
+            parser.error("--validation_split_percentage cannot be combined with --streaming or --eval_split")
+    if args.streaming and args.max_train_steps is None:
+        parser.error("--streaming needs --max_train_steps (a stream has no known length)")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id")
+
+
+@contextlib.contextmanager
+def reported_errors():
+    """Turn the errors a user can fix (bad data, a model or checkpoint that is not there or of the wrong kind, a
+    value our checks reject, a missing optional package) into one `error:` line and exit status 2.
+
+    Under `accelerate launch`, the process whose error it is also writes the line into the launcher's error file, so
+    the launcher's failure summary, printed last, ends with it; a process that merely lost contact with a failed one
+    says so in a line instead of a traceback from gloo or NCCL."""
+    try:
+        yield
+    except (DataError, PublishError, OSError, ImportError, ValueError, TypeError) as error:
+        _report(f"error: {error}")
+    except RuntimeError as error:
+        if not _lost_contact(error):
+            raise
+        rank = torch.distributed.get_rank()
+        print(f"error: process {rank} stopped: it lost contact with another process, which failed", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# How gloo and NCCL say that another process has gone (torch raises them as plain RuntimeErrors).
+LOST_CONTACT = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+)
+
+
+def _lost_contact(error: RuntimeError) -> bool:
+    distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return distributed and (
+        isinstance(error, torch.distributed.DistError) or any(sign in str(error) for sign in LOST_CONTACT)
+    )
+
+
+def _report(line: str):
+    print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # set by torchrun / accelerate launch for each process
+    if error_file:
+        with contextlib.suppress(OSError):
+            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+    raise SystemExit(2) from None
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with="tensorboard" if args.with_tracking else None,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/runs"),
+        # data order from (seed, epoch) alone, so a resumed run sees the batches an uninterrupted one would
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logging.getLogger().setLevel(logging.ERROR)
+    logger.info(
+        f"distributed: {accelerator.distributed_type}, processes: {accelerator.num_processes}, "
+        f"device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}",
+        main_process_only=True,
+    )
+    set_seed(args.seed)
+    if args.compile_quantizer:
+        from ..models.hypervq.kernels import set_compiled_kernels
+
+        set_compiled_kernels(True)
+    return accelerator
