@@ -17,10 +17,9 @@ import time
 
 import torch
 
-from hf_hypervq import HyperVQVAEConfig, HyperVQVAEModel
+from hf_hypervq import QUANTIZER_TYPES, HyperVQVAEConfig, HyperVQVAEModel
 from hf_hypervq.benchmarking import cpu_clock, others_cpu, rerun_with_tuned_allocator
 from hf_hypervq.models.hypervq import kernels
-from hf_hypervq.models.hypervq.configuration_hypervq import QUANTIZER_TYPES
 
 
 VARIANTS = [*QUANTIZER_TYPES, "hyperbolic+compile"]

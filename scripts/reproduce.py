@@ -27,10 +27,10 @@ import transformers
 from study import MODEL, QUICK_MODEL, load_digits_tensors, run_one, setting_of, tokenizer_metrics, train_tokenizer
 
 import hf_hypervq
-from hf_hypervq.models.hypervq.configuration_hypervq import QUANTIZER_TYPES
+from hf_hypervq import QUANTIZER_TYPES
 from hf_hypervq.models.hypervq.hyperbolic import expmap0_projected
-from hf_hypervq.training.hub import QUANTIZER_NAMES
 from hf_hypervq.training.report import (
+    QUANTIZER_NAMES,
     aggregate,
     check_claims,
     plot_embedding_scatter,

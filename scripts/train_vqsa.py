@@ -19,8 +19,7 @@ import math
 
 import torch
 
-from hf_hypervq import HyperVQImageProcessor, HyperVQSAConfig, HyperVQSAForImageClassification
-from hf_hypervq.models.hypervq.configuration_hypervq import QUANTIZER_TYPES
+from hf_hypervq import QUANTIZER_TYPES, HyperVQImageProcessor, HyperVQSAConfig, HyperVQSAForImageClassification
 from hf_hypervq.training.cli import add_common_arguments, check_common_arguments, make_accelerator, reported_errors
 from hf_hypervq.training.corruptions import CorruptionAugmentation
 from hf_hypervq.training.data import DataError, label_names, load_splits, make_loaders

@@ -18,8 +18,7 @@ import argparse
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
-from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
-from hf_hypervq.models.hypervq.configuration_hypervq import QUANTIZER_TYPES
+from hf_hypervq import QUANTIZER_TYPES, HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
 from hf_hypervq.models.hypervq.quantizers import decay_for_run
 from hf_hypervq.training.cli import add_common_arguments, check_common_arguments, make_accelerator, reported_errors
 from hf_hypervq.training.data import load_splits, make_loaders

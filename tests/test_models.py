@@ -24,6 +24,8 @@ from transformers import (
 )
 
 from hf_hypervq import (
+    QUANTIZER_TYPES,
+    QUANTIZERS,
     HyperVQImageProcessor,
     HyperVQPriorConfig,
     HyperVQSAConfig,
@@ -32,8 +34,6 @@ from hf_hypervq import (
     HyperVQVAEForImageClassification,
     HyperVQVAEModel,
 )
-from hf_hypervq.models.hypervq.configuration_hypervq import QUANTIZER_TYPES
-from hf_hypervq.models.hypervq.quantizers import QUANTIZER_CLASSES
 
 
 TINY = dict(hidden_size=16, residual_hidden_size=8, embedding_dim=8, codebook_size=16, num_residual_layers=1)
@@ -75,7 +75,7 @@ def test_every_config_field_is_documented(config_class):
 
 
 def test_config_quantizer_names_match_the_quantizers():
-    assert set(QUANTIZER_TYPES) == set(QUANTIZER_CLASSES)
+    assert QUANTIZER_TYPES == tuple(QUANTIZERS)
 
 
 @pytest.mark.parametrize(
@@ -221,7 +221,7 @@ def test_config_field_types_are_checked():
 @pytest.mark.parametrize("quantizer_type", QUANTIZER_TYPES)
 def test_tokenizer_forward_and_token_round_trip(quantizer_type):
     model = HyperVQVAEModel(tiny_config(quantizer_type=quantizer_type))
-    assert type(model.quantizer) is QUANTIZER_CLASSES[quantizer_type]
+    assert type(model.quantizer) is QUANTIZERS[quantizer_type].cls
     x = images()
     out = model.train()(x)
     assert out.reconstruction.shape == x.shape
@@ -547,3 +547,15 @@ def test_remote_code_loads_without_the_package(tokenizer_dir, tmp_path):
         assert remote["tokens"] == model.hypervq.get_image_tokens(pixel_values).tolist()
         torch.testing.assert_close(torch.tensor(remote["logits"]), model(pixel_values).logits)
     assert remote["top_label"] in LABELS["label2id"]
+
+
+def test_each_quantizer_takes_the_config_fields_its_registry_entry_names():
+    config = tiny_config(curvature=0.5, commitment_weight=0.3, gumbel_temperature=[1.5, 0.5, 0.99])
+    assert QUANTIZERS["gumbel"].options(config) == {"temperature": (1.5, 0.5, 0.99)}
+    assert QUANTIZERS["kmeans"].options(config) == {"commitment_weight": 0.3}
+    assert QUANTIZERS["hyperbolic_kmeans"].options(config) == {"curvature": 0.5, "commitment_weight": 0.3}
+    hyperbolic = QUANTIZERS["hyperbolic"].options(tiny_config(curvature=0.5))  # commitment None: the class default
+    assert hyperbolic["curvature"] == 0.5 and "commitment_weight" not in hyperbolic
+    assert [spec.paper_name for spec in QUANTIZERS.values()] == [
+        "HyperVQ", "KmeansVQ", "GumbelVQ", "HyperKmeansVQ", "HyperEmbMatVQ"
+    ]  # fmt: skip

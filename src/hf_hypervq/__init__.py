@@ -23,12 +23,15 @@ from .models.hypervq.modeling_hypervq import (
 from .models.hypervq.modeling_hypervq_prior import HyperVQPriorModel
 from .models.hypervq.pipeline_hypervq import ImageTokenizationPipeline
 from .models.hypervq.quantizers import (
+    QUANTIZER_TYPES,
+    QUANTIZERS,
     GumbelVQ,
     HyperEmbMatVQ,
     HyperKmeansVQ,
     HyperVQ,
     KmeansVQ,
     QuantizerOutput,
+    QuantizerSpec,
     VectorQuantizer,
 )
 
@@ -62,6 +65,9 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "QUANTIZERS",
+    "QUANTIZER_TYPES",
+    "QuantizerSpec",
     "GumbelVQ",
     "HyperEmbMatVQ",
     "HyperKmeansVQ",

@@ -15,6 +15,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ..models.hypervq.quantizers import QUANTIZERS
 from .evaluation import protocol_line
 
 
@@ -25,13 +26,6 @@ MODEL_KINDS = {
     "HyperVQVAEForImageClassification": ("classifier", "image-classification", "scripts/train_classifier.py"),
     "HyperVQSAForImageClassification": ("vqsa", "image-classification", "scripts/train_vqsa.py"),
     "HyperVQPriorModel": ("prior", "unconditional-image-generation", "scripts/train_prior.py"),
-}
-QUANTIZER_NAMES = {
-    "hyperbolic": "HyperVQ",
-    "kmeans": "KmeansVQ",
-    "gumbel": "GumbelVQ",
-    "hyperbolic_kmeans": "HyperKmeansVQ",
-    "hyperbolic_embedding": "HyperEmbMatVQ",
 }
 # Files of an output folder that are not published.
 PRIVATE_PARTS = ("checkpoints", "runs")
@@ -104,7 +98,8 @@ def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR) -> ModelC
     protocol = evaluation.get("protocol") or {}
     protocol_summary = protocol_line(protocol) if protocol else None
     base_model = everything.get("resnet") if kind == "vqsa" else everything.get("tokenizer")
-    quantizer = QUANTIZER_NAMES.get(config.get("quantizer_type"), config.get("quantizer_type"))  # None for a prior
+    spec = QUANTIZERS.get(config.get("quantizer_type"))
+    quantizer = spec.paper_name if spec else config.get("quantizer_type")  # None for a prior
     tags = ["hf-hypervq", "hypervq", "vector-quantization", "hyperbolic", *([quantizer.lower()] if quantizer else [])]
     card_data = ModelCardData(
         library_name="transformers",

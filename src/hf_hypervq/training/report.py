@@ -13,7 +13,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .hub import QUANTIZER_NAMES  # noqa: E402
+from ..models.hypervq.quantizers import QUANTIZERS  # noqa: E402
+
+
+QUANTIZER_NAMES = {name: spec.paper_name for name, spec in QUANTIZERS.items()}  # the report's row names
 
 
 # Paper values quoted next to ours (CIFAR-100 / MNIST; hypervq-paper.txt Tables 1, 3, 4, 5, 7).

@@ -6,14 +6,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-
-# The five quantizers (quantizers.py), by the name a config uses for them.
-QUANTIZER_TYPES = ("hyperbolic", "kmeans", "gumbel", "hyperbolic_kmeans", "hyperbolic_embedding")
-# Quantizers with a curvature, and with a Gumbel temperature schedule.
-HYPERBOLIC_QUANTIZERS = ("hyperbolic", "hyperbolic_kmeans", "hyperbolic_embedding")
-GUMBEL_QUANTIZERS = ("hyperbolic", "gumbel", "hyperbolic_embedding")
-# Quantizers whose codes are chosen by the hyperbolic MLR (they take the hyperplane initialisation options).
-MLR_QUANTIZERS = ("hyperbolic", "hyperbolic_embedding")
+from .quantizers import QUANTIZER_TYPES
 
 
 def _check_quantizer_fields(config) -> None:

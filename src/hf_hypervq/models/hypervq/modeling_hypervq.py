@@ -25,15 +25,8 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
 from transformers.utils import ModelOutput, can_return_tuple
 
-from .configuration_hypervq import (
-    GUMBEL_QUANTIZERS,
-    HYPERBOLIC_QUANTIZERS,
-    MLR_QUANTIZERS,
-    HyperVQPriorConfig,
-    HyperVQSAConfig,
-    HyperVQVAEConfig,
-)
-from .quantizers import QUANTIZER_CLASSES, VectorQuantizer
+from .configuration_hypervq import HyperVQPriorConfig, HyperVQSAConfig, HyperVQVAEConfig
+from .quantizers import QUANTIZERS, VectorQuantizer
 
 
 # The `from_pretrained` options that say where a config comes from.
@@ -83,18 +76,9 @@ def check_class_ids(ids, name: str, count: int, batch_size: int | None = None) -
 
 
 def build_quantizer(config, dim: int) -> VectorQuantizer:
-    """The quantizer a config asks for, with the options that apply to its type."""
-    kwargs = {}
-    if config.quantizer_type in HYPERBOLIC_QUANTIZERS:
-        kwargs["curvature"] = config.curvature
-    if config.quantizer_type in GUMBEL_QUANTIZERS:
-        kwargs["temperature"] = tuple(config.gumbel_temperature)
-    if config.quantizer_type in MLR_QUANTIZERS:
-        kwargs["offset_init_scale"] = getattr(config, "offset_init_scale", 1.0)
-        kwargs["normal_init_scale"] = getattr(config, "normal_init_scale", 1.0)
-    if config.quantizer_type != "gumbel" and config.commitment_weight is not None:
-        kwargs["commitment_weight"] = config.commitment_weight
-    return QUANTIZER_CLASSES[config.quantizer_type](dim, config.codebook_size, **kwargs)
+    """The quantizer a config asks for, with the options its type takes (`quantizers.QUANTIZERS`)."""
+    spec = QUANTIZERS[config.quantizer_type]
+    return spec.cls(dim, config.codebook_size, **spec.options(config))
 
 
 @dataclass

@@ -571,11 +571,37 @@ class HyperKmeansVQ(VectorQuantizer):
         return _StraightThrough.apply(z, codes), indices, loss, None
 
 
-# The quantizers by the name a config uses for them (`configuration_hypervq.QUANTIZER_TYPES`).
-QUANTIZER_CLASSES = {
-    "hyperbolic": HyperVQ,
-    "kmeans": KmeansVQ,
-    "gumbel": GumbelVQ,
-    "hyperbolic_kmeans": HyperKmeansVQ,
-    "hyperbolic_embedding": HyperEmbMatVQ,
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """One quantizer as the library knows it: the name a config uses (`quantizer_type`), the name the paper uses,
+    its class, and the config fields it takes, which `options` turns into the class's keyword arguments."""
+
+    name: str
+    paper_name: str
+    cls: type[VectorQuantizer]
+    config_fields: tuple[str, ...]
+
+    def options(self, config) -> dict:
+        """The keyword arguments for `cls` from `config`; a field set to None (or missing) keeps the class default."""
+        options = {}
+        for field in self.config_fields:
+            value = getattr(config, field, None)
+            if value is not None:
+                options[_KEYWORDS.get(field, field)] = tuple(value) if isinstance(value, list) else value
+        return options
+
+
+_KEYWORDS = {"gumbel_temperature": "temperature"}  # config field -> keyword, where the names differ
+_HYPERBOLIC_MLR = ("curvature", "gumbel_temperature", "offset_init_scale", "normal_init_scale", "commitment_weight")
+# The one table of quantizers: the config, the models, the scripts, the model card and the report read it.
+QUANTIZERS = {
+    spec.name: spec
+    for spec in (
+        QuantizerSpec("hyperbolic", "HyperVQ", HyperVQ, _HYPERBOLIC_MLR),
+        QuantizerSpec("kmeans", "KmeansVQ", KmeansVQ, ("commitment_weight",)),
+        QuantizerSpec("gumbel", "GumbelVQ", GumbelVQ, ("gumbel_temperature",)),
+        QuantizerSpec("hyperbolic_kmeans", "HyperKmeansVQ", HyperKmeansVQ, ("curvature", "commitment_weight")),
+        QuantizerSpec("hyperbolic_embedding", "HyperEmbMatVQ", HyperEmbMatVQ, _HYPERBOLIC_MLR),
+    )
 }
+QUANTIZER_TYPES = tuple(QUANTIZERS)
