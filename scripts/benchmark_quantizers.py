@@ -31,8 +31,7 @@ import sys
 import time
 
 import torch
-
-from hf_hypervq.benchmarking import cpu_clock, others_cpu, rerun_with_tuned_allocator
+from benchmarking import cpu_clock, others_cpu, rerun_with_tuned_allocator
 
 
 # For the memory children: every tensor above 64 KiB gets its own mapping, so freeing it lowers the RSS.

@@ -16,9 +16,9 @@ import statistics
 import time
 
 import torch
+from benchmarking import cpu_clock, others_cpu, rerun_with_tuned_allocator
 
 from hf_hypervq import QUANTIZER_TYPES, HyperVQVAEConfig, HyperVQVAEModel
-from hf_hypervq.benchmarking import cpu_clock, others_cpu, rerun_with_tuned_allocator
 from hf_hypervq.models.hypervq import kernels
 
 

@@ -13,16 +13,15 @@ image's class. The output folder gets the prior (`AutoModel.from_pretrained(outp
 """
 
 import argparse
-import math
 
 import torch
-from torch.utils.data import Dataset
 from transformers import AutoImageProcessor, AutoModel
 
 from hf_hypervq import HyperVQPriorConfig, HyperVQPriorModel
 from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
 from hf_hypervq.training.cli import add_common_arguments, check_common_arguments, make_accelerator, reported_errors
-from hf_hypervq.training.data import DataError, collate, label_names, load_splits, make_loader, with_image_transform
+from hf_hypervq.training.data import DataError, TokenDataset, label_names, load_splits, make_loader, tokenize_split
+from hf_hypervq.training.evaluation import evaluate_prior
 from hf_hypervq.training.generation import sample_images
 from hf_hypervq.training.loop import make_scheduler, total_updates, train
 from hf_hypervq.training.outputs import push_if_asked, save_figure, save_model, write_results
@@ -51,39 +50,6 @@ def parse_args(argv=None):
     return args
 
 
-class TokenDataset(Dataset):
-    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor | None):
-        self.tokens, self.labels = tokens, labels
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def __getitem__(self, index):
-        item = {"image_tokens": self.tokens[index]}
-        if self.labels is not None:
-            item["class_labels"] = self.labels[index]
-        return item
-
-
-@torch.no_grad()
-def tokenize(data, tokenizer, processor, accelerator, args) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The token grids (and labels) of a whole split, computed once, spread over the processes and gathered."""
-    loader = make_loader(with_image_transform(data, processor), args.per_device_eval_batch_size, collate, args, False)
-    loader = accelerator.prepare(loader)
-    tokens, labels = [], []
-    for batch in loader:
-        image_tokens = tokenizer.get_image_tokens(batch["pixel_values"].to(tokenizer.device))
-        gathered = accelerator.gather_for_metrics(
-            (
-                image_tokens,
-                batch.get("labels", torch.zeros(len(image_tokens), dtype=torch.long, device=image_tokens.device)),
-            )
-        )
-        tokens.append(gathered[0].cpu())
-        labels.append(gathered[1].cpu())
-    return torch.cat(tokens), torch.cat(labels) if "label" in data.column_names else None
-
-
 def main(argv=None):
     args = parse_args(argv)
     with reported_errors():
@@ -96,8 +62,8 @@ def main(argv=None):
         names = label_names(train_data) if args.class_conditional else None
         if args.class_conditional and names is None:
             raise DataError("--class_conditional needs a ClassLabel label column")
-        train_tokens, train_labels = tokenize(train_data, tokenizer, processor, accelerator, args)
-        eval_tokens, eval_labels = tokenize(eval_data, tokenizer, processor, accelerator, args)
+        train_tokens, train_labels = tokenize_split(train_data, tokenizer, processor, accelerator, args)
+        eval_tokens, eval_labels = tokenize_split(eval_data, tokenizer, processor, accelerator, args)
         config = HyperVQPriorConfig(
             codebook_size=tokenizer.config.codebook_size,
             hidden_size=args.hidden_size,
@@ -123,7 +89,7 @@ def main(argv=None):
             prior, optimizer, train_loader, eval_loader, scheduler
         )
         results = train(
-            args, accelerator, prior, optimizer, train_loader, lambda m, final: evaluate(m, eval_loader, accelerator),
+            args, accelerator, prior, optimizer, train_loader, lambda m, final: evaluate_prior(m, eval_loader, accelerator),
             scheduler=scheduler,
         )  # fmt: skip
         save_model(accelerator, prior, processor, args.output_dir)
@@ -137,23 +103,6 @@ def main(argv=None):
             write_results(args, {**results, "tokenizer": args.tokenizer})
             push_if_asked(args)
         accelerator.end_training()
-
-
-@torch.no_grad()
-def evaluate(prior, loader, accelerator) -> dict:
-    """Held-out negative log-likelihood of the tokens, in nats and in bits per token."""
-    prior.eval()
-    losses = []
-    for batch in loader:
-        logits = prior(**batch).logits
-        per_grid = (
-            torch.nn.functional.cross_entropy(logits.float(), batch["image_tokens"], reduction="none")
-            .flatten(1)
-            .mean(1)
-        )
-        losses.append(accelerator.gather_for_metrics(per_grid).cpu())
-    nats = torch.cat(losses).mean().item()
-    return {"eval_loss": nats, "bits_per_token": nats / math.log(2), "num_eval_samples": sum(len(x) for x in losses)}
 
 
 if __name__ == "__main__":

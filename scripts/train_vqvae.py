@@ -24,8 +24,8 @@ from hf_hypervq.training.cli import add_common_arguments, check_common_arguments
 from hf_hypervq.training.data import load_splits, make_loaders
 from hf_hypervq.training.evaluation import evaluate_tokenizer, pixel_range
 from hf_hypervq.training.loop import make_scheduler, total_updates, train
-from hf_hypervq.training.outputs import push_if_asked, save_figure, save_model, write_results
-from hf_hypervq.training.plots import save_codebook_grid, save_codebook_usage, save_reconstruction_grid
+from hf_hypervq.training.outputs import push_if_asked, save_model, write_results
+from hf_hypervq.training.plots import save_tokenizer_pictures
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,29 +138,10 @@ def main(argv=None):
         )
         save_model(accelerator, model, processor, args.output_dir)
         if accelerator.is_main_process:
-            write_outputs(args, accelerator.unwrap_model(model).eval(), processor, sample_images, results)
+            save_tokenizer_pictures(accelerator.unwrap_model(model).eval(), processor, sample_images, results, args)
+            write_results(args, results)
             push_if_asked(args)
         accelerator.end_training()
-
-
-@torch.no_grad()
-def write_outputs(args, tokenizer, processor, sample_images, results):
-    """`reconstructions.png`, `codebook_usage.png`, `codebook.png`, `eval_results.json` and `all_results.json`."""
-    pixel_values = processor(images=[image.convert("RGB") for image in sample_images], return_tensors="pt")
-    pixel_values = pixel_values["pixel_values"].to(tokenizer.device)
-    inputs = processor.postprocess_reconstruction(pixel_values)
-    reconstructions = processor.postprocess_reconstruction(tokenizer(pixel_values).reconstruction)
-    output_dir = args.output_dir
-    save_figure(
-        lambda path: save_reconstruction_grid(inputs, reconstructions, path), f"{output_dir}/reconstructions.png"
-    )
-    save_figure(
-        lambda path: save_codebook_usage(results["code_counts"], path, title=args.quantizer),
-        f"{output_dir}/codebook_usage.png",
-    )
-    code_images = processor.postprocess_reconstruction(tokenizer.decode_codebook())
-    save_figure(lambda path: save_codebook_grid(code_images, path), f"{output_dir}/codebook.png")
-    write_results(args, results)
 
 
 if __name__ == "__main__":

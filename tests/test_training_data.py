@@ -1,5 +1,6 @@
 """Loading data sets for the scripts: the embedded digits, local folders and files, columns, and clear errors."""
 
+import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features
@@ -154,3 +155,26 @@ def test_streams_are_shuffled_per_epoch_through_a_buffer():
     assert labels(0) == labels(0) and labels(1) != labels(0)
     unshuffled = with_image_transform(stream.take(64), processor, seed=0)
     assert [int(example["labels"]) for example in unshuffled] == in_order
+
+
+def test_vqsa_augmentation_depends_on_the_key_only():
+    from hf_hypervq.training.data import SampleKey
+    from hf_hypervq.training.vqsa import TrainAugmentation
+
+    image = Image.fromarray((np.random.default_rng(0).random((40, 48, 3)) * 255).astype("uint8"))
+    augment = TrainAugmentation(32, corruptions=False)
+    first = np.asarray(augment(image, SampleKey(0, 0, 5)))
+    assert first.shape == (32, 32, 3)
+    assert np.array_equal(first, np.asarray(augment(image, SampleKey(0, 0, 5))))  # the same key, the same crop
+    others = [np.asarray(augment(image, SampleKey(0, epoch, 5))) for epoch in (1, 2, 3)]
+    assert not all(np.array_equal(first, other) for other in others)
+
+
+def test_token_dataset_items():
+    from hf_hypervq.training.data import TokenDataset
+
+    tokens, labels = torch.arange(12).reshape(3, 2, 2), torch.tensor([2, 0, 1])
+    assert set(TokenDataset(tokens, labels)[1]) == {"image_tokens", "class_labels"}
+    assert (
+        torch.equal(TokenDataset(tokens, None)[2]["image_tokens"], tokens[2]) and len(TokenDataset(tokens, None)) == 3
+    )

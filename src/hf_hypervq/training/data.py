@@ -305,3 +305,41 @@ def load_splits(args, require_labels: bool = False):
     if args.max_eval_samples:
         eval_data = eval_data.select(range(min(args.max_eval_samples, len(eval_data))))
     return train_data, eval_data
+
+
+# ---- token grids, for the prior ----
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Token grids (and class labels) held in memory, as the prior trains on them."""
+
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor | None):
+        self.tokens, self.labels = tokens, labels
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, index):
+        item = {"image_tokens": self.tokens[index]}
+        if self.labels is not None:
+            item["class_labels"] = self.labels[index]
+        return item
+
+
+@torch.no_grad()
+def tokenize_split(data, tokenizer, processor, accelerator, args) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The token grids (and labels) of a whole split, computed once, spread over the processes and gathered."""
+    loader = make_loader(with_image_transform(data, processor), args.per_device_eval_batch_size, collate, args, False)
+    loader = accelerator.prepare(loader)
+    tokens, labels = [], []
+    for batch in loader:
+        image_tokens = tokenizer.get_image_tokens(batch["pixel_values"].to(tokenizer.device))
+        gathered = accelerator.gather_for_metrics(
+            (
+                image_tokens,
+                batch.get("labels", torch.zeros(len(image_tokens), dtype=torch.long, device=image_tokens.device)),
+            )
+        )
+        tokens.append(gathered[0].cpu())
+        labels.append(gathered[1].cpu())
+    return torch.cat(tokens), torch.cat(labels) if "label" in data.column_names else None

@@ -4,6 +4,7 @@ that has an `evaluate` module (`hf_hypervq.metrics`) is computed by it; each res
 many images, what resolution, how many tokens per image, ...), so that numbers made differently never look alike."""
 
 import functools
+import math
 
 import torch
 from accelerate import Accelerator
@@ -167,3 +168,20 @@ def evaluate_corruptions(evaluate_loader, corruptions, severities=(1, 2, 3, 4, 5
             names.append(name)
     summary = metric("mean_corruption_error").compute(predictions=rates, references=names)
     return {**summary, "severities": list(severities)}
+
+
+@torch.no_grad()
+def evaluate_prior(prior, loader, accelerator: Accelerator) -> dict:
+    """Held-out negative log-likelihood of the tokens, in nats and in bits per token."""
+    prior.eval()
+    losses = []
+    for batch in loader:
+        logits = prior(**batch).logits
+        per_grid = (
+            torch.nn.functional.cross_entropy(logits.float(), batch["image_tokens"], reduction="none")
+            .flatten(1)
+            .mean(1)
+        )
+        losses.append(accelerator.gather_for_metrics(per_grid).cpu())
+    nats = torch.cat(losses).mean().item()
+    return {"eval_loss": nats, "bits_per_token": nats / math.log(2), "num_eval_samples": sum(len(x) for x in losses)}

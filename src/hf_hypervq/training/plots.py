@@ -1,4 +1,5 @@
-"""Pictures a training run leaves in its output folder: a reconstruction grid and a codebook-usage histogram."""
+"""Pictures a training run leaves in its output folder: reconstructions, the decoded codebook, samples and the
+codebook-usage histogram."""
 
 import matplotlib
 
@@ -8,6 +9,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from .outputs import save_figure  # noqa: E402
 
 
 def image_grid(rows: list[list[Image.Image]], pad: int = 2, scale: int = 1) -> Image.Image:
@@ -51,3 +54,21 @@ def save_codebook_usage(code_counts: list[int], path, title: str = "") -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+@torch.no_grad()
+def save_tokenizer_pictures(tokenizer, processor, sample_images: list[Image.Image], results: dict, args) -> None:
+    """A tokenizer run's `reconstructions.png` (of `sample_images`), `codebook_usage.png` (of the last evaluation's
+    `code_counts`) and `codebook.png` (every code decoded on its own), each written atomically."""
+    pixel_values = processor(images=[image.convert("RGB") for image in sample_images], return_tensors="pt")
+    pixel_values = pixel_values["pixel_values"].to(tokenizer.device)
+    inputs = processor.postprocess_reconstruction(pixel_values)
+    reconstructions = processor.postprocess_reconstruction(tokenizer(pixel_values).reconstruction)
+    folder = args.output_dir
+    save_figure(lambda path: save_reconstruction_grid(inputs, reconstructions, path), f"{folder}/reconstructions.png")
+    save_figure(
+        lambda path: save_codebook_usage(results["code_counts"], path, title=args.quantizer),
+        f"{folder}/codebook_usage.png",
+    )
+    code_images = processor.postprocess_reconstruction(tokenizer.decode_codebook())
+    save_figure(lambda path: save_codebook_grid(code_images, path), f"{folder}/codebook.png")
