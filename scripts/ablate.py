@@ -29,6 +29,7 @@ import transformers
 from study import DEFAULTS, MODEL, QUICK_MODEL, run_one, setting_of
 
 import hf_hypervq
+from hf_hypervq.training.outputs import write_text
 
 
 # Each row: what it tests, and how it differs from DEFAULTS.
@@ -136,7 +137,7 @@ def write_report(results: list, rows: list, seeds: list, path: Path, wall_minute
         if means:
             best = (min if lower_is_better else max)(means, key=means.get)
             lines.append(f"- {header}: `{best}` ({means[best] * (100 if key in PERCENT else 1):.4g})")
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +174,7 @@ def main(argv=None):
     wall_minutes = sum(r["wall_seconds"] for r in results) / 60
     write_report(results, args.rows, args.seeds, output_dir / "ABLATIONS.md", wall_minutes, args.quick)
     compact = [{k: v for k, v in r.items() if k != "code_counts"} for r in results]
-    (output_dir / "ablations.json").write_text(json.dumps(compact, indent=1))
+    write_text(output_dir / "ablations.json", json.dumps(compact, indent=1))
     print(f"wrote {output_dir / 'ABLATIONS.md'}")
 
 

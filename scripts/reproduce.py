@@ -29,6 +29,7 @@ from study import MODEL, QUICK_MODEL, load_digits_tensors, run_one, setting_of, 
 import hf_hypervq
 from hf_hypervq import QUANTIZER_TYPES
 from hf_hypervq.models.hypervq.hyperbolic import expmap0_projected
+from hf_hypervq.training.outputs import write_text
 from hf_hypervq.training.report import (
     QUANTIZER_NAMES,
     aggregate,
@@ -179,7 +180,7 @@ def main(argv=None):
                  setup=setup, commands=[command], scatter_text=scatter_text,
                  mechanism=mechanism_table(runs, args.codebook_sizes))  # fmt: skip
     compact = [{k: v for k, v in r.items() if k != "code_counts"} for r in runs]
-    (output_dir / "results.json").write_text(json.dumps({"runs": compact, "scatter": scatter_metrics}, indent=1))
+    write_text(output_dir / "results.json", json.dumps({"runs": compact, "scatter": scatter_metrics}, indent=1))
     print(f"wrote {output_dir / 'REPORT.md'} ({minutes:.1f} minutes; the runs took {run_minutes:.1f} minutes)")
 
 

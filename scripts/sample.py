@@ -14,7 +14,6 @@ the numbers: FID and IS are only comparable between runs that used the same one.
 """
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from hf_hypervq.training.cli import reported_errors
 from hf_hypervq.training.data import load_image_dataset
 from hf_hypervq.training.evaluation import metric
 from hf_hypervq.training.generation import INCEPTION_V3, load_feature_extractor, sample_images
+from hf_hypervq.training.outputs import write_json
 from hf_hypervq.training.plots import save_sample_grid
 
 
@@ -140,7 +140,7 @@ def main(argv=None):
                 },
             }
             path = Path(args.metrics_file or Path(args.output).with_name("sample_metrics.json"))
-            path.write_text(json.dumps(metrics, indent=2) + "\n")
+            write_json(path, metrics)
             print(
                 f"FID {metrics['fid']:.2f}, IS {score:.2f} ± {score_std:.2f} over {len(samples)} samples against "
                 f"{len(real_images)} real images, features from {extractor.name} "

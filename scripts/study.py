@@ -21,7 +21,6 @@ setting reuses it, and an interrupted study resumes where it stopped.
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from hf_hypervq.models.hypervq.quantizers import decay_for_run
 from hf_hypervq.training.data import load_image_dataset
 from hf_hypervq.training.evaluation import cluster_scores, metric
 from hf_hypervq.training.metrics import logit_confidence, perturb
+from hf_hypervq.training.outputs import write_text
 
 
 MODEL = {"hidden_size": 64, "residual_hidden_size": 32, "embedding_dim": 64}
@@ -255,7 +255,5 @@ def run_one(setting: dict, seed: int, quick: bool, runs_dir) -> dict:
     result.update(classifier_metrics(model, seed, data))
     result["wall_seconds"] = time.time() - started
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".partial-{path.name}")
-    partial.write_text(json.dumps(result, indent=1))
-    os.replace(partial, path)
+    write_text(path, json.dumps(result, indent=1))
     return result

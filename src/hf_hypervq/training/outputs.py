@@ -61,13 +61,19 @@ def save_model(accelerator: Accelerator, model, processor, output_dir) -> None:
     accelerator.wait_for_everyone()
 
 
-def write_json(path, data: dict) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+def write_text(path, text: str) -> None:
+    """Write a text file atomically (temporary file, then rename): a run killed meanwhile leaves the old file or
+    none, never half of one."""
     path = Path(path)
     partial = path.with_name(f".partial-{path.name}")
     with reported_write_failure(path):
-        partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        partial.write_text(text)
     os.replace(partial, path)
+
+
+def write_json(path, data: dict) -> None:
+    """Write JSON atomically (`write_text`)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_results(args, results: dict) -> None:

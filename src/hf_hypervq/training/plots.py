@@ -42,15 +42,19 @@ def save_sample_grid(images: list[Image.Image], path, columns: int = 8) -> None:
     image_grid(rows, scale=max(1, 64 // images[0].size[1])).save(path)
 
 
-def save_codebook_usage(code_counts: list[int], path, title: str = "") -> None:
-    """`codebook_usage.png`: the share of tokens each code takes, codes sorted by frequency."""
+def draw_codebook_usage(axis, code_counts, title: str = "") -> None:
+    """The share of tokens each code takes, codes sorted by frequency, on `axis`; the title says how many are used."""
     counts = torch.as_tensor(code_counts, dtype=torch.float64).sort(descending=True).values
-    codebook_size, used = len(counts), int((counts > 0).sum())
+    axis.bar(range(len(counts)), (counts / counts.sum()).numpy(), width=1.0, color="#4C72B0")
+    axis.set_xlabel("code rank (most used first)", fontsize=8)
+    axis.set_title(f"{title} {int((counts > 0).sum())}/{len(counts)} codes used".strip(), fontsize=9)
+
+
+def save_codebook_usage(code_counts: list[int], path, title: str = "") -> None:
+    """`codebook_usage.png` of one run."""
     figure, axis = plt.subplots(figsize=(6, 3), dpi=120)
-    axis.bar(range(codebook_size), (counts / counts.sum()).numpy(), width=1.0, color="#4C72B0")
-    axis.set_xlabel("code rank (most used first)")
+    draw_codebook_usage(axis, code_counts, title)
     axis.set_ylabel("share of tokens")
-    axis.set_title(f"{title} {used}/{codebook_size} codes used".strip())
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
