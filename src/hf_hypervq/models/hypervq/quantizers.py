@@ -269,7 +269,23 @@ def _check_weight(name: str, value: float) -> float:
     return float(value)
 
 
-class HyperVQ(_GumbelTemperature, VectorQuantizer):
+class _PoincareBall:
+    """What the hyperbolic quantizers share: the ball's curvature and projection margin (checked once), the map of
+    Euclidean latents onto the ball, and the repr."""
+
+    def _init_ball(self, curvature: float, ball_eps: float | None, commitment_weight: float) -> None:
+        self.curvature = _check_curvature(curvature)
+        self.ball_eps = _check_ball_eps(ball_eps)
+        self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
+
+    def _to_ball(self, z: torch.Tensor) -> torch.Tensor:
+        return expmap0_projected(z, c=self.curvature, eps=self.ball_eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, curvature={self.curvature}, commitment_weight={self.commitment_weight}"
+
+
+class HyperVQ(_GumbelTemperature, _PoincareBall, VectorQuantizer):
     r"""HyperVQ (arXiv 2403.13015): vector quantization as multinomial logistic regression on the Poincaré ball.
 
     1. Project: :math:`x = \operatorname{project}(\exp_0^c(z))`, at most :math:`(1 - \epsilon)/\sqrt{c}` from
@@ -345,10 +361,8 @@ class HyperVQ(_GumbelTemperature, VectorQuantizer):
         normal_init_scale: float = 1.0,
     ):
         super().__init__(dim, codebook_size)
-        self.curvature = _check_curvature(curvature)
-        self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
+        self._init_ball(curvature, ball_eps, commitment_weight)
         self._init_temperature(temperature)
-        self.ball_eps = _check_ball_eps(ball_eps)
         self.offset_init_scale = _check_weight("offset_init_scale", offset_init_scale)
         self.normal_init_scale = _check_weight("normal_init_scale", normal_init_scale)
         if self.normal_init_scale == 0:
@@ -375,9 +389,6 @@ class HyperVQ(_GumbelTemperature, VectorQuantizer):
             self.normal_scales.float()[:, None] * directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-15)
         )
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, curvature={self.curvature}, commitment_weight={self.commitment_weight}"
-
     @property
     def codebook(self) -> torch.Tensor:
         normals = self.normals
@@ -388,9 +399,6 @@ class HyperVQ(_GumbelTemperature, VectorQuantizer):
         self._check_input(z)
         with torch.autocast(device_type=z.device.type, enabled=False):
             return self._logits(z.float())
-
-    def _to_ball(self, z: torch.Tensor) -> torch.Tensor:
-        return expmap0_projected(z, c=self.curvature, eps=self.ball_eps)
 
     def _logits(self, z: torch.Tensor) -> torch.Tensor:
         return mlr_logits(self._to_ball(z), self.normals, self.offsets.float(), c=self.curvature)
@@ -507,7 +515,7 @@ class GumbelVQ(_GumbelTemperature, VectorQuantizer):
         return quantized, indices, z.new_zeros(()), logits
 
 
-class HyperKmeansVQ(VectorQuantizer):
+class HyperKmeansVQ(_PoincareBall, VectorQuantizer):
     r"""Ablation HyperKmeansVQ: the VQ-VAE mechanism with codes on the Poincaré ball and hyperbolic distance.
 
     `z` and the codes go onto the ball with :math:`\operatorname{project} \circ \exp_0^c`; the code nearest in
@@ -538,20 +546,12 @@ class HyperKmeansVQ(VectorQuantizer):
         ball_eps: float | None = None,
     ):
         super().__init__(dim, codebook_size)
-        self.curvature = _check_curvature(curvature)
-        self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
-        self.ball_eps = _check_ball_eps(ball_eps)
+        self._init_ball(curvature, ball_eps, commitment_weight)
         self.embedding = nn.Parameter(torch.empty(codebook_size, dim, dtype=torch.float32))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         init.uniform_(self.embedding, -1 / self.codebook_size, 1 / self.codebook_size)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, curvature={self.curvature}, commitment_weight={self.commitment_weight}"
-
-    def _to_ball(self, z: torch.Tensor) -> torch.Tensor:
-        return expmap0_projected(z, c=self.curvature, eps=self.ball_eps)
 
     @property
     def codebook(self) -> torch.Tensor:
