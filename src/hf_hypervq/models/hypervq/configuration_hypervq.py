@@ -1,39 +1,31 @@
 """Configurations of the HyperVQ models: the VQ-VAE tokenizer (and its frozen-feature classifier) and the VQ-SA head."""
 
-import math
-
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .quantizers import QUANTIZER_TYPES
+from .quantizers import (
+    QUANTIZER_TYPES,
+    _check_curvature,
+    _check_normal_init_scale,
+    _check_temperature,
+    _check_weight,
+)
 
 
 def _check_quantizer_fields(config) -> None:
-    """Value checks shared by the configs that own a quantizer; raised when the config is built."""
+    """Value checks of the configs that own a quantizer, raised when the config is built: the quantizers' own checks
+    (quantizers.py), run on the config's fields."""
     if config.quantizer_type not in QUANTIZER_TYPES:
         raise ValueError(f"`quantizer_type` must be one of {QUANTIZER_TYPES}, got {config.quantizer_type!r}")
     if config.codebook_size < 2:
         raise ValueError(f"`codebook_size` must be >= 2, got {config.codebook_size}")
-    if not 0 < config.curvature < math.inf:
-        raise ValueError(f"`curvature` must be a finite number > 0, got {config.curvature}")
-    if config.commitment_weight is not None and not config.commitment_weight >= 0:
-        raise ValueError(
-            f"`commitment_weight` must be >= 0 (or None for the quantizer's default), got {config.commitment_weight}"
-        )
-    for name in ("offset_init_scale", "normal_init_scale"):
-        value = getattr(config, name, 1.0)
-        if not value >= 0 or (name == "normal_init_scale" and value == 0):
-            raise ValueError(
-                f"`{name}` must be a number {'>' if name == 'normal_init_scale' else '>='} 0, got {value}"
-            )
-    temperature = tuple(config.gumbel_temperature)
-    if len(temperature) != 3 or not (0 < temperature[1] <= temperature[0] and 0 < temperature[2] <= 1):
-        raise ValueError(
-            "`gumbel_temperature` must be (tau_max, tau_min, decay) with 0 < tau_min <= tau_max and 0 < decay <= 1, "
-            f"got {config.gumbel_temperature}"
-        )
-    config.gumbel_temperature = [float(t) for t in temperature]
+    _check_curvature(config.curvature)
+    if config.commitment_weight is not None:  # None: the quantizer's own default
+        _check_weight("commitment_weight", config.commitment_weight)
+    _check_weight("offset_init_scale", getattr(config, "offset_init_scale", 1.0))
+    _check_normal_init_scale(getattr(config, "normal_init_scale", 1.0))
+    config.gumbel_temperature = list(_check_temperature(config.gumbel_temperature, name="gumbel_temperature"))
 
 
 def _check_positive(config, *names: str) -> None:

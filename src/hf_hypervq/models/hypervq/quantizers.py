@@ -196,16 +196,8 @@ class _GumbelTemperature:
     module is put in training mode (one read, not one per step)."""
 
     def _init_temperature(self, temperature: tuple[float, float, float]) -> None:
-        try:
-            tau_max, tau_min, decay = (float(t) for t in temperature)
-        except (TypeError, ValueError):
-            raise ValueError(f"`temperature` must be (tau_max, tau_min, decay), got {temperature!r}") from None
-        if not (0 < tau_min <= tau_max and 0 < decay <= 1):
-            raise ValueError(
-                f"`temperature` must satisfy 0 < tau_min <= tau_max and 0 < decay <= 1, got {temperature!r}"
-            )
-        self.temperature = (tau_max, tau_min, decay)
-        self.current_temperature = tau_max
+        self.temperature = _check_temperature(temperature)
+        self.current_temperature = self.temperature[0]
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def set_num_updates(self, num_updates: int) -> None:
@@ -261,6 +253,27 @@ def _check_ball_eps(ball_eps: float | None) -> float | None:
     if ball_eps is not None and not 0 < ball_eps < 1:
         raise ValueError(f"`ball_eps` must lie in (0, 1), got {ball_eps!r}")
     return ball_eps
+
+
+# The value checks of the quantizers' arguments; the configs run the same ones on their fields (`name` is the
+# argument's name where it is called, so each message names what the user set).
+
+
+def _check_temperature(temperature, name: str = "temperature") -> tuple[float, float, float]:
+    try:
+        tau_max, tau_min, decay = (float(t) for t in temperature)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be (tau_max, tau_min, decay), got {temperature!r}") from None
+    if not (0 < tau_min <= tau_max and 0 < decay <= 1):
+        raise ValueError(f"`{name}` must satisfy 0 < tau_min <= tau_max and 0 < decay <= 1, got {temperature!r}")
+    return tau_max, tau_min, decay
+
+
+def _check_normal_init_scale(value: float) -> float:
+    value = _check_weight("normal_init_scale", value)
+    if value == 0:
+        raise ValueError("`normal_init_scale` must be > 0: a zero normal defines no hyperplane")
+    return value
 
 
 def _check_weight(name: str, value: float) -> float:
@@ -364,9 +377,7 @@ class HyperVQ(_GumbelTemperature, _PoincareBall, VectorQuantizer):
         self._init_ball(curvature, ball_eps, commitment_weight)
         self._init_temperature(temperature)
         self.offset_init_scale = _check_weight("offset_init_scale", offset_init_scale)
-        self.normal_init_scale = _check_weight("normal_init_scale", normal_init_scale)
-        if self.normal_init_scale == 0:
-            raise ValueError("`normal_init_scale` must be > 0: a zero normal defines no hyperplane")
+        self.normal_init_scale = _check_normal_init_scale(normal_init_scale)
         self.normal_directions = nn.Parameter(torch.empty(codebook_size, dim, dtype=torch.float32))  # HNN++'s weight_v
         self.normal_scales = nn.Parameter(torch.empty(codebook_size, dtype=torch.float32))  # HNN++'s weight_g
         self.offsets = nn.Parameter(torch.empty(codebook_size, dtype=torch.float32))
