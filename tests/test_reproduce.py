@@ -81,3 +81,33 @@ def test_run_files_are_named_by_their_setting(tmp_path):
     assert study.run_path(tmp_path, base, 0, False) == study.run_path(tmp_path, dict(base), 0, False)
     assert study.run_path(tmp_path, base, 0, False) != study.run_path(tmp_path, {**base, "curvature": 0.1}, 0, False)
     assert study.run_path(tmp_path, base, 0, False) != study.run_path(tmp_path, base, 1, False)
+
+
+def synthetic_table(hyperbolic_wins: bool) -> dict:
+    """A results table made up so that each claim's verdict is known in advance."""
+    good, bad = {"reconstruction_mse": 0.01, "accuracy": 0.9, "perplexity": 200.0, "silhouette": 0.5,
+                 "davies_bouldin": 0.5, "noisy_silhouette": 0.5}, {  # fmt: skip
+        "reconstruction_mse": 0.02, "accuracy": 0.5, "perplexity": 50.0, "silhouette": 0.1, "davies_bouldin": 2.0,
+        "noisy_silhouette": 0.1}  # fmt: skip
+    middle = {**bad, "perplexity": 100.0, "accuracy": 0.6}
+    winner, loser = (good, bad) if hyperbolic_wins else (bad, good)
+    rows = {
+        "hyperbolic": winner,
+        "kmeans": loser,
+        "gumbel": middle,
+        "hyperbolic_kmeans": bad,
+        "hyperbolic_embedding": bad,
+    }
+    return {(q, k): {m: (v, 0.0, 3) for m, v in metrics.items()} for q, metrics in rows.items() for k in (64, 512)}
+
+
+def test_check_claims_on_synthetic_tables():
+    from hf_hypervq.training.report import check_claims
+
+    for wins, verdict in ((True, "holds"), (False, "does not hold")):
+        claims = check_claims(synthetic_table(wins), [64, 512], scatter=None)
+        verdicts = {claim: found for claim, found, _ in claims}
+        assert len(claims) == 7
+        assert all(found == verdict for found in verdicts.values()), verdicts
+    claims = check_claims(synthetic_table(True), [64, 512], scatter=None)
+    assert "HyperVQ / KmeansVQ reconstruction MSE: K=64: 0.50×, K=512: 0.50×" in claims[0][2]
