@@ -5,12 +5,10 @@ HF_ENDPOINT (and the offline flag that conftest.py sets) once, at import time: `
 environment.
 """
 
-import base64
 import json
 import subprocess
 import sys
 import textwrap
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -149,82 +147,31 @@ def test_hub_round_trip(hub, tmp_path):
     assert ("POST", "/api/validate-yaml") in paths
 
 
-SPACE_AND_DATASET = """
+SPACE = """
 from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download
 
 api = HfApi()
-space = api.create_repo("org/demo", repo_type="space", space_sdk="gradio")
+space = api.create_repo("org/demo", repo_type="space", space_sdk="gradio", private=True)
 api.upload_file(path_or_fileobj=b"import gradio\\n", path_in_repo="app.py", repo_id="org/demo", repo_type="space")
-dataset = api.create_repo("testuser/data", repo_type="dataset", private=True)
-api.upload_file(path_or_fileobj=b"a,b\\n1,2\\n", path_in_repo="data/train.csv", repo_id="testuser/data",
-                repo_type="dataset")
 print(json.dumps({
     "space_url": str(space),
     "space_sdk": api.space_info("org/demo").sdk,
     "app": Path(hf_hub_download("org/demo", "app.py", repo_type="space")).read_text(),
-    "dataset_url": str(dataset),
-    "dataset_private": api.dataset_info("testuser/data").private,
-    "csv": Path(hf_hub_download("testuser/data", "data/train.csv", repo_type="dataset")).read_text(),
-    "dataset_files": api.list_repo_files("testuser/data", repo_type="dataset"),
 }))
 """
 
 
-def test_space_and_dataset_repos(hub, tmp_path):
-    report = run_client(hub, tmp_path, SPACE_AND_DATASET)
+def test_space_repos(hub, tmp_path):
+    """The `evaluate` metrics are published as Spaces (scripts/push_metric.py)."""
+    report = run_client(hub, tmp_path, SPACE)
     assert report["space_url"] == f"{hub.url}/spaces/org/demo"
     assert report["space_sdk"] == "gradio"
     assert report["app"] == "import gradio\n"
-    assert report["dataset_url"] == f"{hub.url}/datasets/testuser/data"
-    assert report["dataset_private"] is True
-    assert report["csv"] == "a,b\n1,2\n"
-    assert sorted(report["dataset_files"]) == [".gitattributes", "data/train.csv"]
     # A private repo is invisible without a token.
-    status, headers, _ = http(hub, "GET", "/datasets/testuser/data/resolve/main/data/train.csv")
+    status, headers, _ = http(hub, "GET", "/spaces/org/demo/resolve/main/app.py")
     assert (status, headers["X-Error-Code"]) == (404, "RepoNotFound")
-
-
-TRANSFORMERS_ROUND_TRIP = """
-from pathlib import Path
-
-import torch
-from huggingface_hub import HfApi
-from transformers import AutoModel, BertConfig, BertModel
-
-torch.manual_seed(0)
-config = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8, vocab_size=10)
-model = BertModel(config)
-folder = Path(ARGS["work"]) / "tiny-bert"
-model.save_pretrained(folder)
-api = HfApi()
-api.create_repo("testuser/tiny-bert")
-api.upload_folder(repo_id="testuser/tiny-bert", folder_path=folder)
-loaded = AutoModel.from_pretrained("testuser/tiny-bert")  # fresh HF_HOME: this downloads from the server
-mine, theirs = model.state_dict(), loaded.state_dict()
-print(json.dumps({
-    "class": type(loaded).__name__,
-    "hidden_size": loaded.config.hidden_size,
-    "same_keys": sorted(mine) == sorted(theirs),
-    "equal": all(torch.equal(mine[k], theirs[k]) for k in mine),
-    "files": sorted(api.list_repo_files("testuser/tiny-bert")),
-}))
-"""
-
-
-def test_transformers_round_trip(hub, tmp_path):
-    report = run_client(hub, tmp_path, TRANSFORMERS_ROUND_TRIP)
-    assert report == {
-        "class": "BertModel",
-        "hidden_size": 8,
-        "same_keys": True,
-        "equal": True,
-        "files": [".gitattributes", "config.json", "model.safetensors"],
-    }
-    gets = {path for method, path, status in hub.requests if method == "GET" and status == 200}
-    assert any(p.startswith("/testuser/tiny-bert/resolve/") and p.endswith("/model.safetensors") for p in gets)
-    assert (tmp_path / "hf_home" / "hub" / "models--testuser--tiny-bert").is_dir()
 
 
 def test_errors_and_unknown_routes(hub):
@@ -242,45 +189,3 @@ def test_errors_and_unknown_routes(hub):
     assert status == 400
     status, _, body = http(hub, "POST", "/api/repos/create", b"not json")
     assert status == 400 and "error" in json.loads(body)  # bad input is a client error, not a crash
-
-
-def _commit(hub: LocalHub, repo: str, files: dict[str, bytes]) -> str:
-    lines = [{"key": "header", "value": {"summary": "concurrent", "description": ""}}]
-    for path, data in files.items():
-        value = {"path": path, "content": base64.b64encode(data).decode(), "encoding": "base64"}
-        lines.append({"key": "file", "value": value})
-    body = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
-    headers = {"Content-Type": "application/x-ndjson", "Authorization": "Bearer dummy"}
-    status, _, answer = http(hub, "POST", f"/api/models/{repo}/commit/main", body, headers)
-    assert status == 200, answer
-    return json.loads(answer)["commitOid"]
-
-
-def test_concurrent_commits_are_atomic(hub, tmp_path):
-    status, _, _ = http(hub, "POST", "/api/repos/create", json.dumps({"name": "busy"}).encode())
-    assert status == 200
-    shas = {}
-
-    def worker(i: int) -> None:
-        shas[i] = _commit(hub, "testuser/busy", {f"w{i}/a.txt": b"a%d" % i, f"w{i}/b.txt": b"b%d" % i})
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    _, _, body = http(hub, "GET", "/api/models/testuser/busy/commits/main")
-    history = [commit["id"] for commit in json.loads(body)]
-    assert len(history) == 9 and set(shas.values()) <= set(history)  # linear history, nothing lost
-    for i, sha in shas.items():  # each commit holds both of its files
-        for name in ("a", "b"):
-            status, headers, data = http(hub, "GET", f"/testuser/busy/resolve/{sha}/w{i}/{name}.txt")
-            assert (status, data, headers["X-Repo-Commit"]) == (200, b"%s%d" % (name.encode(), i), sha)
-
-
-def test_state_survives_restart(hub, tmp_path):
-    http(hub, "POST", "/api/repos/create", json.dumps({"name": "kept", "organization": "org"}).encode())
-    sha = _commit(hub, "org/kept", {"kept.txt": b"still here"})
-    with LocalHub(hub.root) as again:
-        status, headers, data = http(again, "GET", "/org/kept/resolve/main/kept.txt")
-    assert (status, data, headers["X-Repo-Commit"]) == (200, b"still here", sha)
