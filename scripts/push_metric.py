@@ -18,10 +18,9 @@ import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
 from hf_hypervq.metrics import MODULES, module_path
+from hf_hypervq.training.hub import PublishError, check_repo_id, push_failed
 
 
 # What each module imports beyond evaluate and datasets (the Space installs these).
@@ -52,12 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def push_metric(metric: str, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Stage the module under the repo's name and upload it in one commit; returns the commit URL."""
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise ValueError(f"--repo_id {repo_id!r} is not a valid repo id ({error})") from None
-    if "/" not in repo_id:
-        raise ValueError(f"--repo_id {repo_id!r} must be 'user/name' or 'org/name'")
+    check_repo_id(repo_id)
     source = module_path(metric)
     with tempfile.TemporaryDirectory() as staging:
         staging = Path(staging)
@@ -73,8 +67,7 @@ def push_metric(metric: str, repo_id: str, private: bool = False, token: str | N
                 commit_message=f"Upload the {metric} metric of hf-hypervq",
             )  # fmt: skip
         except Exception as error:  # HTTP errors, refused connections, timeouts: one clear line
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(f"pushing to {repo_id} failed: {reason}") from None
+            raise push_failed(repo_id, error) from None
     return commit.commit_url
 
 
@@ -82,7 +75,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         url = push_metric(args.metric, args.repo_id, private=args.private, token=args.token)
-    except ValueError as error:
+    except PublishError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"pushed the {args.metric} metric to {url}")

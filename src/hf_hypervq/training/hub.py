@@ -183,12 +183,7 @@ def push_to_hub(
     Everything is checked before the first request (the repo id, the folder, the card), and the files go up in a
     single commit, so a failure never leaves a half-pushed model. Checkpoints and TensorBoard runs stay local.
     """
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise PublishError(f"--repo_id {repo_id!r} is not a valid repo id ({error})") from None
-    if "/" not in repo_id:
-        raise PublishError(f"--repo_id {repo_id!r} must be 'user/name' or 'org/name'")
+    check_repo_id(repo_id)
     card = build_model_card(folder, repo_id, template_dir)
     with tempfile.TemporaryDirectory() as staging:
         staging = Path(staging)
@@ -209,6 +204,21 @@ def push_to_hub(
                 commit_message=commit_message or f"Upload {card.data.model_name} with hf-hypervq",
             )
         except Exception as error:  # HTTP errors, refused connections, timeouts: one clear line
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise PublishError(f"pushing to {repo_id} failed: {reason}") from None
+            raise push_failed(repo_id, error) from None
     return commit.commit_url
+
+
+def check_repo_id(repo_id: str) -> None:
+    """`PublishError` unless `repo_id` is a valid 'user/name' or 'org/name'; checked before any request."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise PublishError(f"--repo_id {repo_id!r} is not a valid repo id ({error})") from None
+    if "/" not in repo_id:
+        raise PublishError(f"--repo_id {repo_id!r} must be 'user/name' or 'org/name'")
+
+
+def push_failed(repo_id: str, error: Exception) -> PublishError:
+    """A failed request to the Hub (HTTP error, refused connection, timeout) as one line."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return PublishError(f"pushing to {repo_id} failed: {reason}")
