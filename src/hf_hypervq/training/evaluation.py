@@ -66,7 +66,7 @@ def evaluate_tokenizer(
 ) -> dict:
     """Reconstruction MSE, PSNR and SSIM (`data_range`: the span of the pixel values, see `pixel_range`), codebook
     usage of the eval argmax (perplexity, codes used, dead codes, per-code counts), for the MLR/Gumbel quantizers how
-    decided their logits are (mean max probability, top-1 − top-2 margin; `metrics.logit_confidence`), and the
+    decided their logits are (mean max probability, top-1 − top-2 margin; `training.metrics.logit_confidence`), and the
     cluster quality of the pre-quantization latents with code ids as clusters (silhouette, Davies-Bouldin), on clean
     inputs and on perturbed ones (paper Table 5). `protocol` gives the images, resolution and tokens behind them.
     `full=False` leaves out the slow ones, SSIM and the cluster scores, as the training scripts do before their last
