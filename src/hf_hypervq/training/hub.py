@@ -46,7 +46,8 @@ METRIC_NAMES = {
     "unknown_accuracy": "Accuracy under the 4 unknown corruptions",
     "mCE": "mCE (15 known corruptions)",
     "unknown_mCE": "mCE (4 unknown corruptions)",
-    "eval_loss": "Token negative log-likelihood (nats)",
+    # every model kind's `eval_loss` is a cross-entropy: of the labels for a classifier, of the tokens for a prior
+    "eval_loss": "Evaluation cross-entropy (nats)",
     "bits_per_token": "Bits per token",
 }
 
