@@ -28,12 +28,12 @@ from study import MODEL, QUICK_MODEL, load_digits_tensors, run_one, setting_of, 
 
 import hf_hypervq
 from hf_hypervq import QUANTIZER_TYPES
-from hf_hypervq.models.hypervq.hyperbolic import expmap0_projected
 from hf_hypervq.training.outputs import write_text
 from hf_hypervq.training.report import (
     QUANTIZER_NAMES,
     aggregate,
     check_claims,
+    embedding_panels,
     plot_embedding_scatter,
     plot_metric_vs_k,
     plot_usage_histograms,
@@ -55,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def scatter_panels(quick: bool, steps: int, runs_dir: Path):
-    """Points for the Table-5-style figure: 1,000 test latents of a dim-3, K = 16 model per quantizer, HyperVQ's on
-    the ball next to its hyperplanes' closest points to the origin, KmeansVQ's next to its codebook."""
+def scatter_panels(quick: bool, steps: int):
+    """The Table-5-style figure's panels and metrics: a dim-3, K = 16 tokenizer per quantizer, HyperVQ and KmeansVQ,
+    trained with the study's protocol (`report.embedding_panels` draws 1,000 of their test latents)."""
     data = load_digits_tensors()
     model_options = {**(QUICK_MODEL if quick else MODEL), "embedding_dim": 3}
     panels, metrics = [], {}
@@ -68,20 +68,7 @@ def scatter_panels(quick: bool, steps: int, runs_dir: Path):
         metrics[quantizer] = {
             k: v for k, v in tokenizer_metrics(model, train_tokens, data).items() if k != "code_counts"
         }
-        with torch.no_grad():
-            encoded = model.encode(data["test"][0])
-        latents = encoded.latents.permute(0, 2, 3, 1).reshape(-1, 3)
-        codes = encoded.image_tokens.reshape(-1)
-        keep = torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))[:1000]
-        latents, codes = latents[keep], codes[keep]
-        q = model.quantizer
-        if quantizer == "hyperbolic":
-            panels.append(("HyperVQ: latents z_e", latents, codes, None))
-            ball = expmap0_projected(latents, c=q.curvature)
-            hyperplane_points = expmap0_projected(q.codebook.detach(), c=q.curvature)  # exp0(r_k a_k / |a_k|)
-            panels.append(("HyperVQ: z_h on the ball, hyperplane points", ball, codes, hyperplane_points))
-        else:
-            panels.append(("KmeansVQ: latents z_e and codebook", latents, codes, q.codebook.detach()))
+        panels += embedding_panels(model, data["test"][0])
     return panels, metrics
 
 
@@ -139,7 +126,7 @@ def main(argv=None):
                   f"accuracy {run['accuracy']:.3f}, perplexity {run['perplexity']:.1f}", flush=True)  # fmt: skip
 
     steps = setting_of({"steps": args.tokenizer_steps}, args.quick)["steps"]
-    panels, scatter_metrics = scatter_panels(args.quick, steps, runs_dir)
+    panels, scatter_metrics = scatter_panels(args.quick, steps)
 
     table = aggregate(runs)
     big = max(args.codebook_sizes)

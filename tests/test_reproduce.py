@@ -111,3 +111,40 @@ def test_check_claims_on_synthetic_tables():
         assert all(found == verdict for found in verdicts.values()), verdicts
     claims = check_claims(synthetic_table(True), [64, 512], scatter=None)
     assert "HyperVQ / KmeansVQ reconstruction MSE: K=64: 0.50×, K=512: 0.50×" in claims[0][2]
+
+
+@pytest.mark.parametrize("quantizer_type", ["hyperbolic", "kmeans"])
+def test_embedding_panels_show_the_latents_and_the_codes_of_a_dim_3_tokenizer(quantizer_type):
+    from hf_hypervq import HyperVQVAEConfig, HyperVQVAEModel
+    from hf_hypervq.models.hypervq.hyperbolic import expmap0_projected
+    from hf_hypervq.training.report import embedding_panels
+
+    torch.manual_seed(0)
+    config = HyperVQVAEConfig(num_channels=1, hidden_size=8, num_residual_layers=0, residual_hidden_size=4,
+                              embedding_dim=3, codebook_size=16, quantizer_type=quantizer_type)  # fmt: skip
+    model = HyperVQVAEModel(config).eval()
+    pixels = torch.rand(4, 1, 16, 16) * 2 - 1
+    panels = embedding_panels(model, pixels, num_points=50)
+    tokens = model.get_image_tokens(pixels).reshape(-1)
+    title, points, codes, specials = panels[0]
+    assert points.shape == (50, 3) and codes.shape == (50,)
+    assert set(codes.tolist()) <= set(tokens.tolist())
+    if quantizer_type == "kmeans":
+        assert len(panels) == 1 and title.startswith("KmeansVQ")
+        torch.testing.assert_close(specials, model.quantizer.codebook.detach())
+    else:
+        assert len(panels) == 2 and specials is None
+        _, on_ball, ball_codes, hyperplane_points = panels[1]
+        torch.testing.assert_close(on_ball, expmap0_projected(points, c=1.0))
+        assert torch.equal(ball_codes, codes) and hyperplane_points.shape == (16, 3)
+        assert (hyperplane_points.norm(dim=-1) < 1).all()
+
+
+def test_embedding_panels_refuse_latents_that_are_not_3_dimensional():
+    from hf_hypervq import HyperVQVAEConfig, HyperVQVAEModel
+    from hf_hypervq.training.report import embedding_panels
+
+    model = HyperVQVAEModel(HyperVQVAEConfig(num_channels=1, hidden_size=8, num_residual_layers=0,
+                                             residual_hidden_size=4, embedding_dim=4, codebook_size=16))  # fmt: skip
+    with pytest.raises(ValueError, match="3-dimensional latents, got embedding_dim=4"):
+        embedding_panels(model, torch.zeros(1, 1, 16, 16))

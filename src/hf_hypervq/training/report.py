@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ..models.hypervq.hyperbolic import expmap0_projected  # noqa: E402
 from ..models.hypervq.quantizers import QUANTIZERS  # noqa: E402
 from .outputs import write_text  # noqa: E402
 from .plots import draw_codebook_usage  # noqa: E402
@@ -154,6 +155,35 @@ def plot_usage_histograms(code_counts: dict[str, list[int]], path) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def embedding_panels(model, pixel_values: torch.Tensor, num_points: int = 1000, seed: int = 0) -> list:
+    r"""The Table-5-style scatter panels of a tokenizer with 3-dimensional latents, for `plot_embedding_scatter`:
+    `num_points` latents of `pixel_values` (a seeded draw) coloured by code, next to its codebook (KmeansVQ and
+    the other Euclidean-codebook quantizers), or for HyperVQ a second panel with the latents on the ball next to its
+    hyperplanes' closest points to the origin, :math:`\exp_0(r_k a_k / \|a_k\|)`."""
+    quantizer = model.quantizer
+    if quantizer.dim != 3:
+        raise ValueError(f"the scatter panels need 3-dimensional latents, got embedding_dim={quantizer.dim}")
+    with torch.no_grad():
+        encoded = model.encode(pixel_values)
+    latents = encoded.latents.permute(0, 2, 3, 1).reshape(-1, 3)
+    codes = encoded.image_tokens.reshape(-1)
+    keep = torch.randperm(len(codes), generator=torch.Generator().manual_seed(seed))[:num_points]
+    latents, codes = latents[keep], codes[keep]
+    codebook = quantizer.codebook.detach()
+    name = QUANTIZERS[model.config.quantizer_type].paper_name
+    if model.config.quantizer_type != "hyperbolic":
+        return [(f"{name}: latents z_e and codebook", latents, codes, codebook)]
+    return [
+        (f"{name}: latents z_e", latents, codes, None),
+        (
+            f"{name}: z_h on the ball, hyperplane points",
+            expmap0_projected(latents, c=quantizer.curvature),
+            codes,
+            expmap0_projected(codebook, c=quantizer.curvature),
+        ),
+    ]
 
 
 def plot_embedding_scatter(panels: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]], path) -> None:
