@@ -7,7 +7,11 @@ shared machine hits all of them alike; the table gives medians and ratios to `Ve
 - eval: `module.eval()` forward under `torch.no_grad()` (tokenization).
 - train: `module.train()` forward and backward of `(quantized * G).sum() + loss` with a fixed random G.
 - floor: `z @ W` with `W` (dim, K), the one matmul every quantizer needs; in train, its backward as well.
-- `HyperVQ+compile`: HyperVQ with its elementwise kernels fused by `torch.compile` (`set_compiled_kernels`).
+- `HyperVQ` runs as shipped: its N×K kernels fused by `torch.compile` at these sizes (`kernels.py`);
+  `HyperVQ+eager` runs the same kernels unfused (`set_compiled_kernels(False)`, a machine without a compiler).
+- `VectorQuantize` is set up as in a VQ-VAE, `decay=0.99, commitment_weight=0.25` (the ratios are to it);
+  `VectorQuantize+defaults` keeps the library's defaults (`decay=0.8, commitment_weight=1.0`), and a comment line
+  per shape gives HyperVQ's ratios to it. Every latent requires grad in train, as behind an encoder.
 - memory: peak extra memory of one step. On CPU each (variant, shape, mode) runs in a fresh process whose kernel
   high-water mark is reset after a warm-up step (docs/performance.md#allocator); on CUDA,
   `torch.cuda.max_memory_allocated`.
@@ -39,8 +43,9 @@ MEASURING_ALLOCATOR = "glibc.malloc.mmap_threshold=65536"
 VARIANTS = [
     "floor",
     "VectorQuantize",
+    "VectorQuantize+defaults",
     "HyperVQ",
-    "HyperVQ+compile",
+    "HyperVQ+eager",
     "KmeansVQ",
     "GumbelVQ",
     "HyperKmeansVQ",
@@ -91,10 +96,11 @@ def build(name, dim, codebook_size, device):
                 out.backward(grad_outputs[out.shape])
 
         return step
-    if name == "VectorQuantize":
+    if name.startswith("VectorQuantize"):
         from vector_quantize_pytorch import VectorQuantize
 
-        module = VectorQuantize(dim=dim, codebook_size=codebook_size).to(device)
+        options = {} if name.endswith("+defaults") else {"decay": 0.99, "commitment_weight": 0.25}
+        module = VectorQuantize(dim=dim, codebook_size=codebook_size, **options).to(device)
 
         def run(z):
             quantized, indices, loss = module(z[None])
@@ -107,7 +113,7 @@ def build(name, dim, codebook_size, device):
         module = getattr(hf_hypervq, class_name)(dim, codebook_size).to(device)
 
         def run(z):
-            kernels.set_compiled_kernels(option == "compile")
+            kernels.set_compiled_kernels(False if option == "eager" else None)
             out = module(z)
             return out.quantized, out.loss
 
@@ -254,6 +260,12 @@ def main(argv=None):
                 )
                 lines.append(line)
                 print(line, flush=True)
+            if ("HyperVQ", "train") in timing and ("VectorQuantize+defaults", "train") in timing:
+                print(
+                    f"<!-- N={n} K={k}: HyperVQ ÷ VectorQuantize+defaults: eval "
+                    f"{timing['HyperVQ', 'eval'][0] / timing['VectorQuantize+defaults', 'eval'][0]:.2f}×, train "
+                    f"{timing['HyperVQ', 'train'][0] / timing['VectorQuantize+defaults', 'train'][0]:.2f}× -->"
+                )
             print(
                 f"<!-- N={n} K={k}: share of CPU used by other processes: "
                 f"eval {timing['others_cpu', 'eval']:.2f}, train {timing['others_cpu', 'train']:.2f} -->",

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_hypervq import GumbelVQ, HyperEmbMatVQ, HyperKmeansVQ, HyperVQ, KmeansVQ, QuantizerOutput
+from hf_hypervq.models.hypervq import kernels
 from hf_hypervq.models.hypervq.quantizers import decay_for_run
 
 
@@ -94,33 +95,92 @@ def test_hypervq_train_samples_codes_from_softmax_of_logits():
     torch.testing.assert_close(freq, probs.double(), atol=0.01, rtol=0)
 
 
-def test_gumbel_straight_through_equals_gumbel_softmax_reference():
-    """Same noise, same values and gradients as `y = onehot - sg(y_soft) + y_soft; y @ codebook`."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("cls", [HyperVQ, GumbelVQ])
+def test_gumbel_straight_through_equals_gumbel_softmax_reference(cls, compiled):
+    """Same noise, same values and gradients as `y = onehot - sg(y_soft) + y_soft; y @ codebook`, with the fused
+    kernels eager and compiled; a loss on the logits as well reaches them through both paths."""
     torch.manual_seed(0)
-    q = HyperVQ(DIM, K).train()
+    q = cls(DIM, K).train()
     q.set_num_updates(50_000)
     z = torch.randn(64, DIM, requires_grad=True)
-    weights = torch.randn(64, DIM)
+    weights, logit_weights = torch.randn(64, DIM), torch.randn(64, K)
 
-    torch.manual_seed(7)
-    out = q(z)
-    (out.quantized * weights).sum().backward()
-    parameters = (z, q.normal_directions, q.normal_scales, q.offsets)
+    kernels.set_compiled_kernels(compiled)
+    try:
+        torch.manual_seed(7)
+        out = q(z)
+        ((out.quantized * weights).sum() + (out.logits * logit_weights).sum()).backward()
+    finally:
+        kernels.set_compiled_kernels(None)
+    parameters = (z, *q.parameters())
     grads = [t.grad.clone() for t in parameters]
     for t in parameters:
         t.grad = None
 
     torch.manual_seed(7)
-    logits = q.logits(z)
-    u = torch.empty_like(logits).uniform_()
-    y_soft = torch.softmax((logits - torch.log(-torch.log(u))) / q.current_temperature, -1)
+    noise = kernels.gumbel_noise(kernels.draw_seed("cpu"), 64, K, "cpu")  # the draw the step made
+    logits = q.logits(z) if cls is HyperVQ else z @ q.projection_weight.T + q.projection_bias
+    y_soft = torch.softmax((logits + noise) / q.current_temperature, -1)
     y_hard = F.one_hot(y_soft.argmax(-1), K).float()
     quantized = (y_hard - y_soft.detach() + y_soft) @ q.codebook
-    (quantized * weights).sum().backward()
+    ((quantized * weights).sum() + (logits * logit_weights).sum()).backward()
     assert torch.equal(out.indices, y_soft.argmax(-1))
     torch.testing.assert_close(out.quantized, quantized)
-    for got, t in zip(grads, parameters):
-        torch.testing.assert_close(got, t.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.logits, logits)
+    for got, t in zip(grads, parameters):  # float32 rounding, relative to each gradient's scale
+        torch.testing.assert_close(got, t.grad, rtol=1e-4, atol=1e-5 * t.grad.abs().max().item())
+
+
+def test_counter_noise_is_uniform_independent_and_a_function_of_seed_and_position():
+    seed = torch.tensor(12345, dtype=torch.int32)
+    u = kernels.counter_uniform(seed, 2048, 512, "cpu").double()
+    assert 0 < u.min() and u.max() < 1
+    # uniform: 64 equal bins, chi-square with 63 degrees of freedom (p = 1e-6 at 130)
+    counts = torch.histc(u, bins=64, min=0, max=1)
+    expected = u.numel() / 64
+    assert ((counts - expected) ** 2 / expected).sum() < 130
+    assert abs(u.mean() - 0.5) < 2e-3 and abs(u.var() - 1 / 12) < 1e-3
+    # no correlation between neighbours in a row, in a column, or between two seeds (|r| ~ 1/sqrt(n) = 1e-3)
+    other_seed = kernels.counter_uniform(seed + 1, 2048, 512, "cpu").double()
+    for a, b in ((u[:, 1:], u[:, :-1]), (u[1:], u[:-1]), (u, other_seed)):
+        assert abs(torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]))[0, 1]) < 6e-3
+    # a function of (seed, position): the same block of a larger draw, and the same again
+    torch.testing.assert_close(kernels.counter_uniform(seed, 4096, 512, "cpu")[:2048].double(), u, rtol=0, atol=0)
+    assert not torch.equal(u, other_seed)
+
+
+def test_uniform_numbers_never_reach_0_or_1_so_the_noise_is_finite():
+    extremes = torch.tensor([0, 511, -1, 0x7FFFFFFF, -0x80000000], dtype=torch.int32)  # all bits 0 / 1
+    u = kernels.uniform_from_bits(extremes)
+    assert 0 < u.min() and u.max() < 1
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_fused_kernels_draw_the_same_noise_eager_and_compiled(compiled):
+    """The compiled kernels must be the eager ones, fused: the same Gumbel draw bit for bit (the integer hash and
+    the argmax), the same soft sample to float32 rounding."""
+    y, scale = torch.randn(300, 70), torch.rand(70) + 0.5
+    seed, inverse_temperature = torch.tensor(99, dtype=torch.int32), torch.tensor(0.8)
+    kernels.set_compiled_kernels(compiled)
+    try:
+        logits, indices, weights, inverse_total = kernels.mlr_gumbel_forward(y, scale, seed, inverse_temperature)
+    finally:
+        kernels.set_compiled_kernels(None)
+    reference_logits = scale * torch.asinh(y.double())
+    perturbed = reference_logits + kernels.gumbel_noise(seed, 300, 70, "cpu").double()
+    torch.testing.assert_close(logits.double(), reference_logits, rtol=1e-6, atol=1e-6)
+    assert torch.equal(indices, perturbed.argmax(-1))
+    torch.testing.assert_close((weights * inverse_total).double(), torch.softmax(perturbed * 0.8, -1), rtol=1e-5,
+                               atol=1e-7)  # fmt: skip
+
+
+def test_argmax_kernel_takes_the_first_maximum_like_torch():
+    scores = torch.randn(50, 33)
+    scores[4, [3, 20]] = 10.0
+    scores[5] = 1.0
+    assert torch.equal(kernels.argmax(scores), scores.argmax(-1))
 
 
 def _grads(q, z, term):

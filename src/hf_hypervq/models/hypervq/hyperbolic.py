@@ -27,7 +27,7 @@ import math
 import torch
 from geoopt.manifolds.stereographic import math as geoopt_math
 
-from .kernels import scaled_asinh, scaled_asinh_backward, scaled_asinh_inference
+from .kernels import mlr_logits_backward, mlr_logits_from_matmul
 
 
 # Distance from the boundary, as a fraction of the radius 1/sqrt(c), that `project` keeps. float32 and float64
@@ -133,22 +133,20 @@ def pairwise_dist(x: torch.Tensor, y: torch.Tensor, *, c: float) -> torch.Tensor
 
 
 class _ScaledAsinhMatmul(torch.autograd.Function):
-    """`scale * asinh(x @ w.T)` with a hand-written backward that reuses `asinh` and `sqrt(1 + y^2)` from the
-    forward (`kernels.scaled_asinh`)."""
+    """`scale * asinh(x @ w.T)` with a hand-written backward (`kernels.mlr_logits_backward`), which keeps only the
+    matmul's output and recomputes the rest."""
 
     @staticmethod
     def forward(ctx, x, w, scale):
         y = x @ w.T  # (N, K)
-        if not any(ctx.needs_input_grad):
-            return scaled_asinh_inference(y, scale)
-        logits, asinh, root = scaled_asinh(y, scale)
-        ctx.save_for_backward(x, w, scale, asinh, root)
-        return logits
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(x, w, scale, y)
+        return mlr_logits_from_matmul(y, scale)
 
     @staticmethod
     def backward(ctx, grad_logits):
-        x, w, scale, asinh, root = ctx.saved_tensors
-        grad_scale, grad_y = scaled_asinh_backward(grad_logits, asinh, root, scale)
+        x, w, scale, y = ctx.saved_tensors
+        grad_y, grad_scale = mlr_logits_backward(grad_logits, y, scale)
         grad_x = grad_y @ w if ctx.needs_input_grad[0] else None
         grad_w = grad_y.T @ x if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, grad_scale
@@ -183,7 +181,14 @@ def mlr_logits(x: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor, *,
         `(..., K)` logits.
     """
     leading_shape = x.shape[:-1]
-    x = x.reshape(-1, x.shape[-1])  # (N, dim)
+    x_folded, w_folded, scale = fold_mlr(x.reshape(-1, x.shape[-1]), normals, offsets, c=c)
+    logits = _ScaledAsinhMatmul.apply(x_folded, w_folded, scale)  # (N, K)
+    return logits.view(*leading_shape, -1)
+
+
+def fold_mlr(x: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor, *, c: float):
+    r"""The operands of :func:`mlr_logits`' one matmul: `(x_folded (N, dim + 1), w_folded (K, dim + 1), scale (K,))`
+    with logits `scale * asinh(x_folded @ w_folded.T)`, for points `x` `(N, dim)` of the ball."""
     c = check_curvature(c)
     sqrt_c = c**0.5
     cx2 = c * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square()  # (N, 1)
@@ -196,5 +201,4 @@ def mlr_logits(x: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor, *,
     w_folded = torch.cat(
         [normals * (torch.cosh(two_sqrt_c_r) / normal_norms)[:, None], torch.sinh(two_sqrt_c_r)[:, None]], dim=-1
     )  # (K, dim + 1)
-    logits = _ScaledAsinhMatmul.apply(x_folded, w_folded, (2 / sqrt_c) * normal_norms)  # (N, K)
-    return logits.view(*leading_shape, -1)
+    return x_folded, w_folded, (2 / sqrt_c) * normal_norms

@@ -1,34 +1,70 @@
-"""The N×K elementwise work of the quantizers, in one place, eager or fused by `torch.compile`.
+"""The N×K elementwise work of the quantizers, written once and fused by `torch.compile`.
 
 On CPU the quantizers' cost is not their matmul but the passes over the N×K score matrix around it (asinh, Gumbel
-noise, softmax and their backwards; docs/performance.md#passes-over-the-score-matrix). Each kernel below is written
-once, with in-place ops so that eager mode allocates little. `set_compiled_kernels(True)` (or
-`HF_HYPERVQ_COMPILE=1`) runs the `@_kernel` ones through `torch.compile(dynamic=True)`, which fuses each into one loop
-(the first call of each then compiles for a few seconds; a kernel that fails to compile falls back to eager, with one
-warning). The others stay eager because inductor made them slower on CPU: its random numbers cost more than
-`uniform_`, and its column sums than eager's.
+noise, softmax and their backwards; docs/performance.md#passes-over-the-score-matrix). Each function below with
+`@_kernel` is one fused loop when compiled, and the same math eagerly when not:
+
+- by default (`set_compiled_kernels(None)`, `HF_HYPERVQ_COMPILE` unset) a kernel is compiled, with
+  `torch.compile(dynamic=True)`, the first time it gets at least `COMPILE_MIN_ELEMENTS` elements; smaller inputs
+  run eagerly, where compiling would cost seconds to save microseconds. Compiling happens once per kernel and
+  process (dynamic shapes; the temperature and the noise seed are tensors), is announced once, and a kernel that
+  fails to compile (no C++ compiler, an unsupported device) runs eagerly from then on, with one warning;
+- `set_compiled_kernels(True)` / `HF_HYPERVQ_COMPILE=1` compiles whatever the size, `False` / `0` never does.
+
+Inside a model compiled as a whole (`--torch_compile`), the kernels are traced into the model's graph.
+
+The Gumbel noise comes from a counter-based generator: a hash of (seed, position) gives each element its uniform
+number, so the noise is computed inside the fused loop, on every thread, with no random-number state (torch's
+`uniform_` on CPU costs more than the whole fused kernel). The forward keeps the soft sample's exponentials, so
+the backward computes no transcendental function.
 """
 
 import functools
+import logging
 import os
+import time
 import warnings
 
 import torch
 
 
-_compiled_kernels = os.environ.get("HF_HYPERVQ_COMPILE", "0") == "1"
+logger = logging.getLogger(__name__)
+
+COMPILE_MIN_ELEMENTS = 1 << 20
+_MODES = {"": None, "auto": None, "1": True, "0": False}
+_compile_mode = _MODES.get(os.environ.get("HF_HYPERVQ_COMPILE", "").strip().lower(), None)
 _COMPILE_FAILED = object()
+_announced = False
 
 
-def set_compiled_kernels(enabled: bool) -> None:
-    """Fuse the quantizers' elementwise kernels with `torch.compile` (off by default; results agree with eager to
-    float32 rounding)."""
-    global _compiled_kernels
-    _compiled_kernels = bool(enabled)
+def set_compiled_kernels(enabled: bool | None) -> None:
+    """Fuse the quantizers' kernels with `torch.compile`: `None` (the default) for inputs of at least
+    `COMPILE_MIN_ELEMENTS` elements, `True` always, `False` never. Results agree with eager to float32 rounding,
+    and the Gumbel noise is the same bit for bit."""
+    global _compile_mode
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ValueError(f"`enabled` must be True, False or None, got {enabled!r}")
+    _compile_mode = enabled
 
 
-def compiled_kernels_enabled() -> bool:
-    return _compiled_kernels
+def compiled_kernels_enabled() -> bool | None:
+    return _compile_mode
+
+
+def _wants_compiled(tensor: torch.Tensor) -> bool:
+    if _compile_mode is None:
+        return tensor.numel() >= COMPILE_MIN_ELEMENTS
+    return _compile_mode
+
+
+def _announce_compile(name: str, seconds: float) -> None:
+    global _announced
+    if not _announced:
+        _announced = True
+        logger.warning(
+            f"hf_hypervq: the quantizer's kernels are compiled with torch.compile once per process (the first, "
+            f"{name}, took {seconds:.1f} s; later runs reuse the on-disk cache; HF_HYPERVQ_COMPILE=0 turns it off)"
+        )
 
 
 def _kernel(fn):
@@ -37,52 +73,179 @@ def _kernel(fn):
     @functools.wraps(fn)
     def run(*args):
         nonlocal compiled
-        if not _compiled_kernels or compiled is _COMPILE_FAILED:
+        if torch.compiler.is_compiling() or compiled is _COMPILE_FAILED or not _wants_compiled(args[0]):
             return fn(*args)
-        if compiled is None:
+        first_call = compiled is None
+        if first_call:
             compiled = torch.compile(fn, dynamic=True)
+        started = time.perf_counter()
         try:
-            return compiled(*args)
+            result = compiled(*args)
         except Exception as error:  # a missing C++ compiler, an unsupported device, ...
             warnings.warn(f"torch.compile failed for {fn.__name__}, using eager mode: {error}", stacklevel=2)
             compiled = _COMPILE_FAILED
             return fn(*args)
+        if first_call:
+            _announce_compile(fn.__name__, time.perf_counter() - started)
+        return result
 
     return run
 
 
-@_kernel
-def scaled_asinh(y: torch.Tensor, scale: torch.Tensor):
+# ---------------------------------------------------------------------------------------------------------------
+# Counter-based uniform numbers
+
+
+def _hash32(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash of `x` (int32, wrapping arithmetic; the masks make the right shifts logical), in
+    three xorshift-multiply rounds with the shifts and multipliers of Wellons' `triple32`. The seed enters after the
+    first round, so two seeds give unrelated streams (with `x + seed` they would be shifted copies of each other).
+    Updates `x` in place."""
+    x ^= (x >> 17) & 0x7FFF
+    x *= -0x12A52B45  # 0xED5AD4BB as int32
+    x ^= seed
+    x ^= (x >> 11) & 0x1FFFFF
+    x *= -0x53B3E4AF  # 0xAC4C1B51
+    x ^= (x >> 15) & 0x1FFFF
+    x *= 0x31848BAB
+    x ^= (x >> 14) & 0x3FFFF
+    return x
+
+
+def counter_uniform(seed: torch.Tensor, num_rows: int, num_columns: int, device) -> torch.Tensor:
+    """`(num_rows, num_columns)` float32 uniform numbers in (0, 1), a function of `seed` (an int32 tensor) and the
+    position alone: element (i, j) hashes the counter `i * num_columns + j`. The counter is 32 bits: calls with
+    more than 2^32 elements repeat it."""
+    rows = torch.arange(num_rows, dtype=torch.int32, device=device)[:, None]
+    columns = torch.arange(num_columns, dtype=torch.int32, device=device)[None, :]
+    return uniform_from_bits(_hash32(rows * num_columns + columns, seed))
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """The top 23 of 32 random bits (int32) as a float32 at the centre of one of 2^23 equal bins of (0, 1):
+    from 2^-24 to 1 - 2^-24, never 0 or 1, so the Gumbel noise is finite. (With 24 bits the top bin's centre,
+    1 - 2^-25, rounds to 1.0 in float32, and its noise would be +inf.)"""
+    return ((bits >> 9) & 0x7FFFFF).float().add_(0.5).mul_(2.0**-23)
+
+
+def draw_seed(device) -> torch.Tensor:
+    """One int32 seed for `counter_uniform`, from torch's generator of `device` (so `torch.manual_seed` makes a run
+    repeat itself, and a checkpoint's RNG state resumes it), without a host synchronisation."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int32, device=device)
+
+
+def gumbel_noise(seed: torch.Tensor, num_rows: int, num_columns: int, device) -> torch.Tensor:
+    """Standard Gumbel noise `g = -log(-log u)` from `counter_uniform`; the noise every Gumbel quantizer adds."""
+    return counter_uniform(seed, num_rows, num_columns, device).log_().neg_().log_().neg_()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pieces of the kernels (plain functions: each kernel below composes them, and is compiled as one loop).
+# In-place ops only ever touch tensors made here, so that eager mode allocates few N×K temporaries.
+
+
+def _scaled_asinh(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`scale * asinh(y)` as `sign(y) * log(|y| + sqrt(1 + y^2))` (eager `torch.asinh` on CPU is a scalar loop,
-    12× a matmul); returns `(logits, asinh(y), sqrt(1 + y^2))`, the last two for the backward. `|y|` must stay
-    below 1e19 so that `y^2` is finite in float32 (`hyperbolic.mlr_logits` guarantees it)."""
-    root = torch.addcmul(torch.ones((), dtype=y.dtype, device=y.device), y, y).sqrt_()
-    asinh = y.abs().add_(root).log_().copysign_(y)
-    return asinh * scale, asinh, root
+    12× a matmul; this is also the accurate form, docs/method.md#accurate-asinh). `|y|` must stay below 1e19 so
+    that `y^2` is finite in float32 (`hyperbolic.mlr_logits` guarantees it)."""
+    return _asinh(y).mul_(scale)
 
 
-@_kernel
-def scaled_asinh_inference(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """`scaled_asinh`'s logits alone, with fewer allocations."""
-    root = torch.addcmul(torch.ones((), dtype=y.dtype, device=y.device), y, y).sqrt_()
-    return root.add_(y.abs()).log_().copysign_(y).mul_(scale)
+def _asinh(y: torch.Tensor) -> torch.Tensor:
+    return _sqrt_one_plus_square(y).add_(y.abs()).log_().copysign_(y)
 
 
-def scaled_asinh_backward(grad_logits, asinh, root, scale):
-    """Gradients of `scale * asinh(y)`: `(d/d scale, d/d y)`; d asinh(y)/dy = 1/sqrt(1 + y^2)."""
-    return (grad_logits * asinh).sum(0), (grad_logits * scale).div_(root)
+def _sqrt_one_plus_square(y: torch.Tensor) -> torch.Tensor:
+    """`sqrt(1 + y^2)`, the derivative's denominator of asinh."""
+    return torch.addcmul(torch.ones((), dtype=y.dtype, device=y.device), y, y).sqrt_()
 
 
-def gumbel_sample(logits: torch.Tensor, uniform: torch.Tensor, inv_temperature: float):
-    """A hard Gumbel-softmax draw per row: `(indices, softmax((logits + g) / tau))` with `g = -log(-log u)`.
-    `u = 0` gives `g = -inf`, a code that is never drawn (never a NaN). Consumes `uniform`."""
-    perturbed = uniform.log_().neg_().log_().neg_().add_(logits)  # logits + g
-    indices = perturbed.argmax(dim=-1)  # a sample of Categorical(softmax(logits))
-    return indices, torch.softmax(perturbed.mul_(inv_temperature), dim=-1)
+def _gumbel_sample(logits, seed, inv_temperature):
+    """A hard Gumbel-softmax draw per row: `(indices, weights, inverse_total)`. `indices` is the argmax of
+    `logits + g` (a sample of Categorical(softmax(logits))); the soft sample `softmax((logits + g) / tau)` is
+    `weights * inverse_total`, kept in that form because the forward computes the exponentials anyway and the
+    backward then needs none. The argmax and the softmax share one row maximum."""
+    perturbed = gumbel_noise(seed, logits.shape[0], logits.shape[1], logits.device).add_(logits)
+    row_max = perturbed.amax(dim=-1, keepdim=True)
+    indices = _argmax(perturbed, row_max)
+    weights = perturbed.sub_(row_max).mul_(inv_temperature).exp_()
+    return indices, weights, weights.sum(dim=-1, keepdim=True).reciprocal_()
 
 
-@_kernel
-def softmax_backward(grad_soft: torch.Tensor, soft: torch.Tensor, inv_temperature: float) -> torch.Tensor:
-    """The gradient reaching the logits of `softmax(logits * inv_temperature)`. Consumes `grad_soft`."""
+def _argmax(scores: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """`scores.argmax(-1)` (the first maximum of each row) from the row maxima, as a max of indices: plain
+    maxima vectorise on CPU, where argmax's (index, value) reduction costs 5× as much, eager or compiled. A row
+    without its maximum (a NaN) gets the last index rather than one out of range."""
+    last = scores.shape[-1] - 1
+    reversed_index = torch.arange(last, -1, -1, dtype=torch.int32, device=scores.device)
+    return (last - torch.where(scores == row_max, reversed_index, 0).amax(dim=-1)).long()
+
+
+def _soft_sample_backward(grad_soft, weights, inverse_total, inv_temperature):
+    """The gradient reaching the logits from the soft sample `weights * inverse_total` (`_gumbel_sample`)."""
+    soft = weights * inverse_total
     row_dot = (soft * grad_soft).sum(dim=-1, keepdim=True)
-    return grad_soft.sub_(row_dot).mul_(soft).mul_(inv_temperature)
+    return (grad_soft - row_dot).mul_(soft).mul_(inv_temperature)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels
+
+
+@_kernel
+def mlr_logits_from_matmul(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The MLR logits `scale * asinh(y)` of the folded matmul's output `y` (`hyperbolic.mlr_logits`)."""
+    return _scaled_asinh(y, scale)
+
+
+@_kernel
+def argmax(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argmax(-1)` of `(N, K)` scores, faster on CPU (`_argmax`)."""
+    return _argmax(scores, scores.amax(dim=-1, keepdim=True))
+
+
+@_kernel
+def mlr_logits_backward(grad_logits, y, scale):
+    """`(d/d y, d/d scale)` of `scale * asinh(y)`; d asinh(y)/dy = 1/sqrt(1 + y^2), and asinh(y) is recomputed
+    (one log per element is cheaper than keeping an N×K tensor)."""
+    grad_scale = (grad_logits * _asinh(y)).sum(0)
+    return (grad_logits * scale).div_(_sqrt_one_plus_square(y)), grad_scale
+
+
+@_kernel
+def mlr_logits_and_argmax(y: torch.Tensor, scale: torch.Tensor):
+    """HyperVQ's tokenization after its matmul: the MLR logits and their argmax, in one pass."""
+    logits = _scaled_asinh(y, scale)
+    return logits, _argmax(logits, logits.amax(dim=-1, keepdim=True))
+
+
+@_kernel
+def gumbel_forward(logits, seed, inv_temperature):
+    """A hard Gumbel-softmax draw per row of `logits`: `(indices, weights, inverse_total)` (`_gumbel_sample`)."""
+    return _gumbel_sample(logits, seed, inv_temperature)
+
+
+@_kernel
+def gumbel_backward(grad_soft, weights, inverse_total, inv_temperature):
+    """The straight-through gradient reaching the logits, from `grad_soft = grad_quantized @ codebook.T`."""
+    return _soft_sample_backward(grad_soft, weights, inverse_total, inv_temperature)
+
+
+@_kernel
+def mlr_gumbel_forward(y, scale, seed, inv_temperature):
+    """HyperVQ's training forward after its matmul, in one pass over the N×K scores: the MLR logits
+    `scale * asinh(y)` and a hard Gumbel-softmax draw from them, `(logits, indices, weights, inverse_total)`."""
+    logits = _scaled_asinh(y, scale)
+    return logits, *_gumbel_sample(logits, seed, inv_temperature)
+
+
+@_kernel
+def mlr_gumbel_backward(grad_soft, grad_logits, y, logits, weights, inverse_total, scale, inv_temperature):
+    """HyperVQ's training backward before its matmuls: `(d/d y, d/d scale)` from the straight-through gradient
+    `grad_soft` and, where the caller used the logits too, their own gradient `grad_logits` (or None)."""
+    grad = _soft_sample_backward(grad_soft, weights, inverse_total, inv_temperature)
+    if grad_logits is not None:
+        grad += grad_logits
+    # asinh(y) = logits / scale: the scale is 2 |a_k| / sqrt(c), never 0 (the norm is clamped)
+    grad_scale = (grad * logits).sum(0).div_(scale)
+    return grad.mul_(scale).div_(_sqrt_one_plus_square(y)), grad_scale

@@ -25,6 +25,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
 from transformers.utils import ModelOutput, can_return_tuple
 
+from .checks import check_ids
 from .configuration_hypervq import HyperVQPriorConfig, HyperVQSAConfig, HyperVQVAEConfig
 from .quantizers import QUANTIZERS, VectorQuantizer
 
@@ -56,23 +57,6 @@ def check_pixel_values(pixel_values, channels: int, dtype: torch.dtype, multiple
     if pixel_values.dtype != dtype and not torch.is_autocast_enabled(pixel_values.device.type):
         raise TypeError(f"`pixel_values` are {pixel_values.dtype} but the model's weights {dtype}: pass "
                         f"`pixel_values.to({dtype})`")  # fmt: skip
-
-
-def check_class_ids(ids, name: str, count: int, batch_size: int | None = None) -> None:
-    """`ids` must be an integer tensor of values in [0, count) (of shape `(batch_size,)` when given). The range is
-    checked on the host for CPU tensors; on an accelerator `torch._assert_async` checks it without waiting for
-    the device (a failure then raises with this message at the next synchronisation)."""
-    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise TypeError(f"`{name}` must be an integer tensor of ids in [0, {count}); got {got}")
-    if batch_size is not None and tuple(ids.shape) != (batch_size,):
-        raise ValueError(f"`{name}` must have shape ({batch_size},), one id per image; got {tuple(ids.shape)}")
-    message = f"`{name}` must lie in [0, {count})"
-    if ids.device.type == "cpu":
-        if ids.numel() and (ids.min() < 0 or ids.max() >= count):
-            raise ValueError(f"{message}; got values from {int(ids.min())} to {int(ids.max())}")
-    elif ids.numel():
-        torch._assert_async(((ids >= 0) & (ids < count)).all(), message)
 
 
 def build_quantizer(config, dim: int) -> VectorQuantizer:
@@ -485,7 +469,7 @@ class HyperVQVAEForImageClassification(HyperVQVAEPreTrainedModel):
     ) -> ImageClassifierOutputWithNoAttention:
         r"""labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids for the cross-entropy loss."""
         if labels is not None:
-            check_class_ids(labels, "labels", self.config.num_labels, len(pixel_values))
+            check_ids(labels, "labels", self.config.num_labels, len(pixel_values))
         with torch.no_grad():
             features = self.hypervq.encode(pixel_values).quantized_latents  # (B, D, h, w)
         logits = self.classifier(features)
@@ -586,7 +570,7 @@ class HyperVQSAForImageClassification(HyperVQPreTrainedModel):
         output_attentions (`bool`, *optional*): also return the two-token attention weights."""
         check_pixel_values(pixel_values, self.config.backbone_config.num_channels, self.resnet.dtype)
         if labels is not None:
-            check_class_ids(labels, "labels", self.config.num_labels, len(pixel_values))
+            check_ids(labels, "labels", self.config.num_labels, len(pixel_values))
         features = self._scale_features(self.resnet(pixel_values).pooler_output.flatten(1))  # (B, D)
         quantized = self.quantizer(features)
         attended, weights = self.attention(quantized.quantized, features)

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput, can_return_tuple
 
+from .checks import check_ids
 from .configuration_hypervq import HyperVQPriorConfig
-from .modeling_hypervq import HyperVQPreTrainedModel, check_class_ids
+from .modeling_hypervq import HyperVQPreTrainedModel
 
 
 @dataclass
@@ -123,7 +124,7 @@ class HyperVQPriorModel(HyperVQPreTrainedModel):
         if not isinstance(image_tokens, torch.Tensor) or image_tokens.ndim != 3 or image_tokens.is_floating_point():
             got = tuple(image_tokens.shape) if isinstance(image_tokens, torch.Tensor) else type(image_tokens).__name__
             raise ValueError(f"`image_tokens` must be an integer tensor of shape (batch, height, width); got {got}")
-        check_class_ids(image_tokens, "image_tokens", self.config.codebook_size)
+        check_ids(image_tokens, "image_tokens", self.config.codebook_size)
         if self.config.num_classes and class_labels is None:
             raise ValueError(
                 f"this prior is class-conditional ({self.config.num_classes} classes): pass `class_labels`"
@@ -131,7 +132,7 @@ class HyperVQPriorModel(HyperVQPreTrainedModel):
         if class_labels is not None and not self.config.num_classes:
             raise ValueError("this prior is unconditional: `class_labels` must be None")
         if class_labels is not None:
-            check_class_ids(class_labels, "class_labels", self.config.num_classes, len(image_tokens))
+            check_ids(class_labels, "class_labels", self.config.num_classes, len(image_tokens))
 
     @can_return_tuple
     def forward(

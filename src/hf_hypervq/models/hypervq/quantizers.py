@@ -22,8 +22,17 @@ from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .hyperbolic import expmap0_projected, logmap0, mlr_logits
-from .kernels import gumbel_sample, softmax_backward
+from .checks import check_finite, check_ids
+from .hyperbolic import expmap0_projected, fold_mlr, logmap0, mlr_logits
+from .kernels import (
+    argmax,
+    draw_seed,
+    gumbel_backward,
+    gumbel_forward,
+    mlr_gumbel_backward,
+    mlr_gumbel_forward,
+    mlr_logits_and_argmax,
+)
 
 
 @dataclass
@@ -69,34 +78,78 @@ class _GumbelStraightThrough(torch.autograd.Function):
     straight-through estimator of `F.gumbel_softmax(logits, tau, hard=True) @ codebook`.
 
     Same estimator as `F.gumbel_softmax`, rewritten because on CPU its `exponential_` noise costs 20× a matmul
-    and it materialises the one-hot matrix (docs/performance.md#gumbel-noise): the noise comes from one `uniform_`,
-    the forward gathers rows instead of multiplying by a one-hot, and the backward is written out.
+    and it materialises the one-hot matrix (docs/performance.md#gumbel-noise): the noise is counter-based
+    (`kernels.gumbel_noise`, computed in the fused kernel), the forward gathers rows instead of multiplying by a
+    one-hot, and the backward is written out.
     """
 
     @staticmethod
-    def forward(ctx, logits, codebook, temperature):
-        indices, soft = gumbel_sample(logits, torch.empty_like(logits).uniform_(), 1 / temperature)
-        ctx.save_for_backward(soft, indices, codebook)
-        ctx.temperature = temperature
+    def forward(ctx, logits, codebook, inv_temperature, seed):
+        indices, weights, inverse_total = gumbel_forward(logits, seed, inv_temperature)
+        ctx.save_for_backward(weights, inverse_total, indices, codebook, inv_temperature)
         ctx.mark_non_differentiable(indices)
-        return codebook[indices], indices
+        return codebook.index_select(0, indices), indices
 
     @staticmethod
     def backward(ctx, grad_quantized, grad_indices):
-        soft, indices, codebook = ctx.saved_tensors
+        weights, inverse_total, indices, codebook, inv_temperature = ctx.saved_tensors
         grad_logits = grad_codebook = None
         if ctx.needs_input_grad[0]:
             grad_soft = grad_quantized @ codebook.T  # (N, K)
-            grad_logits = softmax_backward(grad_soft, soft, 1 / ctx.temperature)
+            grad_logits = gumbel_backward(grad_soft, weights, inverse_total, inv_temperature)
         if ctx.needs_input_grad[1]:
-            # The straight-through one-hot equals the hard one-hot in value: each row's gradient goes to its code.
-            grad_codebook = torch.zeros_like(codebook).index_add_(0, indices, grad_quantized)
-        return grad_logits, grad_codebook, None
+            grad_codebook = _code_gradient(codebook, indices, grad_quantized)
+        return grad_logits, grad_codebook, None, None
+
+
+class _MLRGumbelStraightThrough(torch.autograd.Function):
+    """HyperVQ's training step from the folded MLR operands (`hyperbolic.fold_mlr`): the logits
+    `scale * asinh(x_folded @ w_folded.T)`, then `_GumbelStraightThrough` on them, with the N×K work of both in one
+    fused kernel each way (`kernels.mlr_gumbel_forward` / `mlr_gumbel_backward`). Returns
+    `(quantized, indices, logits)`; values and gradients equal `mlr_logits` followed by `_GumbelStraightThrough`."""
+
+    @staticmethod
+    def forward(ctx, x_folded, w_folded, scale, codebook, inv_temperature, seed):
+        y = x_folded @ w_folded.T  # (N, K)
+        logits, indices, weights, inverse_total = mlr_gumbel_forward(y, scale, seed, inv_temperature)
+        ctx.save_for_backward(x_folded, w_folded, scale, codebook, inv_temperature, y, logits, weights,
+                              inverse_total, indices)  # fmt: skip
+        ctx.mark_non_differentiable(indices)
+        ctx.set_materialize_grads(False)  # unused logits get no N×K tensor of zeros as their gradient
+        return codebook.index_select(0, indices), indices, logits
+
+    @staticmethod
+    def backward(ctx, grad_quantized, grad_indices, grad_logits):
+        x_folded, w_folded, scale, codebook, inv_temperature, y, logits, weights, inverse_total, indices = (
+            ctx.saved_tensors
+        )
+        if grad_quantized is None:  # only the logits were used
+            grad_quantized = torch.zeros(len(indices), codebook.shape[1], device=codebook.device)
+        grad_soft = grad_quantized @ codebook.T  # (N, K)
+        grad_y, grad_scale = mlr_gumbel_backward(
+            grad_soft, grad_logits, y, logits, weights, inverse_total, scale, inv_temperature
+        )
+        grad_x = grad_y @ w_folded if ctx.needs_input_grad[0] else None
+        grad_w = grad_y.T @ x_folded if ctx.needs_input_grad[1] else None
+        grad_codebook = _code_gradient(codebook, indices, grad_quantized) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_w, grad_scale, grad_codebook, None, None
+
+
+def _code_gradient(codebook, indices, grad_quantized):
+    # The straight-through one-hot equals the hard one-hot in value: each row's gradient goes to its code.
+    return torch.zeros_like(codebook).index_add_(0, indices, grad_quantized)
+
+
+def code_counts(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """How often each code occurs in `indices`, `(codebook_size,)` int64. Unlike `torch.bincount`, whose output
+    size depends on the values, this never waits for the device and compiles without a graph break."""
+    flat = indices.reshape(-1)
+    return torch.zeros(codebook_size, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
 
 
 def code_perplexity(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
     """`exp(entropy)` of the histogram of `indices` (docs/method.md#codebook-metrics)."""
-    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+    counts = code_counts(indices, codebook_size).float()
     probs = counts / counts.sum().clamp_min(1)
     return torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
 
@@ -145,16 +198,7 @@ class VectorQuantizer(nn.Module):
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Codebook vectors `(..., dim)` of code ids `(...)`; equal to the eval-mode `quantized` for those ids."""
-        if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex():
-            got = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
-            raise TypeError(f"`indices` must be an integer tensor, got {got}")
-        if indices.dtype == torch.bool:
-            raise TypeError("`indices` must be an integer tensor, got torch.bool")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
-            raise ValueError(
-                f"`indices` must lie in [0, {self.codebook_size}), got values in "
-                f"[{int(indices.min())}, {int(indices.max())}]"
-            )
+        check_ids(indices, "indices", self.codebook_size)
         return F.embedding(indices.long(), self.codebook)
 
     def set_num_updates(self, num_updates: int) -> None:
@@ -171,16 +215,7 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"{name} expects `z` of shape (..., dim={self.dim}), got {tuple(z.shape)}")
         if z.numel() == 0:
             raise ValueError(f"{name} expects at least one vector in `z`, got shape {tuple(z.shape)}")
-        # One reduction in the common case. The sum of squares also catches finite values too large for float32
-        # squared errors (|z| above ~1e17), which would make the loss inf without an error.
-        flat = z.reshape(-1).float()
-        if not torch.isfinite(torch.dot(flat, flat)):  # one pass, no N×dim temporary
-            if not torch.isfinite(z).all():
-                raise ValueError(f"{name} got NaN or inf values in `z`")
-            raise ValueError(
-                f"{name} got values too large for float32 (largest |z| is {z.abs().max().item():.3g}); latents of "
-                "a trained encoder are of order 1"
-            )
+        check_finite(z, name)
 
     def _quantize(self, z: torch.Tensor):
         raise NotImplementedError
@@ -192,35 +227,37 @@ class _GumbelTemperature:
 
     The update count `j` is a buffer, `num_updates`, so it is saved with the weights: a model reloaded with
     `from_pretrained` (or a checkpoint) and trained further goes on from its temperature instead of restarting at
-    `tau_max`. The step itself uses a Python float, `current_temperature`, refreshed from the buffer whenever the
-    module is put in training mode (one read, not one per step)."""
+    `tau_max`. Each training step computes tau from the buffer on the device, so no Python number changes from one
+    update to the next: a compiled model does not recompile, and nothing waits for the device."""
 
     def _init_temperature(self, temperature: tuple[float, float, float]) -> None:
         self.temperature = _check_temperature(temperature)
-        self.current_temperature = self.temperature[0]
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     def set_num_updates(self, num_updates: int) -> None:
         """Set the Gumbel temperature for the `num_updates`-th optimizer update."""
         _check_num_updates(num_updates)
         self.num_updates.fill_(num_updates)
-        self.current_temperature = self._temperature_after(num_updates)
 
-    def _temperature_after(self, num_updates: int) -> float:
+    @property
+    def current_temperature(self) -> float:
+        """tau at the current update count, as a Python float (for logs; it reads the buffer)."""
+        return float(self._temperature())
+
+    def _temperature(self) -> torch.Tensor:
         tau_max, tau_min, decay = self.temperature
-        return max(tau_max * decay**num_updates, tau_min)
+        # decay**j as exp(j log decay): a float32 decay**j would be ~2% off at j = 3e5 (decay's rounding, to the j)
+        return (self.num_updates.float() * math.log(decay)).exp().mul(tau_max).clamp_min(tau_min)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if mode:  # the buffer may have been loaded since the last `set_num_updates`
-            self.current_temperature = self._temperature_after(int(self.num_updates))
-        return self
+    def _gumbel_inputs(self, z: torch.Tensor):
+        """`(1 / tau, seed)` for a training step's Gumbel draw, both device tensors."""
+        return 1 / self._temperature(), draw_seed(z.device)
 
     def _pick_codes(self, logits: torch.Tensor, codebook: torch.Tensor):
         """Training: a hard Gumbel-softmax sample with the straight-through gradient. Eval: argmax, no noise."""
         if self.training:
-            return _GumbelStraightThrough.apply(logits, codebook, self.current_temperature)
-        indices = logits.argmax(dim=-1)
+            return _GumbelStraightThrough.apply(logits, codebook, *self._gumbel_inputs(logits))
+        indices = argmax(logits)
         return codebook.index_select(0, indices), indices
 
 
@@ -414,9 +451,22 @@ class HyperVQ(_GumbelTemperature, _PoincareBall, VectorQuantizer):
     def _logits(self, z: torch.Tensor) -> torch.Tensor:
         return mlr_logits(self._to_ball(z), self.normals, self.offsets.float(), c=self.curvature)
 
+    def _folded_mlr(self, z: torch.Tensor):
+        """`_logits`' matmul operands (`hyperbolic.fold_mlr`), for the fused kernels."""
+        return fold_mlr(self._to_ball(z), self.normals, self.offsets.float(), c=self.curvature)
+
     def _quantize(self, z):
-        logits = self._logits(z)  # (N, K)
-        quantized, indices = self._pick_codes(logits, self.codebook)
+        if self.training:  # the logits and the Gumbel draw fused: the values of `_logits` then `_pick_codes`
+            quantized, indices, logits = _MLRGumbelStraightThrough.apply(
+                *self._folded_mlr(z), self.codebook, *self._gumbel_inputs(z)
+            )
+        elif torch.is_grad_enabled():
+            logits = self._logits(z)  # (N, K)
+            quantized, indices = self._pick_codes(logits, self.codebook)
+        else:  # tokenization: the logits and their argmax in one pass
+            x_folded, w_folded, scale = self._folded_mlr(z)
+            logits, indices = mlr_logits_and_argmax(x_folded @ w_folded.T, scale)
+            quantized = self.codebook.index_select(0, indices)
         loss = self.commitment_weight * F.mse_loss(z, quantized.detach())
         return quantized, indices, loss, logits
 
