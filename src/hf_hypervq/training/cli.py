@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DynamoBackend, ProjectConfiguration, TorchDynamoPlugin, set_seed
 
+from ..models.hypervq.kernels import set_compiled_kernels
 from .data import DataError
 from .hub import PublishError
 
@@ -94,12 +95,28 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, learning_rate: floa
         help="a checkpoint folder, or 'latest' for the newest in --output_dir",
     )
     train.add_argument("--with_tracking", action="store_true", help="log scalars to TensorBoard in --output_dir/runs")
-    train.add_argument("--logging_steps", type=int, default=10, help="updates between tracker logs (default: 10)")
+    train.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="updates between progress-bar and tracker updates of the loss, which wait for the device (default: 10)",
+    )
     train.add_argument(
         "--eval_at_end_only", action="store_true", help="evaluate once after training instead of after every epoch"
     )
     train.add_argument(
-        "--compile_quantizer", action="store_true", help="fuse the quantizer's elementwise kernels with torch.compile"
+        "--quantizer_kernels", choices=["auto", "compiled", "eager"], default="auto",
+        help="the quantizer's fused N×K kernels: compiled with torch.compile for large inputs (auto, the default), "
+        "always, or never (for a machine without a C++ compiler)",
+    )  # fmt: skip
+    train.add_argument(
+        "--torch_compile", action="store_true",
+        help="compile the whole model with torch.compile (docs/performance.md#whole-model-compile)",
+    )  # fmt: skip
+    train.add_argument(
+        "--torch_compile_backend",
+        default="inductor",
+        help="torch.compile backend for --torch_compile (default: inductor)",
     )
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true", help="push the final model to the Hub")
@@ -153,6 +170,9 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
         parser.error("--streaming needs --max_train_steps (a stream has no known length)")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
+    backends = [b.value.lower() for b in DynamoBackend if b is not DynamoBackend.NO]
+    if args.torch_compile_backend.lower() not in backends:
+        parser.error(f"--torch_compile_backend must be one of {', '.join(backends)}; got {args.torch_compile_backend}")
 
 
 @contextlib.contextmanager
@@ -209,6 +229,8 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/runs"),
         # data order from (seed, epoch) alone, so a resumed run sees the batches an uninterrupted one would
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # `prepare` compiles the model; `unwrap_model` hands back the plain one for evaluation and saving
+        dynamo_plugin=TorchDynamoPlugin(backend=args.torch_compile_backend if args.torch_compile else "no"),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     if not accelerator.is_local_main_process:
@@ -219,8 +241,5 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         main_process_only=True,
     )
     set_seed(args.seed)
-    if args.compile_quantizer:
-        from ..models.hypervq.kernels import set_compiled_kernels
-
-        set_compiled_kernels(True)
+    set_compiled_kernels({"auto": None, "compiled": True, "eager": False}[args.quantizer_kernels])
     return accelerator

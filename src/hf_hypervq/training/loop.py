@@ -15,6 +15,7 @@ from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from ..metrics.codebook_usage.codebook_usage import usage_from_counts
+from ..models.hypervq.quantizers import code_counts
 from .checkpointing import resume, save_checkpoint
 
 
@@ -117,14 +118,15 @@ def _train_epoch(
         completed_steps += 1
         unwrapped.set_num_updates(completed_steps)
         progress.update(1)
-        shown = {"loss": f"{outputs.loss.item():.4f}"}
-        if getattr(outputs, "perplexity", None) is not None:
-            shown["train_perplexity"] = f"{outputs.perplexity.item():.1f}"
-        progress.set_postfix({**shown, **shown_eval})
-        if args.with_tracking and completed_steps % args.logging_steps == 0:
-            scalars = {f"train/{k}": float(v) for k, v in shown.items()}
-            scalars["train/learning_rate"] = optimizer.param_groups[0]["lr"]
-            accelerator.log(scalars, step=completed_steps)
+        if completed_steps % args.logging_steps == 0:  # reading the loss waits for the device: not every step
+            shown = {"loss": f"{outputs.loss.item():.4f}"}
+            if getattr(outputs, "perplexity", None) is not None:
+                shown["train_perplexity"] = f"{outputs.perplexity.item():.1f}"
+            progress.set_postfix({**shown, **shown_eval})
+            if args.with_tracking:
+                scalars = {f"train/{k}": float(v) for k, v in shown.items()}
+                scalars["train/learning_rate"] = optimizer.param_groups[0]["lr"]
+                accelerator.log(scalars, step=completed_steps)
         if every and completed_steps % every == 0:
             save_checkpoint(accelerator, args.output_dir, completed_steps, args.checkpoints_total_limit)
         if completed_steps >= args.max_train_steps:
@@ -181,7 +183,7 @@ class EpochStatistics:
         self.loss_sum += loss.detach().float()
         self.count += 1
         if self.codebook_size and tokens is not None:
-            self.code_counts += torch.bincount(tokens.detach().reshape(-1), minlength=self.codebook_size)
+            self.code_counts += code_counts(tokens.detach(), self.codebook_size)
 
     def summary(self, accelerator: Accelerator) -> dict:
         """The epoch's training loss and, for a tokenizer, its training-sample usage, summed over the processes;

@@ -43,6 +43,7 @@ def save_model(accelerator: Accelerator, model, processor, output_dir) -> None:
     """Write the final model and image processor into `output_dir`: first into a temporary folder, then moved in
     with `config.json` last, so a folder with a `config.json` always holds complete weights."""
     accelerator.wait_for_everyone()
+    model = getattr(model, "_orig_mod", model)  # `--torch_compile`'s wrapper would prefix every name with `_orig_mod.`
     state_dict = accelerator.get_state_dict(model)  # on every process: FSDP and DeepSpeed gather their shards here
     if accelerator.is_main_process:
         output_dir = Path(output_dir)

@@ -5,13 +5,14 @@ The ball of curvature :math:`-c` is :math:`\mathbb{B}^d_c = \{x : c\|x\|^2 < 1\}
 or float64 and the output has the input's dtype. Half precision is not safe here (docs/method.md#half-precision):
 the quantizers call these functions in float32 with autocast disabled.
 
-geoopt is the provider where its numerics are right (``expmap0``, ``logmap0``, ``mobius_add``, ``dist``); the rest
-is our own, each saying why:
+geoopt is the provider where its numerics are right (``expmap0``, ``mobius_add``, ``dist``); the rest is our own,
+each saying why:
 
 - :func:`project` picks its margin from the dtype; geoopt gives float16/bfloat16 a margin of ``1e-5``, which is
   below their resolution, so points land on the boundary.
 - :func:`mlr_logits` computes an accurate asinh; geoopt's ``arsinh`` is ``log(x + sqrt(1 + x^2))``, which cancels
   catastrophically for large negative arguments (190% error at the float32 boundary, docs/method.md#accurate-asinh).
+- :func:`logmap0` is geoopt's formula without its branch on the curvature's sign (a host synchronisation).
 - :func:`expmap0_projected` and :func:`pairwise_dist` are closed forms of compositions (geoopt's ``expmap0`` then
   :func:`project`; :func:`dist` of all pairs) that cost one pass or one matmul instead of several, or an N×K×dim
   tensor; tests check them against the compositions in float64.
@@ -62,8 +63,12 @@ def expmap0(u: torch.Tensor, *, c: float) -> torch.Tensor:
 
 def logmap0(y: torch.Tensor, *, c: float) -> torch.Tensor:
     r"""Logarithmic map at the origin, :math:`\log_0^c(y) = \operatorname{artanh}(\sqrt{c}\|y\|)\, y / (\sqrt{c}\|y\|)`,
-    the inverse of :func:`expmap0` on the open ball."""
-    return geoopt_math.logmap0(y, k=_curvature_as_k(c, y))
+    the inverse of :func:`expmap0` on the open ball.
+
+    geoopt's formula (artanh's argument clamped below 1 - 1e-7), written out: geoopt's `artan_k` branches on
+    `torch.all` of the curvature's sign, a host synchronisation and, under `torch.compile`, a graph break."""
+    sqrt_c_norm = check_curvature(c) ** 0.5 * y.norm(dim=-1, keepdim=True).clamp_min(MIN_NORM)
+    return y * (torch.atanh(sqrt_c_norm.clamp_max(1 - 1e-7)) / sqrt_c_norm)
 
 
 def mobius_add(x: torch.Tensor, y: torch.Tensor, *, c: float) -> torch.Tensor:
