@@ -12,6 +12,7 @@ shared machine hits all of them alike; the table gives medians and ratios to `Ve
 - `VectorQuantize` is set up as in a VQ-VAE, `decay=0.99, commitment_weight=0.25` (the ratios are to it);
   `VectorQuantize+defaults` keeps the library's defaults (`decay=0.8, commitment_weight=1.0`), and a comment line
   per shape gives HyperVQ's ratios to it. Every latent requires grad in train, as behind an encoder.
+- time: CUDA events on a GPU, the clock on a CPU.
 - memory: peak extra memory of one step. On CPU each (variant, shape, mode) runs in a fresh process whose kernel
   high-water mark is reset after a warm-up step (docs/performance.md#allocator); on CUDA,
   `torch.cuda.max_memory_allocated`.
@@ -32,10 +33,9 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
-from benchmarking import cpu_clock, others_cpu, rerun_with_tuned_allocator
+from benchmarking import Timer, cpu_clock, others_cpu, rerun_with_tuned_allocator
 
 
 # For the memory children: every tensor above 64 KiB gets its own mapping, so freeing it lowers the RSS.
@@ -144,6 +144,7 @@ def sync(device):
 def time_shape(names, n, k, dim, device, rounds):
     """Median, min and max milliseconds of each (variant, mode), round-robin."""
     steps = {name: build(name, dim, k, device) for name in names}
+    timer = Timer(device)
     results = {}
     for train in (False, True):
         z, grad_weights = inputs(n, dim, device, train)
@@ -154,13 +155,8 @@ def time_shape(names, n, k, dim, device, rounds):
         start = cpu_clock()
         for _ in range(rounds):
             for name in names:
-                if z.grad is not None:
-                    z.grad = None
-                sync(device)
-                t0 = time.perf_counter()
-                steps[name](z, grad_weights, train)
-                sync(device)
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                z.grad = None
+                times[name].append(timer(steps[name], z, grad_weights, train))
         end = cpu_clock()
         for name, ts in times.items():
             results[name, "train" if train else "eval"] = (statistics.median(ts), min(ts), max(ts))

@@ -6,23 +6,25 @@ quantizer, side by side in one process, round-robin, with the ratio of each step
     python scripts/benchmark_training.py --device cuda      # on a GPU
     python scripts/benchmark_training.py --image_size 128 --batch_size 64 --codebook_size 1024
 
-The images are random (speed does not depend on them). "+compile" runs HyperVQ with its elementwise kernels fused by
-torch.compile. On Linux CPUs the script re-executes itself with glibc's allocator set to keep freed memory, as in
-`benchmark_quantizers.py`; pass `--default-allocator` to measure without it.
+The images are random (speed does not depend on them). Each quantizer runs as shipped (HyperVQ's N×K kernels
+fused by torch.compile at these sizes); "+eager" runs them unfused (`set_compiled_kernels(False)`), and
+"+torch_compile" compiles the whole model as `--torch_compile` does (inductor; its first call, the compilation, is
+printed). On CUDA the steps are timed with CUDA events and the table adds each step's peak memory
+(`torch.cuda.max_memory_allocated`). On Linux CPUs the script re-executes itself with glibc's allocator set to keep
+freed memory, as in `benchmark_quantizers.py`; pass `--default-allocator` to measure without it.
 """
 
 import argparse
 import statistics
-import time
 
 import torch
-from benchmarking import cpu_clock, others_cpu, rerun_with_tuned_allocator
+from benchmarking import Timer, cpu_clock, others_cpu, rerun_with_tuned_allocator
 
 from hf_hypervq import QUANTIZER_TYPES, HyperVQVAEConfig, HyperVQVAEModel
 from hf_hypervq.models.hypervq import kernels
 
 
-VARIANTS = [*QUANTIZER_TYPES, "hyperbolic+compile"]
+VARIANTS = [*QUANTIZER_TYPES, "hyperbolic+eager", "kmeans+torch_compile", "hyperbolic+torch_compile"]
 
 
 def parse_args(argv=None):
@@ -47,16 +49,27 @@ def make_step(variant: str, args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
     device_type = torch.device(args.device).type
+    forward = torch.compile(model) if option == "torch_compile" else model
 
     def step(pixel_values):
-        kernels.set_compiled_kernels(option == "compile")
+        kernels.set_compiled_kernels(False if option == "eager" else None)
         with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
-            loss = model(pixel_values).loss
+            loss = forward(pixel_values).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def peak_memory_mib(step, pixel_values) -> float:
+    """Peak CUDA memory of one step above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step(pixel_values)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def main(argv=None):
@@ -67,34 +80,35 @@ def main(argv=None):
     torch.manual_seed(0)
     pixel_values = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
     steps = {v: make_step(v, args) for v in variants}
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else lambda: None
-    for step in steps.values():  # warm-up (and compilation)
-        for _ in range(2):
-            step(pixel_values)
+    timer = Timer(args.device)
+    first_call = {v: timer(step, pixel_values) for v, step in steps.items()}  # includes any compilation
+    for step in steps.values():  # warm-up
+        step(pixel_values)
     times = {v: [] for v in variants}
     start = cpu_clock()
     for _ in range(args.rounds):
         for variant, step in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            step(pixel_values)
-            sync()
-            times[variant].append(time.perf_counter() - t0)
+            times[variant].append(timer(step, pixel_values))
     busy = others_cpu(start, cpu_clock())
-    device = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    )
+    cuda = args.device.startswith("cuda")
+    peaks = {v: peak_memory_mib(step, pixel_values) for v, step in steps.items()} if cuda else {}
+    device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"# {device}; torch {torch.__version__}; {args.image_size}×{args.image_size}, batch {args.batch_size}, "
         f"K={args.codebook_size}, mixed precision {args.mixed_precision}; median of {args.rounds} rounds; "
         f"CPU share of other processes {busy:.2f}"
     )
-    print("| quantizer | ms / step | images / s | step time ÷ KmeansVQ |\n|---|---|---|---|")
+    print(
+        "| quantizer | ms / step | images / s | step time ÷ KmeansVQ | first call s |"
+        + (" peak MiB |" if cuda else "")
+    )
+    print("|---|---|---|---|---|" + ("---|" if cuda else ""))
     reference = statistics.median(times["kmeans"]) if "kmeans" in times else None
     for variant, ts in times.items():
         median = statistics.median(ts)
         ratio = f"{median / reference:.2f}×" if reference else "-"
-        print(f"| {variant} | {median * 1e3:.1f} | {args.batch_size / median:.0f} | {ratio} |")
+        line = f"| {variant} | {median:.1f} | {args.batch_size / median * 1e3:.0f} | {ratio} | {first_call[variant] / 1e3:.1f} |"
+        print(line + (f" {peaks[variant]:.0f} |" if cuda else ""))
 
 
 if __name__ == "__main__":

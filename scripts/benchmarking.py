@@ -1,8 +1,10 @@
-"""Helpers of the benchmark scripts: a steady allocator, and how busy the machine was while they measured."""
+"""Helpers of the benchmark scripts: a steady allocator, a timer, and how busy the machine was while they measured."""
 
 import os
 import sys
 import time
+
+import torch
 
 
 # glibc keeps freed memory instead of returning it, like a caching allocator; otherwise every fresh N×K tensor above
@@ -33,3 +35,22 @@ def others_cpu(start, end) -> float:
         return float("nan")
     others = (end[0] - start[0]) - (end[1] - start[1])
     return max(0.0, others / ((os.cpu_count() or 1) * (end[2] - start[2])))
+
+
+class Timer:
+    """Milliseconds of one call: CUDA events on a GPU (no host clock around asynchronous work), else the clock."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def __call__(self, fn, *args) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        started = time.perf_counter()
+        fn(*args)
+        return (time.perf_counter() - started) * 1e3

@@ -2,7 +2,7 @@
 
 On CPU the quantizers' cost is not their matmul but the passes over the N×K score matrix around it (asinh, Gumbel
 noise, softmax and their backwards; docs/performance.md#passes-over-the-score-matrix). Each function below with
-`@_kernel` is one fused loop when compiled, and the same math eagerly when not:
+`@fused_kernel` is one fused loop when compiled, and the same math eagerly when not:
 
 - by default (`set_compiled_kernels(None)`, `HF_HYPERVQ_COMPILE` unset) a kernel is compiled, with
   `torch.compile(dynamic=True)`, the first time it gets at least `COMPILE_MIN_ELEMENTS` elements; smaller inputs
@@ -67,7 +67,8 @@ def _announce_compile(name: str, seconds: float) -> None:
         )
 
 
-def _kernel(fn):
+def fused_kernel(fn):
+    """Run `fn` compiled (forward and, under autograd, backward) by the rule above, else eagerly."""
     compiled = None
 
     @functools.wraps(fn)
@@ -192,19 +193,19 @@ def _soft_sample_backward(grad_soft, weights, inverse_total, inv_temperature):
 # Kernels
 
 
-@_kernel
+@fused_kernel
 def mlr_logits_from_matmul(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The MLR logits `scale * asinh(y)` of the folded matmul's output `y` (`hyperbolic.mlr_logits`)."""
     return _scaled_asinh(y, scale)
 
 
-@_kernel
+@fused_kernel
 def argmax(scores: torch.Tensor) -> torch.Tensor:
     """`scores.argmax(-1)` of `(N, K)` scores, faster on CPU (`_argmax`)."""
     return _argmax(scores, scores.amax(dim=-1, keepdim=True))
 
 
-@_kernel
+@fused_kernel
 def mlr_logits_backward(grad_logits, y, scale):
     """`(d/d y, d/d scale)` of `scale * asinh(y)`; d asinh(y)/dy = 1/sqrt(1 + y^2), and asinh(y) is recomputed
     (one log per element is cheaper than keeping an N×K tensor)."""
@@ -212,26 +213,26 @@ def mlr_logits_backward(grad_logits, y, scale):
     return (grad_logits * scale).div_(_sqrt_one_plus_square(y)), grad_scale
 
 
-@_kernel
+@fused_kernel
 def mlr_logits_and_argmax(y: torch.Tensor, scale: torch.Tensor):
     """HyperVQ's tokenization after its matmul: the MLR logits and their argmax, in one pass."""
     logits = _scaled_asinh(y, scale)
     return logits, _argmax(logits, logits.amax(dim=-1, keepdim=True))
 
 
-@_kernel
+@fused_kernel
 def gumbel_forward(logits, seed, inv_temperature):
     """A hard Gumbel-softmax draw per row of `logits`: `(indices, weights, inverse_total)` (`_gumbel_sample`)."""
     return _gumbel_sample(logits, seed, inv_temperature)
 
 
-@_kernel
+@fused_kernel
 def gumbel_backward(grad_soft, weights, inverse_total, inv_temperature):
     """The straight-through gradient reaching the logits, from `grad_soft = grad_quantized @ codebook.T`."""
     return _soft_sample_backward(grad_soft, weights, inverse_total, inv_temperature)
 
 
-@_kernel
+@fused_kernel
 def mlr_gumbel_forward(y, scale, seed, inv_temperature):
     """HyperVQ's training forward after its matmul, in one pass over the N×K scores: the MLR logits
     `scale * asinh(y)` and a hard Gumbel-softmax draw from them, `(logits, indices, weights, inverse_total)`."""
@@ -239,13 +240,18 @@ def mlr_gumbel_forward(y, scale, seed, inv_temperature):
     return logits, *_gumbel_sample(logits, seed, inv_temperature)
 
 
-@_kernel
-def mlr_gumbel_backward(grad_soft, grad_logits, y, logits, weights, inverse_total, scale, inv_temperature):
+@fused_kernel
+def mlr_gumbel_backward(grad_soft, grad_logits, logits, weights, inverse_total, scale, inv_temperature):
     """HyperVQ's training backward before its matmuls: `(d/d y, d/d scale)` from the straight-through gradient
-    `grad_soft` and, where the caller used the logits too, their own gradient `grad_logits` (or None)."""
+    `grad_soft` and, where the caller used the logits too, their own gradient `grad_logits` (or None).
+
+    Only the logits are kept from the forward, not the matmul's output `y`: with `a = asinh(y) = logits / scale`,
+    d asinh(y)/dy = 1/sqrt(1 + y^2) = 1/cosh(a) = 2u / (1 + u^2) with `u = exp(-|a|)` (never overflows); the
+    scale is 2 |a_k| / sqrt(c), never 0 (the norm is clamped)."""
     grad = _soft_sample_backward(grad_soft, weights, inverse_total, inv_temperature)
     if grad_logits is not None:
         grad += grad_logits
-    # asinh(y) = logits / scale: the scale is 2 |a_k| / sqrt(c), never 0 (the norm is clamped)
-    grad_scale = (grad * logits).sum(0).div_(scale)
-    return grad.mul_(scale).div_(_sqrt_one_plus_square(y)), grad_scale
+    asinh = logits / scale
+    grad_scale = (grad * asinh).sum(0)
+    u = asinh.abs_().neg_().exp_()
+    return grad.mul_(scale).mul_(u).div_(u.square().add_(1)).mul_(2), grad_scale

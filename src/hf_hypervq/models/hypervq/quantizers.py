@@ -112,22 +112,22 @@ class _MLRGumbelStraightThrough(torch.autograd.Function):
     def forward(ctx, x_folded, w_folded, scale, codebook, inv_temperature, seed):
         y = x_folded @ w_folded.T  # (N, K)
         logits, indices, weights, inverse_total = mlr_gumbel_forward(y, scale, seed, inv_temperature)
-        ctx.save_for_backward(x_folded, w_folded, scale, codebook, inv_temperature, y, logits, weights,
-                              inverse_total, indices)  # fmt: skip
+        ctx.save_for_backward(x_folded, w_folded, scale, codebook, inv_temperature, logits, weights, inverse_total,
+                              indices)  # fmt: skip
         ctx.mark_non_differentiable(indices)
         ctx.set_materialize_grads(False)  # unused logits get no N×K tensor of zeros as their gradient
         return codebook.index_select(0, indices), indices, logits
 
     @staticmethod
     def backward(ctx, grad_quantized, grad_indices, grad_logits):
-        x_folded, w_folded, scale, codebook, inv_temperature, y, logits, weights, inverse_total, indices = (
+        x_folded, w_folded, scale, codebook, inv_temperature, logits, weights, inverse_total, indices = (
             ctx.saved_tensors
         )
         if grad_quantized is None:  # only the logits were used
             grad_quantized = torch.zeros(len(indices), codebook.shape[1], device=codebook.device)
         grad_soft = grad_quantized @ codebook.T  # (N, K)
         grad_y, grad_scale = mlr_gumbel_backward(
-            grad_soft, grad_logits, y, logits, weights, inverse_total, scale, inv_temperature
+            grad_soft, grad_logits, logits, weights, inverse_total, scale, inv_temperature
         )
         grad_x = grad_y @ w_folded if ctx.needs_input_grad[0] else None
         grad_w = grad_y.T @ x_folded if ctx.needs_input_grad[1] else None
@@ -467,7 +467,9 @@ class HyperVQ(_GumbelTemperature, _PoincareBall, VectorQuantizer):
             x_folded, w_folded, scale = self._folded_mlr(z)
             logits, indices = mlr_logits_and_argmax(x_folded @ w_folded.T, scale)
             quantized = self.codebook.index_select(0, indices)
-        loss = self.commitment_weight * F.mse_loss(z, quantized.detach())
+        loss = (
+            self.commitment_weight * F.mse_loss(z, quantized.detach()) if self.commitment_weight else z.new_zeros(())
+        )
         return quantized, indices, loss, logits
 
 
