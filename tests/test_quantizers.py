@@ -438,3 +438,27 @@ def test_indices_to_codes_rejects_bad_ids(quantizer_cls):
     with pytest.raises(TypeError, match="integer"):
         q.indices_to_codes(torch.tensor([0.0]))
     assert q.indices_to_codes(torch.tensor([[0, K - 1]], dtype=torch.int32)).shape == (1, 2, DIM)
+
+
+def test_without_a_working_compiler_every_kernel_falls_back_with_one_warning(monkeypatch):
+    def broken_compile(fn, **options):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setattr(kernels, "_compile_error", None)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    kernels.set_compiled_kernels(True)
+    try:
+        y, scale = torch.randn(50, 20), torch.rand(20) + 0.5
+        with pytest.warns(UserWarning, match="torch.compile failed .*no C.. compiler.*run eagerly") as caught:
+            logits, indices = kernels.mlr_logits_and_argmax(y, scale)
+            assert torch.equal(kernels.argmax(logits), indices)
+            q = HyperVQ(DIM, K).train()
+            q(torch.randn(30, DIM)).quantized.sum().backward()
+    finally:
+        kernels.set_compiled_kernels(None)
+    assert len([w for w in caught if "torch.compile failed" in str(w.message)]) == 1
+    torch.testing.assert_close(logits, scale * torch.asinh(y))

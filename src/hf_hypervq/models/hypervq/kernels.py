@@ -7,8 +7,8 @@ noise, softmax and their backwards; docs/performance.md#passes-over-the-score-ma
 - by default (`set_compiled_kernels(None)`, `HF_HYPERVQ_COMPILE` unset) a kernel is compiled, with
   `torch.compile(dynamic=True)`, the first time it gets at least `COMPILE_MIN_ELEMENTS` elements; smaller inputs
   run eagerly, where compiling would cost seconds to save microseconds. Compiling happens once per kernel and
-  process (dynamic shapes; the temperature and the noise seed are tensors), is announced once, and a kernel that
-  fails to compile (no C++ compiler, an unsupported device) runs eagerly from then on, with one warning;
+  process (dynamic shapes; the temperature and the noise seed are tensors) and is announced once; if a kernel
+  fails to compile (no C++ compiler, an unsupported device), one warning says so and every kernel runs eagerly;
 - `set_compiled_kernels(True)` / `HF_HYPERVQ_COMPILE=1` compiles whatever the size, `False` / `0` never does.
 
 Inside a model compiled as a whole (`--torch_compile`), the kernels are traced into the model's graph.
@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 COMPILE_MIN_ELEMENTS = 1 << 20
 _MODES = {"": None, "auto": None, "1": True, "0": False}
 _compile_mode = _MODES.get(os.environ.get("HF_HYPERVQ_COMPILE", "").strip().lower(), None)
-_COMPILE_FAILED = object()
+_compiled = {}  # kernel name -> its compiled function
+_compile_error = None  # the first compilation error, after which every kernel runs eagerly
 _announced = False
 
 
@@ -69,22 +70,25 @@ def _announce_compile(name: str, seconds: float) -> None:
 
 def fused_kernel(fn):
     """Run `fn` compiled (forward and, under autograd, backward) by the rule above, else eagerly."""
-    compiled = None
 
     @functools.wraps(fn)
     def run(*args):
-        nonlocal compiled
-        if torch.compiler.is_compiling() or compiled is _COMPILE_FAILED or not _wants_compiled(args[0]):
+        global _compile_error
+        if torch.compiler.is_compiling() or _compile_error is not None or not _wants_compiled(args[0]):
             return fn(*args)
-        first_call = compiled is None
+        first_call = fn.__name__ not in _compiled
         if first_call:
-            compiled = torch.compile(fn, dynamic=True)
+            _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
         started = time.perf_counter()
         try:
-            result = compiled(*args)
+            result = _compiled[fn.__name__](*args)
         except Exception as error:  # a missing C++ compiler, an unsupported device, ...
-            warnings.warn(f"torch.compile failed for {fn.__name__}, using eager mode: {error}", stacklevel=2)
-            compiled = _COMPILE_FAILED
+            _compile_error = error  # the others would fail alike: every kernel runs eagerly from now on
+            warnings.warn(
+                f"hf_hypervq: torch.compile failed ({type(error).__name__}: {error}); the quantizer's kernels run "
+                "eagerly, unfused (HF_HYPERVQ_COMPILE=0 skips the attempt)",
+                stacklevel=2,
+            )
             return fn(*args)
         if first_call:
             _announce_compile(fn.__name__, time.perf_counter() - started)
