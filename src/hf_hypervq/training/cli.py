@@ -229,7 +229,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/runs"),
         # data order from (seed, epoch) alone, so a resumed run sees the batches an uninterrupted one would
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        # `prepare` compiles the model; `unwrap_model` hands back the plain one for evaluation and saving
+        # `prepare` compiles the model; `outputs.save_model` saves the module inside the compiled wrapper
         dynamo_plugin=TorchDynamoPlugin(backend=args.torch_compile_backend if args.torch_compile else "no"),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)

@@ -32,7 +32,10 @@ logger = logging.getLogger(__name__)
 
 COMPILE_MIN_ELEMENTS = 1 << 20
 _MODES = {"": None, "auto": None, "1": True, "0": False}
-_compile_mode = _MODES.get(os.environ.get("HF_HYPERVQ_COMPILE", "").strip().lower(), None)
+_env = os.environ.get("HF_HYPERVQ_COMPILE", "").strip().lower()
+if _env not in _MODES:
+    warnings.warn(f"HF_HYPERVQ_COMPILE must be 1, 0 or auto, got {_env!r}: using auto", stacklevel=1)
+_compile_mode = _MODES.get(_env)
 _compiled = {}  # kernel name -> its compiled function
 _compile_error = None  # the first compilation error, after which every kernel runs eagerly
 _announced = False
