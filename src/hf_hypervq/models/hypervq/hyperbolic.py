@@ -138,20 +138,20 @@ def pairwise_dist(x: torch.Tensor, y: torch.Tensor, *, c: float) -> torch.Tensor
 
 
 class _ScaledAsinhMatmul(torch.autograd.Function):
-    """`scale * asinh(x @ w.T)` with a hand-written backward (`kernels.mlr_logits_backward`), which keeps only the
-    matmul's output and recomputes the rest."""
+    """`scale * asinh(x @ w.T)` with a hand-written backward (`kernels.mlr_logits_backward`), which needs only the
+    logits."""
 
     @staticmethod
     def forward(ctx, x, w, scale):
-        y = x @ w.T  # (N, K)
+        logits = mlr_logits_from_matmul(x @ w.T, scale)  # (N, K)
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, w, scale, y)
-        return mlr_logits_from_matmul(y, scale)
+            ctx.save_for_backward(x, w, scale, logits)
+        return logits
 
     @staticmethod
     def backward(ctx, grad_logits):
-        x, w, scale, y = ctx.saved_tensors
-        grad_y, grad_scale = mlr_logits_backward(grad_logits, y, scale)
+        x, w, scale, logits = ctx.saved_tensors
+        grad_y, grad_scale = mlr_logits_backward(grad_logits, logits, scale)
         grad_x = grad_y @ w if ctx.needs_input_grad[0] else None
         grad_w = grad_y.T @ x if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, grad_scale

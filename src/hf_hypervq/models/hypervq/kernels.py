@@ -160,12 +160,19 @@ def _scaled_asinh(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _asinh(y: torch.Tensor) -> torch.Tensor:
-    return _sqrt_one_plus_square(y).add_(y.abs()).log_().copysign_(y)
+    return (
+        torch.addcmul(torch.ones((), dtype=y.dtype, device=y.device), y, y).sqrt_().add_(y.abs()).log_().copysign_(y)
+    )
 
 
-def _sqrt_one_plus_square(y: torch.Tensor) -> torch.Tensor:
-    """`sqrt(1 + y^2)`, the derivative's denominator of asinh."""
-    return torch.addcmul(torch.ones((), dtype=y.dtype, device=y.device), y, y).sqrt_()
+def _scaled_asinh_backward(grad_logits, logits, scale):
+    """`(d/d y, d/d scale)` of `logits = scale * asinh(y)`, from the logits alone (so the forward keeps no other
+    N×K tensor): with `a = asinh(y) = logits / scale`, d asinh(y)/dy = 1/sqrt(1 + y^2) = 1/cosh(a) = 2u / (1 + u^2)
+    with `u = exp(-|a|)` (never overflows); the scale is 2 |a_k| / sqrt(c), never 0 (the norm is clamped)."""
+    asinh = logits / scale
+    grad_scale = (grad_logits * asinh).sum(0)
+    u = asinh.abs_().neg_().exp_()
+    return (grad_logits * scale).mul_(u).div_(u.square().add_(1)).mul_(2), grad_scale
 
 
 def _gumbel_sample(logits, seed, inv_temperature):
@@ -213,11 +220,9 @@ def argmax(scores: torch.Tensor) -> torch.Tensor:
 
 
 @fused_kernel
-def mlr_logits_backward(grad_logits, y, scale):
-    """`(d/d y, d/d scale)` of `scale * asinh(y)`; d asinh(y)/dy = 1/sqrt(1 + y^2), and asinh(y) is recomputed
-    (one log per element is cheaper than keeping an N×K tensor)."""
-    grad_scale = (grad_logits * _asinh(y)).sum(0)
-    return (grad_logits * scale).div_(_sqrt_one_plus_square(y)), grad_scale
+def mlr_logits_backward(grad_logits, logits, scale):
+    """`(d/d y, d/d scale)` of the MLR logits `scale * asinh(y)` (`_scaled_asinh_backward`)."""
+    return _scaled_asinh_backward(grad_logits, logits, scale)
 
 
 @fused_kernel
@@ -250,15 +255,8 @@ def mlr_gumbel_forward(y, scale, seed, inv_temperature):
 @fused_kernel
 def mlr_gumbel_backward(grad_soft, grad_logits, logits, weights, inverse_total, scale, inv_temperature):
     """HyperVQ's training backward before its matmuls: `(d/d y, d/d scale)` from the straight-through gradient
-    `grad_soft` and, where the caller used the logits too, their own gradient `grad_logits` (or None).
-
-    Only the logits are kept from the forward, not the matmul's output `y`: with `a = asinh(y) = logits / scale`,
-    d asinh(y)/dy = 1/sqrt(1 + y^2) = 1/cosh(a) = 2u / (1 + u^2) with `u = exp(-|a|)` (never overflows); the
-    scale is 2 |a_k| / sqrt(c), never 0 (the norm is clamped)."""
+    `grad_soft` and, where the caller used the logits too, their own gradient `grad_logits` (or None)."""
     grad = _soft_sample_backward(grad_soft, weights, inverse_total, inv_temperature)
     if grad_logits is not None:
         grad += grad_logits
-    asinh = logits / scale
-    grad_scale = (grad * asinh).sum(0)
-    u = asinh.abs_().neg_().exp_()
-    return grad.mul_(scale).mul_(u).div_(u.square().add_(1)).mul_(2), grad_scale
+    return _scaled_asinh_backward(grad, logits, scale)
