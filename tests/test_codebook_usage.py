@@ -53,13 +53,13 @@ def train_tiny_autoencoder(quantizer, steps=300, seed=0):
 def mean_ball_norm(quantizer, seed=0):
     """Train as above, then the mean √c‖x‖ of the latents on the ball (0 at the centre, 1 at the boundary)."""
     captured = {}
-    original = quantizer._to_ball
+    original = quantizer._folded_mlr
 
     def capture(z):
-        captured["ball"] = original(z)
-        return captured["ball"]
+        captured["ball"] = quantizer._to_ball(z)
+        return original(z)
 
-    quantizer._to_ball = capture
+    quantizer._folded_mlr = capture
     *_, mse = train_tiny_autoencoder(quantizer, seed=seed)
     return float(captured["ball"].norm(dim=-1).mean() * quantizer.curvature**0.5), mse
 

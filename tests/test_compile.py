@@ -3,19 +3,23 @@ VQ-VAE's, one compile for a whole run (the Gumbel temperature is a tensor), and 
 
 `aot_eager` traces forward and backward exactly as inductor does (dynamo, then AOTAutograd) but runs the graphs
 without generating C++, so these tests take seconds; the inductor-compiled kernels are checked in
-`test_quantizers.py`."""
+`test_quantizers.py`, the native CPU kernels in `test_cpu_kernels.py`. A traced graph runs the kernels' torch
+twins, so the eager runs it is compared with use them too (`set_compiled_kernels(False)`)."""
 
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from hf_hypervq import QUANTIZERS, HyperVQVAEConfig, HyperVQVAEModel
+from hf_hypervq.models.hypervq import kernels
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
+def _fresh_dynamo_and_torch_kernels():
     torch._dynamo.reset()
+    kernels.set_compiled_kernels(False)
     yield
+    kernels.set_compiled_kernels(None)
     torch._dynamo.reset()
 
 

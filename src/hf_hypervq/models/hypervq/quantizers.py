@@ -23,7 +23,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .checks import check_finite, check_ids
-from .hyperbolic import expmap0_projected, fold_mlr, logmap0, mlr_logits
+from .hyperbolic import expmap0_projected, fold_hyperplanes, fold_latents, folded_mlr_logits, logmap0
 from .kernels import (
     argmax,
     draw_seed,
@@ -106,7 +106,7 @@ class _MLRGumbelStraightThrough(torch.autograd.Function):
     """HyperVQ's training step from the folded MLR operands (`hyperbolic.fold_mlr`): the logits
     `scale * asinh(x_folded @ w_folded.T)`, then `_GumbelStraightThrough` on them, with the N×K work of both in one
     fused kernel each way (`kernels.mlr_gumbel_forward` / `mlr_gumbel_backward`). Returns
-    `(quantized, indices, logits)`; values and gradients equal `mlr_logits` followed by `_GumbelStraightThrough`."""
+    `(quantized, indices, logits)`; values and gradients equal `folded_mlr_logits` followed by `_GumbelStraightThrough`."""
 
     @staticmethod
     def forward(ctx, x_folded, w_folded, scale, codebook, inv_temperature, seed):
@@ -126,11 +126,19 @@ class _MLRGumbelStraightThrough(torch.autograd.Function):
         if grad_quantized is None:  # only the logits were used
             grad_quantized = torch.zeros(len(indices), codebook.shape[1], device=codebook.device)
         grad_soft = grad_quantized @ codebook.T  # (N, K)
-        grad_y, grad_scale = mlr_gumbel_backward(
-            grad_soft, grad_logits, logits, weights, inverse_total, scale, inv_temperature
+        grad_y, grad_x_last, grad_w_last, grad_scale = mlr_gumbel_backward(
+            grad_soft,
+            grad_logits,
+            logits,
+            weights,
+            inverse_total,
+            scale,
+            inv_temperature,
+            w_folded[:, -1],
+            x_folded[:, -1],
         )
-        grad_x = grad_y @ w_folded if ctx.needs_input_grad[0] else None
-        grad_w = grad_y.T @ x_folded if ctx.needs_input_grad[1] else None
+        grad_x = torch.cat([grad_y @ w_folded[:, :-1], grad_x_last], 1) if ctx.needs_input_grad[0] else None
+        grad_w = torch.cat([grad_y.T @ x_folded[:, :-1], grad_w_last[:, None]], 1) if ctx.needs_input_grad[1] else None
         grad_codebook = _code_gradient(codebook, indices, grad_quantized) if ctx.needs_input_grad[3] else None
         return grad_x, grad_w, grad_scale, grad_codebook, None, None
 
@@ -449,11 +457,16 @@ class HyperVQ(_GumbelTemperature, _PoincareBall, VectorQuantizer):
             return self._logits(z.float())
 
     def _logits(self, z: torch.Tensor) -> torch.Tensor:
-        return mlr_logits(self._to_ball(z), self.normals, self.offsets.float(), c=self.curvature)
+        logits = folded_mlr_logits(*self._folded_mlr(z.reshape(-1, self.dim)))
+        return logits.view(*z.shape[:-1], self.codebook_size)
 
     def _folded_mlr(self, z: torch.Tensor):
-        """`_logits`' matmul operands (`hyperbolic.fold_mlr`), for the fused kernels."""
-        return fold_mlr(self._to_ball(z), self.normals, self.offsets.float(), c=self.curvature)
+        """The logits' matmul operands: `hyperbolic.fold_mlr` of `_to_ball(z)`, with the latents folded in one
+        step (`hyperbolic.fold_latents`: faster, and more accurate near the boundary)."""
+        return (
+            fold_latents(z, c=self.curvature, eps=self.ball_eps),
+            *fold_hyperplanes(self.normals, self.offsets.float(), c=self.curvature),
+        )
 
     def _quantize(self, z):
         if self.training:  # the logits and the Gumbel draw fused: the values of `_logits` then `_pick_codes`
