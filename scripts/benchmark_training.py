@@ -39,7 +39,11 @@ def parse_args(argv=None):
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
     )
     parser.add_argument("--default-allocator", action="store_true", help="do not re-run with the tuned allocator")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown --variants {sorted(unknown)}; choose from {VARIANTS}")
+    return args
 
 
 def make_step(variant: str, args):

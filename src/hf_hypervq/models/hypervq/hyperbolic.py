@@ -238,9 +238,10 @@ def fold_latents(z: torch.Tensor, *, c: float, eps: float | None = None) -> torc
     return _FoldLatents.apply(z, check_curvature(c), eps)
 
 
-def _fold_factors(norms: torch.Tensor, c: float, eps: float):
+def _fold_factors(norms: torch.Tensor, c: float, eps: float, derivatives: bool = True):
     """Per row of norm r: `(alpha, beta, d alpha/dr, d beta/dr)` of `fold_latents`, as `expmap0_projected` then
-    `fold_ball_points` compute them (the same clamps; the derivative is 0 where a clamp holds)."""
+    `fold_ball_points` compute them (the same clamps; the derivative is 0 where a clamp holds). Without
+    `derivatives`, `(alpha, beta)`."""
     r = norms.double()
     s = c**0.5 * r.clamp_min(MIN_NORM)
     tanh = torch.tanh(s.clamp_max(15))
@@ -257,6 +258,8 @@ def _fold_factors(norms: torch.Tensor, c: float, eps: float):
     dinv_den_dr = torch.where(den > MIN_NORM, inv_den.square() * 2 * m * dm_dr, 0.0)
     alpha = 2 * c**0.5 * ratio * inv_den
     beta = -(1 + m.square()) * inv_den
+    if not derivatives:
+        return alpha, beta
     dalpha_dr = 2 * c**0.5 * (dratio_dr * inv_den + ratio * dinv_den_dr)
     dbeta_dr = -(2 * m * dm_dr * inv_den + (1 + m.square()) * dinv_den_dr)
     return alpha, beta, dalpha_dr, dbeta_dr
@@ -266,8 +269,11 @@ class _FoldLatents(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, c, eps):
         norms = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
-        alpha, beta, dalpha_dr, dbeta_dr = _fold_factors(norms, c, eps)
-        ctx.save_for_backward(z, norms, alpha, dalpha_dr, dbeta_dr)
+        if not ctx.needs_input_grad[0]:  # tokenization
+            alpha, beta = _fold_factors(norms, c, eps, derivatives=False)
+        else:
+            alpha, beta, dalpha_dr, dbeta_dr = _fold_factors(norms, c, eps)
+            ctx.save_for_backward(z, norms, alpha, dalpha_dr, dbeta_dr)
         return torch.cat([z * alpha.to(z.dtype), beta.to(z.dtype)], dim=-1)
 
     @staticmethod

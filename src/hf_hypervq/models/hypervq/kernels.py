@@ -1,22 +1,28 @@
-"""The N×K elementwise work of the quantizers, written once and fused by `torch.compile`.
+"""The N×K elementwise work of the quantizers, written once in torch and fused: natively on CPU, by `torch.compile`
+elsewhere.
 
-On CPU the quantizers' cost is not their matmul but the passes over the N×K score matrix around it (asinh, Gumbel
-noise, softmax and their backwards; docs/performance.md#passes-over-the-score-matrix). Each function below with
-`@fused_kernel` is one fused loop when compiled, and the same math eagerly when not:
+The quantizers' cost beyond their matmuls is the passes over the N×K score matrix (asinh, Gumbel noise, softmax and
+their backwards; docs/performance.md#passes-over-the-score-matrix). Each function below with `@fused_kernel` is
+that work as torch code, and runs
 
-- by default (`set_compiled_kernels(None)`, `HF_HYPERVQ_COMPILE` unset) a kernel is compiled, with
-  `torch.compile(dynamic=True)`, the first time it gets at least `COMPILE_MIN_ELEMENTS` elements; smaller inputs
-  run eagerly, where compiling would cost seconds to save microseconds. Compiling happens once per kernel and
-  process (dynamic shapes; the temperature and the noise seed are tensors) and is announced once; if a kernel
-  fails to compile (no C++ compiler, an unsupported device), one warning says so and every kernel runs eagerly;
-- `set_compiled_kernels(True)` / `HF_HYPERVQ_COMPILE=1` compiles whatever the size, `False` / `0` never does.
+- on CPU tensors, where a native twin is given (HyperVQ's training forward and backward and its tokenization), as
+  that twin: C loops built once per machine with the system's compiler (`cpu_kernels.py`);
+- otherwise, by default (`set_compiled_kernels(None)`, `HF_HYPERVQ_COMPILE` unset), compiled with
+  `torch.compile(dynamic=True)` the first time it gets at least `COMPILE_MIN_ELEMENTS` elements; smaller inputs run
+  eagerly, where compiling would cost seconds to save microseconds. Compiling happens once per kernel and process
+  (dynamic shapes; the temperature and the noise seed are tensors) and is announced once;
+- `set_compiled_kernels(True)` / `HF_HYPERVQ_COMPILE=1` compiles whatever the size; `False` / `0` runs the torch
+  code eagerly everywhere (the reference the tests hold the others to).
 
-Inside a model compiled as a whole (`--torch_compile`), the kernels are traced into the model's graph.
+If a kernel fails to build or compile (no C compiler, an unsupported device), one warning says so and every kernel
+runs eagerly from then on. Inside a model compiled as a whole (`--torch_compile`), the torch code is traced into the
+model's graph.
 
 The Gumbel noise comes from a counter-based generator: a hash of (seed, position) gives each element its uniform
 number, so the noise is computed inside the fused loop, on every thread, with no random-number state (torch's
-`uniform_` on CPU costs more than the whole fused kernel). The forward keeps the soft sample's exponentials, so
-the backward computes no transcendental function.
+`uniform_` on CPU costs more than the whole fused kernel). The uniform numbers are the same bits on every path; the
+noise made from them agrees to float32 rounding (the native log is a polynomial). The forward keeps the soft
+sample's exponentials, so the backward computes no transcendental function but the asinh's derivative.
 """
 
 import functools
@@ -44,9 +50,9 @@ _announced = False
 
 
 def set_compiled_kernels(enabled: bool | None) -> None:
-    """Fuse the quantizers' kernels with `torch.compile`: `None` (the default) for inputs of at least
-    `COMPILE_MIN_ELEMENTS` elements, `True` always, `False` never. Results agree with eager to float32 rounding,
-    and the Gumbel noise is the same bit for bit."""
+    """Fuse the quantizers' kernels: `None` (the default) natively on CPU and with `torch.compile` for inputs of at
+    least `COMPILE_MIN_ELEMENTS` elements elsewhere, `True` always, `False` never (the torch code, eagerly). Results
+    agree with eager to float32 rounding, and the uniform numbers behind the Gumbel noise are the same bits."""
     global _compile_mode
     if enabled is not None and not isinstance(enabled, bool):
         raise ValueError(f"`enabled` must be True, False or None, got {enabled!r}")
