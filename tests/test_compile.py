@@ -73,3 +73,33 @@ def test_vqvae_training_step_is_one_graph_compiled_once_for_a_whole_run():
         assert torch.isfinite(loss)
     assert counter.frame_count == 1
     assert temperatures == pytest.approx([2.0 * 0.9, 2.0 * 0.81, 2.0 * 0.729])
+
+
+@pytest.mark.parametrize("quantizer_type", ["hyperbolic", "hyperbolic_embedding"])
+def test_a_compiled_step_calls_the_native_cpu_kernels_as_operators(quantizer_type):
+    """With the default kernels, a traced HyperVQ step keeps the native CPU kernels (`hf_hypervq::` operators, one
+    opaque op each) instead of tracing their torch twins, without a graph break and with the eager step's numbers."""
+    kernels.set_compiled_kernels(None)
+    torch.manual_seed(0)
+    quantizer = QUANTIZERS[quantizer_type].cls(16, 32).train()
+    cotangent = torch.randn(64, 16)
+
+    def step(z):
+        out = quantizer(z)
+        return (out.quantized * cotangent).sum() + out.loss
+
+    z = torch.randn(64, 16, requires_grad=True)
+    explanation = torch._dynamo.explain(step)(z)
+    assert explanation.graph_break_count == 0
+    traced = "\n".join(module.code for graph in explanation.graphs for module in graph.modules())  # with subgraphs
+    assert "hf_hypervq.mlr_gumbel_forward" in traced and "hf_hypervq.mlr_gumbel_backward" in traced
+
+    gradients = {}
+    for name, run in (("eager", step), ("compiled", torch.compile(step, fullgraph=True, backend="aot_eager"))):
+        torch.manual_seed(1)
+        z.grad = None
+        quantizer.zero_grad()
+        run(z).backward()
+        gradients[name] = [z.grad.clone(), *(p.grad.clone() for p in quantizer.parameters() if p.grad is not None)]
+    for eager, compiled in zip(gradients["eager"], gradients["compiled"]):
+        assert torch.equal(compiled, eager)  # the same native kernels on the same numbers

@@ -106,8 +106,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, learning_rate: floa
     )
     train.add_argument(
         "--quantizer_kernels", choices=["auto", "compiled", "eager"], default="auto",
-        help="the quantizer's fused N×K kernels: compiled with torch.compile for large inputs (auto, the default), "
-        "always, or never (for a machine without a C++ compiler)",
+        help="the quantizer's fused N×K kernels: native on CPU and compiled with torch.compile for large inputs "
+        "elsewhere (auto, the default), compiled always, or never (eager torch code)",
     )  # fmt: skip
     train.add_argument(
         "--torch_compile", action="store_true",

@@ -395,8 +395,8 @@ def cpu_mlr_gumbel_backward(grad_soft, grad_logits, logits, weights, inverse_tot
             _pointer(grad_y), _pointer(grad_x_last), _pointer(column_sums), _threads(grad_soft.numel()),
         )
     )  # fmt: skip
-    grad_scale, grad_w_last = column_sums
-    return grad_y, grad_x_last, grad_w_last, grad_scale
+    # two tensors, not two views of one: the outputs of a torch operator may not alias each other
+    return grad_y, grad_x_last, column_sums[1].clone(), column_sums[0].clone()
 
 
 def cpu_mlr_logits_and_argmax(y, scale):

@@ -242,25 +242,25 @@ def _fold_factors(norms: torch.Tensor, c: float, eps: float, derivatives: bool =
     """Per row of norm r: `(alpha, beta, d alpha/dr, d beta/dr)` of `fold_latents`, as `expmap0_projected` then
     `fold_ball_points` compute them (the same clamps; the derivative is 0 where a clamp holds). Without
     `derivatives`, `(alpha, beta)`."""
-    r = norms.double()
-    s = c**0.5 * r.clamp_min(MIN_NORM)
+    r, sqrt_c = norms.double(), c**0.5
+    s = sqrt_c * r.clamp_min(MIN_NORM)
     tanh = torch.tanh(s.clamp_max(15))
     t = tanh.clamp_max(1.0 - eps)
-    dt_ds = torch.where((s < 15) & (tanh < 1.0 - eps), 1 - tanh.square(), 0.0)
-    ds_dr = torch.where(r > MIN_NORM, c**0.5, 0.0)
     ratio = t / s  # expmap0_projected's factor
-    dratio_dr = (dt_ds - ratio) / s * ds_dr
     # sqrt(c) ||x|| on the ball is t itself, except for a norm below MIN_NORM (where every derivative is 0)
-    m = torch.where(r > MIN_NORM, t, c**0.5 * r * ratio)
-    dm_dr = dt_ds * ds_dr
+    m = torch.where(r > MIN_NORM, t, sqrt_c * r * ratio)
     den = 1 - m.square()
     inv_den = 1 / den.clamp_min(MIN_NORM)
-    dinv_den_dr = torch.where(den > MIN_NORM, inv_den.square() * 2 * m * dm_dr, 0.0)
-    alpha = 2 * c**0.5 * ratio * inv_den
+    alpha = (2 * sqrt_c) * ratio * inv_den
     beta = -(1 + m.square()) * inv_den
     if not derivatives:
         return alpha, beta
-    dalpha_dr = 2 * c**0.5 * (dratio_dr * inv_den + ratio * dinv_den_dr)
+    dt_ds = torch.where((s < 15) & (tanh < 1.0 - eps), 1 - tanh.square(), 0.0)
+    ds_dr = torch.where(r > MIN_NORM, sqrt_c, 0.0)
+    dratio_dr = (dt_ds - ratio) / s * ds_dr
+    dm_dr = dt_ds * ds_dr
+    dinv_den_dr = torch.where(den > MIN_NORM, inv_den.square() * 2 * m * dm_dr, 0.0)
+    dalpha_dr = (2 * sqrt_c) * (dratio_dr * inv_den + ratio * dinv_den_dr)
     dbeta_dr = -(2 * m * dm_dr * inv_den + (1 + m.square()) * dinv_den_dr)
     return alpha, beta, dalpha_dr, dbeta_dr
 

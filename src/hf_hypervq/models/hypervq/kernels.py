@@ -89,24 +89,23 @@ def _fall_back_to_eager(error: Exception) -> None:
     )
 
 
-def fused_kernel(fn=None, *, cpu=None):
-    """Run `fn` compiled (forward and, under autograd, backward) by the rule above, else eagerly. `cpu`, where
-    given, is `fn` as a native loop (`cpu_kernels.py`), which replaces the compiled `fn` on CPU tensors."""
+def fused_kernel(fn=None, *, cpu=None, schema=None):
+    """Run `fn` compiled (forward and, under autograd, backward) by the rule above, else eagerly.
+
+    `cpu`, where given, is `fn` as a native loop (`cpu_kernels.py`) that replaces `fn` on CPU tensors, registered as
+    the torch operator `hf_hypervq::<name>` with `schema`, so that a compiled model calls it too (as one opaque op;
+    its output shapes come from running `fn` on fake tensors)."""
     if fn is None:
-        return functools.partial(fused_kernel, cpu=cpu)
+        return functools.partial(fused_kernel, cpu=cpu, schema=schema)
+    native_op = None if cpu is None else _native_operator(fn, cpu, schema)
 
     @functools.wraps(fn)
     def run(*args):
-        if torch.compiler.is_compiling() or _compile_error is not None or _compile_mode is False:
+        if _compile_error is not None or _compile_mode is False:
             return fn(*args)
-        if cpu is not None and args[0].device.type == "cpu":
-            try:
-                load_cpu_kernels()
-            except (OSError, RuntimeError) as error:  # no C compiler
-                _fall_back_to_eager(error)
-                return fn(*args)
-            return cpu(*args)
-        if not _wants_compiled(args[0]):
+        if native_op is not None and args[0].device.type == "cpu":
+            return native_op(*args)
+        if torch.compiler.is_compiling() or not _wants_compiled(args[0]):
             return fn(*args)
         first_call = fn.__name__ not in _compiled
         if first_call:
@@ -122,6 +121,22 @@ def fused_kernel(fn=None, *, cpu=None):
         return result
 
     return run
+
+
+def _native_operator(fn, cpu, schema: str):
+    def native_or_eager(*args):
+        if _compile_error is None:
+            try:
+                load_cpu_kernels()
+            except (OSError, RuntimeError) as error:  # no C compiler
+                _fall_back_to_eager(error)
+        return fn(*args) if _compile_error is not None else cpu(*args)
+
+    operator = torch.library.custom_op(
+        f"hf_hypervq::{fn.__name__}", native_or_eager, mutates_args=(), device_types="cpu", schema=schema
+    )
+    operator.register_fake(fn)
+    return operator
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,7 +264,7 @@ def mlr_logits_backward(grad_logits, logits, scale):
     return _scaled_asinh_backward(grad_logits, logits, scale)
 
 
-@fused_kernel(cpu=cpu_mlr_logits_and_argmax)
+@fused_kernel(cpu=cpu_mlr_logits_and_argmax, schema="(Tensor y, Tensor scale) -> (Tensor, Tensor)")
 def mlr_logits_and_argmax(y: torch.Tensor, scale: torch.Tensor):
     """HyperVQ's tokenization after its matmul: the MLR logits and their argmax, in one pass."""
     logits = _scaled_asinh(y, scale)
@@ -268,7 +283,10 @@ def gumbel_backward(grad_soft, weights, inverse_total, inv_temperature):
     return _soft_sample_backward(grad_soft, weights, inverse_total, inv_temperature)
 
 
-@fused_kernel(cpu=cpu_mlr_gumbel_forward)
+@fused_kernel(
+    cpu=cpu_mlr_gumbel_forward,
+    schema="(Tensor y, Tensor scale, Tensor seed, Tensor inv_temperature) -> (Tensor, Tensor, Tensor, Tensor)",
+)
 def mlr_gumbel_forward(y, scale, seed, inv_temperature):
     """HyperVQ's training forward after its matmul, in one pass over the N×K scores: the MLR logits
     `scale * asinh(y)` and a hard Gumbel-softmax draw from them, `(logits, indices, weights, inverse_total)`."""
@@ -276,7 +294,11 @@ def mlr_gumbel_forward(y, scale, seed, inv_temperature):
     return logits, *_gumbel_sample(logits, seed, inv_temperature)
 
 
-@fused_kernel(cpu=cpu_mlr_gumbel_backward)
+@fused_kernel(
+    cpu=cpu_mlr_gumbel_backward,
+    schema="(Tensor grad_soft, Tensor? grad_logits, Tensor logits, Tensor weights, Tensor inverse_total, Tensor scale, "
+    "Tensor inv_temperature, Tensor w_last, Tensor x_last) -> (Tensor, Tensor, Tensor, Tensor)",
+)
 def mlr_gumbel_backward(grad_soft, grad_logits, logits, weights, inverse_total, scale, inv_temperature, w_last,
                         x_last):  # fmt: skip
     """HyperVQ's training backward before its matmuls, from the straight-through gradient `grad_soft` and, where
