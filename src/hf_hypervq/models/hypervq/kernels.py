@@ -310,4 +310,4 @@ def mlr_gumbel_backward(grad_soft, grad_logits, logits, weights, inverse_total, 
     if grad_logits is not None:
         grad += grad_logits
     grad_y, grad_scale = _scaled_asinh_backward(grad, logits, scale)
-    return grad_y, (grad_y * w_last).sum(dim=-1, keepdim=True), (grad_y * x_last[:, None]).sum(0), grad_scale
+    return grad_y, grad_y @ w_last[:, None], x_last @ grad_y, grad_scale
