@@ -1,7 +1,6 @@
 """HyperVQ's native CPU kernels (`cpu_kernels.py`) against their torch twins in `kernels.py`, and the folded latents'
 closed-form backward (`hyperbolic.fold_latents`)."""
 
-import contextlib
 import logging
 
 import pytest
@@ -13,16 +12,6 @@ from hf_hypervq.models.hypervq import cpu_kernels, hyperbolic, kernels
 
 def _twin(kernel):
     return kernel.__wrapped__  # the torch function that `fused_kernel` wraps
-
-
-@contextlib.contextmanager
-def _threads(count):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _scores(num_rows, num_columns, seed=0):
@@ -82,12 +71,12 @@ def test_tokenization_equals_its_twin_and_takes_the_first_maximum(shape):
     assert torch.equal(indices, twin_indices) and indices[-1] == 0
 
 
-def test_results_do_not_depend_on_the_number_of_threads():
+def test_results_do_not_depend_on_the_number_of_threads(torch_threads):
     y, scale = _scores(4096, 96, seed=4)
     seed, inverse_temperature = torch.tensor(77, dtype=torch.int32), torch.tensor(0.5)
-    with _threads(1):
+    with torch_threads(1):
         one = cpu_kernels.cpu_mlr_gumbel_forward(y, scale, seed, inverse_temperature)
-    with _threads(2):
+    with torch_threads(2):
         two = cpu_kernels.cpu_mlr_gumbel_forward(y, scale, seed, inverse_temperature)
     for a, b in zip(one, two):  # rows are independent: the same bits
         assert torch.equal(a, b)

@@ -1,7 +1,5 @@
 """The five quantizers behind the shared interface (`VectorQuantizer`, `QuantizerOutput`)."""
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,16 +13,6 @@ from hf_hypervq.models.hypervq.quantizers import decay_for_run
 ALL = [HyperVQ, KmeansVQ, GumbelVQ, HyperKmeansVQ, HyperEmbMatVQ]
 MLR_OR_GUMBEL = {HyperVQ, GumbelVQ, HyperEmbMatVQ}
 DIM, K = 8, 16
-
-
-@contextlib.contextmanager
-def _threads(count):
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(params=ALL, ids=lambda cls: cls.__name__)
@@ -212,7 +200,7 @@ def test_gradient_paths(quantizer_cls):
     assert _grads(q, z, "loss") == from_loss
 
 
-def test_training_gradients_repeat_bit_for_bit(quantizer_cls):
+def test_training_gradients_repeat_bit_for_bit(quantizer_cls, torch_threads):
     """A seeded training run must repeat itself: no parameter gradient may depend on the order in which threads
     accumulate (on CPU, the backward of `codebook[indices]` does)."""
     q = quantizer_cls(64, 64).train()
@@ -226,7 +214,7 @@ def test_training_gradients_repeat_bit_for_bit(quantizer_cls):
         ((out.quantized * cotangent).sum() + out.loss).backward()
         return [p.grad.clone() for p in q.parameters()]
 
-    with _threads(2):
+    with torch_threads(2):
         for _ in range(3):  # geoopt's TorchScript functions run differently fused until profiled (two calls)
             gradients()
         first = gradients()
