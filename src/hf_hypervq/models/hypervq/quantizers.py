@@ -384,14 +384,14 @@ class HyperVQ(_GumbelTemperature, _PoincareBall, VectorQuantizer):
       :math:`g_k = \|v_k\|` (so :math:`\|a_k\| \approx 1/\sqrt{c}`). The forward equals plain :math:`a_k`
       parameters, but Adam then moves a norm by about one learning rate per step instead of :math:`\sqrt{dim}`:
       with plain :math:`a_k` the norms of the most used codes grow fastest, their logits win more latents, and
-      usage drops (`tests/test_codebook_usage.py`, K = 128, 3 seeds: eval perplexity 31.6 on average against 27.2).
+      usage drops (`tests/test_codebook_usage.py`, K = 128, 3 seeds: eval perplexity 30.5 on average against 26.6).
     - The offsets :math:`r_k` start Uniform(0, :math:`1/\sqrt{c \cdot dim}`), not at HNN++'s zero and never
       negative. With :math:`r_k \ge 0` the origin is on the negative side of every hyperplane, so at step 0 the
       codes split the ball by direction and each code vector points into the region its code wins. A negative
       :math:`r_k` puts the origin on code k's positive side, and the most negative offset then wins every latent
       near the origin. Measured on scikit-learn's digits (`tests/test_codebook_usage.py`'s tiny autoencoder, K = 32,
-      300 steps, seeds 0-2): eval perplexity 4.9, 12.6, 12.9 with this init against 5.7-7.0 for symmetric offsets
-      and 3.7-11.3 for zeros, medians 12.6, 5.9 and 7.0 (with zeros every code vector is also 0 at step 0).
+      300 steps, seeds 0-2): eval perplexity 5.4, 12.4, 12.2 with this init against 5.9-7.2 for symmetric offsets
+      and 3.8-10.3 for zeros, medians 12.2, 5.9 and 7.1 (with zeros every code vector is also 0 at step 0).
     - Gumbel noise is float32 and the estimator is the hard straight-through one of `F.gumbel_softmax`
       (docs/method.md#gradient-paths). The encoder learns through the logits (and the commitment term when
       its weight is > 0); there is no :math:`z + \operatorname{sg}(z_q - z)` path, as in GumbelVQ.
