@@ -231,3 +231,58 @@ def test_every_function_rejects_a_curvature_that_is_not_finite_and_positive(c):
     for call in calls:
         with pytest.raises(ValueError, match="curvature `c`"):
             call()
+
+
+# ---- geoopt: a quiet import, and fallbacks should its TorchScript ever fail ----
+
+
+@pytest.mark.parametrize("c", CURVATURES)
+def test_the_closed_form_fallbacks_equal_geoopt(c):
+    generator = torch.Generator().manual_seed(0)
+    x = random_ball_points(200, 6, c, 0.999, generator=generator)
+    y = random_ball_points(200, 6, c, 0.999, generator=generator)
+    u = torch.randn(200, 6, dtype=F64, generator=generator) * torch.logspace(-8, 1.5, 200, dtype=F64)[:, None]
+    k = torch.tensor(-c, dtype=F64)
+    torch.testing.assert_close(hyp._expmap0(u, c=c), geoopt_math.expmap0(u, k=k))
+    torch.testing.assert_close(hyp._mobius_add(x, y, c=c), geoopt_math.mobius_add(x, y, k=k))
+    torch.testing.assert_close(hyp._dist(x, y, c=c), geoopt_math.dist(x, y, k=k))
+    torch.testing.assert_close(hyp._dist(x, x, c=c), torch.zeros(200, dtype=F64), atol=1e-6, rtol=0)
+
+
+def _run_python(code: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_importing_the_package_prints_nothing():
+    """geoopt's `@torch.jit.script` decorators warn at import on recent torch (a FutureWarning on 2.14, printed by
+    every script before its own output); `-W always` shows even the DeprecationWarning that 2.13 gives."""
+    result = _run_python("import hf_hypervq, hf_hypervq.training")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr == ""
+
+
+def test_the_package_works_when_torchscript_is_gone():
+    """A torch without `torch.jit.script` breaks geoopt's import: ours goes on with the fallbacks."""
+    code = """
+import torch
+def removed(*args, **kwargs):
+    raise RuntimeError("torch.jit.script was removed")
+torch.jit.script = removed
+import hf_hypervq
+from hf_hypervq.models.hypervq import hyperbolic
+assert hyperbolic.geoopt_math is None
+x = torch.tensor([[0.3, -0.2]]); y = torch.tensor([[-0.1, 0.4]])
+print(float(hyperbolic.dist(x, y, c=1.0)), float(hyperbolic.expmap0(x, c=1.0).norm()))
+out = hf_hypervq.HyperVQ(4, 8).eval()(torch.randn(5, 4))
+print(tuple(out.indices.shape))
+"""
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    distance, norm, shape = result.stdout.split()
+    x, y = torch.tensor([[0.3, -0.2]], dtype=F64), torch.tensor([[-0.1, 0.4]], dtype=F64)
+    assert float(distance) == pytest.approx(2 * math.atanh(ref_mobius_add(-x, y, 1.0).norm().item()), rel=1e-5)
+    assert float(norm) == pytest.approx(math.tanh(x.norm().item()), rel=1e-5)
+    assert shape == "(5,)"

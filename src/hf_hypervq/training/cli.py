@@ -19,6 +19,7 @@ from accelerate.utils import DynamoBackend, ProjectConfiguration, TorchDynamoPlu
 from ..models.hypervq.kernels import set_compiled_kernels
 from .data import DataError
 from .hub import PublishError
+from .loop import TrainingDivergedError
 
 
 logger = get_logger(__name__)
@@ -185,7 +186,7 @@ def reported_errors():
     says so in a line instead of a traceback from gloo or NCCL."""
     try:
         yield
-    except (DataError, PublishError, OSError, ImportError, ValueError, TypeError) as error:
+    except (DataError, PublishError, TrainingDivergedError, OSError, ImportError, ValueError, TypeError) as error:
         _report(f"error: {error}")
     except RuntimeError as error:
         if not _lost_contact(error):

@@ -99,7 +99,8 @@ def evaluate_tokenizer(
                 store.append(values.cpu())
         if not full or collected >= MAX_CLUSTER_POINTS:  # enough latents for the cluster scores: skip the rest
             continue
-        noisy = unwrapped.encode(perturb(pixel_values.cpu(), generator).to(pixel_values))
+        # through the prepared model, like the clean batch: under FSDP the unwrapped one holds a shard of the weights
+        noisy = model(pixel_values=perturb(pixel_values.cpu(), generator).to(pixel_values))
         latents, noisy_tokens, noisy_latents = accelerator.gather_for_metrics(
             (out.latents.float(), noisy.image_tokens, noisy.latents.float())
         )

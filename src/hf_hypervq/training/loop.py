@@ -21,6 +21,13 @@ from .checkpointing import resume, save_checkpoint
 
 logger = get_logger(__name__)
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)  # each process holds only a part of the weights
+# Updates in a row with a NaN or inf loss after which a run has clearly diverged. A GradScaler skips a few while it
+# finds its scale (fp16), and an overflow now and then is normal; a hundred in a row is not.
+DIVERGED_AFTER = 100
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss stayed NaN or inf for `DIVERGED_AFTER` updates in a row; the scripts report it in one line."""
 
 
 def total_updates(args, train_loader, accelerator: Accelerator) -> int:
@@ -122,6 +129,9 @@ def _train_epoch(
             shown = {"loss": f"{outputs.loss.item():.4f}"}
             if getattr(outputs, "perplexity", None) is not None:
                 shown["train_perplexity"] = f"{outputs.perplexity.item():.1f}"
+            nonfinite = epoch_stats.check_divergence(accelerator, completed_steps)
+            if nonfinite:
+                shown["nonfinite_updates"] = str(nonfinite)
             progress.set_postfix({**shown, **shown_eval})
             if args.with_tracking:
                 scalars = {f"train/{k}": float(v) for k, v in shown.items()}
@@ -165,45 +175,69 @@ def _keeping_global_rng(batches):
 
 
 class EpochStatistics:
-    """The running training loss of an epoch, its batch count and the codes its steps used (the Gumbel samples, for
-    the MLR/Gumbel quantizers), kept on the device so that adding to them costs no host sync. Saved in every
-    checkpoint, so a resumed run knows where in which epoch it stopped (for a stream, there is no other way)."""
+    """The running training loss of an epoch, its batch count, the codes its steps used (the Gumbel samples, for
+    the MLR/Gumbel quantizers) and its updates with a NaN or inf loss, kept on the device so that adding to them costs
+    no host sync. Saved in every checkpoint, so a resumed run knows where in which epoch it stopped (for a stream,
+    there is no other way).
+
+    A non-finite loss (an fp16 overflow: the GradScaler skips that step) is counted, not added to the mean; the
+    count is read where the loop reads the loss anyway (`check_divergence`), and is in the epoch's summary."""
 
     def __init__(self, codebook_size: int, device):
         self.codebook_size, self.device = codebook_size, device
+        self.consecutive_nonfinite = torch.zeros((), dtype=torch.long, device=device)  # across epochs
         self.reset(0)
 
     def reset(self, epoch: int) -> None:
         self.epoch = epoch
         self.loss_sum = torch.zeros((), device=self.device)
         self.count = 0
+        self.nonfinite = torch.zeros((), dtype=torch.long, device=self.device)
         self.code_counts = torch.zeros(self.codebook_size, dtype=torch.long, device=self.device)
 
     def add(self, loss: torch.Tensor, tokens: torch.Tensor | None) -> None:
-        self.loss_sum += loss.detach().float()
+        loss = loss.detach().float()
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss, 0.0)
         self.count += 1
+        self.nonfinite += ~finite
+        self.consecutive_nonfinite = (self.consecutive_nonfinite + 1) * ~finite
         if self.codebook_size and tokens is not None:
             self.code_counts += code_counts(tokens.detach(), self.codebook_size)
 
+    def check_divergence(self, accelerator: Accelerator, step: int) -> int:
+        """The epoch's non-finite updates so far (on this process); raises `TrainingDivergedError` once any process
+        has had `DIVERGED_AFTER` of them in a row. Every process calls it at the same steps (it gathers)."""
+        in_a_row = accelerator.gather(self.consecutive_nonfinite.reshape(1)).max().item()
+        if in_a_row >= DIVERGED_AFTER:
+            raise TrainingDivergedError(
+                f"training diverged: the loss was NaN or inf in the last {in_a_row} updates (update {step}); lower "
+                "--learning_rate, or resume from an earlier checkpoint with --resume_from_checkpoint"
+            )
+        return int(self.nonfinite.item())
+
     def summary(self, accelerator: Accelerator) -> dict:
-        """The epoch's training loss and, for a tokenizer, its training-sample usage, summed over the processes;
-        empty before the epoch's first batch."""
+        """The epoch's training loss (over its finite steps), its count of updates with a NaN or inf loss and, for
+        a tokenizer, its training-sample usage, summed over the processes; empty before the epoch's first batch."""
         if not self.count:
             return {}
-        loss = accelerator.reduce(self.loss_sum, reduction="sum").item() / (self.count * accelerator.num_processes)
-        summary = {"train_loss": loss}
+        nonfinite = accelerator.reduce(self.nonfinite.clone(), reduction="sum").item()
+        finite_steps = self.count * accelerator.num_processes - nonfinite
+        loss_sum = accelerator.reduce(self.loss_sum.clone(), reduction="sum").item()
+        summary = {"train_loss": loss_sum / finite_steps if finite_steps else math.nan, "nonfinite_steps": nonfinite}
         if self.codebook_size:
             summary.update(_train_usage(accelerator.reduce(self.code_counts, reduction="sum").cpu()))
         return summary
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "loss_sum": self.loss_sum.cpu(), "count": self.count,
-                "code_counts": self.code_counts.cpu()}  # fmt: skip
+                "nonfinite": self.nonfinite.cpu(), "code_counts": self.code_counts.cpu()}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
         self.loss_sum = state["loss_sum"].to(self.device)
         self.count = state["count"]
+        self.nonfinite = state.get("nonfinite", torch.zeros((), dtype=torch.long)).to(self.device)  # older checkpoints
         self.code_counts = state["code_counts"].to(self.device)
 
 
@@ -230,7 +264,8 @@ def _same_weights_everywhere(accelerator: Accelerator, model) -> bool | None:
     and DeepSpeed, where each process holds a different shard of one copy of the weights."""
     if accelerator.distributed_type in SHARDED:
         return None
-    checksum = sum(p.detach().double().sum() + p.detach().double().pow(2).sum() for p in model.parameters())
+    # float32 on the device (MPS has no float64): equal weights give equal sums, whatever their rounding
+    checksum = sum(p.detach().float().sum() + p.detach().float().pow(2).sum() for p in model.parameters())
     checksums = accelerator.gather(checksum.reshape(1).to(accelerator.device))
     return bool((checksums == checksums[0]).all())
 

@@ -12,15 +12,17 @@ import torch.nn.functional as F
 
 def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of rows whose highest logit is the label."""
-    return (logits.argmax(-1) == labels).double().mean().item()
+    return (logits.argmax(-1) == labels).float().mean().item()
 
 
 def logit_confidence_per_row(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`logit_confidence` before the mean: the largest softmax probability and the top-1 − top-2 gap of each row of
-    `logits` `(..., K)`, each `(N,)` in float64 (for gathering across processes before averaging)."""
-    logits = logits.reshape(-1, logits.shape[-1]).double()
+    `logits` `(..., K)`, each `(N,)` in float32 (for gathering across processes before averaging). The largest
+    probability is `1 / sum_k exp(l_k - l_max)`, a log-sum-exp that float32 holds to rounding (the sum is at least 1),
+    with no N×K softmax kept and no float64, which MPS lacks."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
     top2 = logits.topk(2, dim=-1).values
-    return logits.softmax(-1).amax(-1), top2[:, 0] - top2[:, 1]
+    return (logits - top2[:, :1]).exp_().sum(-1).reciprocal_(), top2[:, 0] - top2[:, 1]
 
 
 def logit_confidence(logits: torch.Tensor) -> dict[str, float]:

@@ -5,8 +5,9 @@ The ball of curvature :math:`-c` is :math:`\mathbb{B}^d_c = \{x : c\|x\|^2 < 1\}
 or float64 and the output has the input's dtype. Half precision is not safe here (docs/method.md#half-precision):
 the quantizers call these functions in float32 with autocast disabled.
 
-geoopt is the provider where its numerics are right (``expmap0``, ``mobius_add``, ``dist``); the rest is our own,
-each saying why:
+geoopt is the provider where its numerics are right (``expmap0``, ``mobius_add``, ``dist``; none of them is on a
+quantizer's path, and each has a closed-form fallback should geoopt's TorchScript fail to import on a future torch);
+the rest is our own, each saying why:
 
 - :func:`project` picks its margin from the dtype; geoopt gives float16/bfloat16 a margin of ``1e-5``, which is
   below their resolution, so points land on the boundary.
@@ -24,11 +25,28 @@ References:
 """
 
 import math
+import warnings
 
 import torch
-from geoopt.manifolds.stereographic import math as geoopt_math
 
 from .kernels import mlr_logits_backward, mlr_logits_from_matmul
+
+
+def _import_geoopt_math():
+    """geoopt's stereographic math, or None where it cannot be imported. Its functions are TorchScript, whose
+    `@torch.jit.script` newer torch deprecates with a warning at import (every script of ours would print it first)
+    and may one day remove: the warning is silenced for this import alone, and the three functions taken from geoopt
+    have closed-form fallbacks (`_expmap0`, `_mobius_add`, `_dist`), with geoopt's clamps."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script(_method)?` is deprecated")
+        try:
+            from geoopt.manifolds.stereographic import math as geoopt_math
+        except Exception:  # a decorator that no longer works raises anything from TypeError to RuntimeError
+            return None
+    return geoopt_math
+
+
+geoopt_math = _import_geoopt_math()
 
 
 # Distance from the boundary, as a fraction of the radius 1/sqrt(c), that `project` keeps. float32 and float64
@@ -58,7 +76,15 @@ def expmap0(u: torch.Tensor, *, c: float) -> torch.Tensor:
 
     Not projected: compose with :func:`project` to stay a safe distance from the boundary.
     """
+    if geoopt_math is None:
+        return _expmap0(u, c=c)
     return geoopt_math.expmap0(u, k=_curvature_as_k(c, u))
+
+
+def _expmap0(u: torch.Tensor, *, c: float) -> torch.Tensor:
+    sqrt_c = check_curvature(c) ** 0.5
+    norm = u.norm(dim=-1, keepdim=True).clamp_min(MIN_NORM)
+    return torch.tanh((sqrt_c * norm).clamp(-15, 15)) / sqrt_c * (u / norm)
 
 
 def logmap0(y: torch.Tensor, *, c: float) -> torch.Tensor:
@@ -78,12 +104,30 @@ def mobius_add(x: torch.Tensor, y: torch.Tensor, *, c: float) -> torch.Tensor:
         x \oplus_c y = \frac{(1 + 2c\langle x, y\rangle + c\|y\|^2)\, x + (1 - c\|x\|^2)\, y}
                             {1 + 2c\langle x, y\rangle + c^2\|x\|^2\|y\|^2}.
     """
+    if geoopt_math is None:
+        return _mobius_add(x, y, c=c)
     return geoopt_math.mobius_add(x, y, k=_curvature_as_k(c, x))
+
+
+def _mobius_add(x: torch.Tensor, y: torch.Tensor, *, c: float) -> torch.Tensor:
+    c = check_curvature(c)
+    x2, y2 = x.pow(2).sum(-1, keepdim=True), y.pow(2).sum(-1, keepdim=True)
+    xy = (x * y).sum(-1, keepdim=True)
+    numerator = (1 + 2 * c * xy + c * y2) * x + (1 - c * x2) * y
+    return numerator / (1 + 2 * c * xy + c**2 * x2 * y2).clamp_min(MIN_NORM)
 
 
 def dist(x: torch.Tensor, y: torch.Tensor, *, c: float) -> torch.Tensor:
     r"""Geodesic distance :math:`d_c(x, y) = \frac{2}{\sqrt{c}} \operatorname{artanh}(\sqrt{c}\|(-x) \oplus_c y\|)`."""
+    if geoopt_math is None:
+        return _dist(x, y, c=c)
     return geoopt_math.dist(x, y, k=_curvature_as_k(c, x))
+
+
+def _dist(x: torch.Tensor, y: torch.Tensor, *, c: float) -> torch.Tensor:
+    sqrt_c = check_curvature(c) ** 0.5
+    scaled = sqrt_c * _mobius_add(-x, y, c=c).norm(dim=-1)
+    return (2 / sqrt_c) * torch.atanh(scaled.clamp(-1 + 1e-7, 1 - 1e-7))
 
 
 def ball_margin(dtype: torch.dtype) -> float:
@@ -231,7 +275,7 @@ def fold_latents(z: torch.Tensor, *, c: float, eps: float | None = None) -> torc
     Both maps only rescale each row, by factors that depend on its norm alone: the result is
     :math:`[\, z\, \alpha(\|z\|),\; \beta(\|z\|) \,]`, so the backward is
     :math:`g_z = \alpha\, g_{:d} + z\, (\alpha' \langle g_{:d}, z\rangle + \beta' g_d) / \|z\|`, with the
-    per-row factors and their derivatives computed in float64 (a few numbers per row). Autograd through the
+    per-row factors and their derivatives computed in `z`'s dtype (a few numbers per row). Autograd through the
     composition costs about fifteen passes over the N×dim latents, a tenth of HyperVQ's CPU step at N = 8192.
     """
     eps = ball_margin(z.dtype) if eps is None else eps
@@ -241,27 +285,36 @@ def fold_latents(z: torch.Tensor, *, c: float, eps: float | None = None) -> torc
 def _fold_factors(norms: torch.Tensor, c: float, eps: float, derivatives: bool = True):
     """Per row of norm r: `(alpha, beta, d alpha/dr, d beta/dr)` of `fold_latents`, as `expmap0_projected` then
     `fold_ball_points` compute them (the same clamps; the derivative is 0 where a clamp holds). Without
-    `derivatives`, `(alpha, beta)`."""
-    r, sqrt_c = norms.double(), c**0.5
+    `derivatives`, `(alpha, beta)`.
+
+    In the norms' dtype (float32 in the quantizers: MPS has no float64), written so that float32 keeps its digits
+    near the boundary, where everything hangs on `1 - m` (m = sqrt(c) ||x||, at most 1 - eps): `1 - m` comes from
+    `1 - tanh(s) = 2 / (exp(2s) + 1)` and the margin itself, never from subtracting a rounded m from 1; `1 - tanh^2`
+    is `1 / cosh^2`; and the derivative of `tanh(s) / s` is its series where its two terms would cancel."""
+    r, sqrt_c = norms, c**0.5
     s = sqrt_c * r.clamp_min(MIN_NORM)
     tanh = torch.tanh(s.clamp_max(15))
     t = tanh.clamp_max(1.0 - eps)
     ratio = t / s  # expmap0_projected's factor
     # sqrt(c) ||x|| on the ball is t itself, except for a norm below MIN_NORM (where every derivative is 0)
     m = torch.where(r > MIN_NORM, t, sqrt_c * r * ratio)
-    den = 1 - m.square()
+    one_minus_m = torch.where(r > MIN_NORM, (2 / (torch.exp(2 * s.clamp_max(15)) + 1)).clamp_min(eps), 1 - m)
+    den = one_minus_m * (2 - one_minus_m)  # 1 - m^2
     inv_den = 1 / den.clamp_min(MIN_NORM)
     alpha = (2 * sqrt_c) * ratio * inv_den
-    beta = -(1 + m.square()) * inv_den
+    beta = 1 - 2 * inv_den  # -(1 + m^2) / (1 - m^2)
     if not derivatives:
         return alpha, beta
-    dt_ds = torch.where((s < 15) & (tanh < 1.0 - eps), 1 - tanh.square(), 0.0)
+    unclamped = (s < 15) & (tanh < 1.0 - eps)
+    dt_ds = torch.where(unclamped, torch.cosh(s.clamp_max(15)).square().reciprocal(), 0.0)
     ds_dr = torch.where(r > MIN_NORM, sqrt_c, 0.0)
-    dratio_dr = (dt_ds - ratio) / s * ds_dr
+    # d(t/s)/ds = (dt/ds - t/s) / s; below s = 0.01 (never clamped) its series -2s/3 + 8s^3/15, exact in float32
+    dratio_ds = torch.where(s < 0.01, s * (s.square() * (8 / 15) - 2 / 3), (dt_ds - ratio) / s)
+    dratio_dr = dratio_ds * ds_dr
     dm_dr = dt_ds * ds_dr
     dinv_den_dr = torch.where(den > MIN_NORM, inv_den.square() * 2 * m * dm_dr, 0.0)
     dalpha_dr = (2 * sqrt_c) * (dratio_dr * inv_den + ratio * dinv_den_dr)
-    dbeta_dr = -(2 * m * dm_dr * inv_den + (1 + m.square()) * dinv_den_dr)
+    dbeta_dr = -2 * dinv_den_dr
     return alpha, beta, dalpha_dr, dbeta_dr
 
 
@@ -274,12 +327,12 @@ class _FoldLatents(torch.autograd.Function):
         else:
             alpha, beta, dalpha_dr, dbeta_dr = _fold_factors(norms, c, eps)
             ctx.save_for_backward(z, norms, alpha, dalpha_dr, dbeta_dr)
-        return torch.cat([z * alpha.to(z.dtype), beta.to(z.dtype)], dim=-1)
+        return torch.cat([z * alpha, beta], dim=-1)
 
     @staticmethod
     def backward(ctx, grad):
         z, norms, alpha, dalpha_dr, dbeta_dr = ctx.saved_tensors
         grad_points, grad_last = grad[:, :-1], grad[:, -1:]
-        radial = torch.linalg.vecdot(grad_points, z)[:, None].double() * dalpha_dr + grad_last.double() * dbeta_dr
-        radial = torch.where(norms > MIN_NORM, radial / norms.double().clamp_min(MIN_NORM), 0.0)
-        return torch.addcmul(grad_points * alpha.to(z.dtype), z, radial.to(z.dtype)), None, None
+        radial = torch.linalg.vecdot(grad_points, z)[:, None] * dalpha_dr + grad_last * dbeta_dr
+        radial = torch.where(norms > MIN_NORM, radial / norms.clamp_min(MIN_NORM), 0.0)
+        return torch.addcmul(grad_points * alpha, z, radial), None, None
