@@ -4,14 +4,18 @@ On a CPU, HyperVQ's step costs as much in the elementwise work on the N×K score
 asinh, the counter-based Gumbel noise (a hash and two logs), an exp, and their backward. `torch.compile` fuses that
 work (`kernels.py`), but with SLEEF's log and exp, and it sums the gradient of the per-code scale down the columns,
 a strided loop. The loops below take one row at a time, in L1 cache, with Cephes' float32 polynomials for log and
-exp (the bits taken apart with integer ops, so that the loops vectorise; about 2e-7 relative error), and add each
-row into per-thread column sums. At N = 32768, K = 512 that takes the forward from 88 to 40 ms and the backward from
+exp (the bits taken apart with integer ops, so that the loops vectorise; about 2e-7 relative error), and add blocks
+of 128 rows into column sums of their own, added up in block order (the same bits on any number of threads). At N = 32768, K = 512 that takes the forward from 88 to 40 ms and the backward from
 47 to 17 ms on 2 cores (docs/performance.md#native-cpu-kernels).
 
 The source is a string in this module, so that it travels with a model saved with its remote code. It is compiled
-into `$HF_HYPERVQ_CACHE` (default `~/.cache/hf_hypervq`) as a shared library named by a hash of the source, the
-compiler, the flags and the CPU (`-march=native`: the library is built where it runs), and loaded with `ctypes`.
-`load_cpu_kernels()` raises if no compiler works; `kernels.py` then runs every kernel eagerly, with one warning.
+into `$HF_HYPERVQ_CACHE` (default `~/.cache/hf_hypervq`; a folder of the user's in the temporary folder if that one
+cannot be written) as a shared library named by a hash of the source, the compiler, the flags and the target the
+compiler resolves `-march=native` to (the library is built where it runs, and a shared home may serve several
+CPUs), and loaded with `ctypes`. One process builds while the others wait on a file lock; a compiler that fails for
+a flag set (Apple's clang and -fopenmp) is remembered in the cache and not asked again; one that hangs is stopped.
+`load_cpu_kernels()` raises if no compiler works; `kernels.py` then runs the native kernels eagerly, with one
+warning.
 The functions here take and return tensors as their torch twins in `kernels.py` do, and the tests hold them to the
 twins. Rows are split between `torch.get_num_threads()` OpenMP threads (fewer for a small input, see `_threads`).
 """
@@ -21,7 +25,10 @@ import hashlib
 import logging
 import os
 import platform
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -30,11 +37,14 @@ import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
+from filelock import Timeout as FileLockTimeout
 
 
 logger = logging.getLogger(__name__)
 
 SOURCE = r"""
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -69,22 +79,40 @@ static inline float log_positive(float x) {
 }
 
 /* exp(x) for x <= 0 (Cephes expf), with x floored at -87: below that the true value is under 2^-125 and only ever
-   a softmax weight next to a row maximum of 1, or the sech of an argument far out on the asinh's flat tail. */
+   a softmax weight next to a row maximum of 1, or the sech of an argument far out on the asinh's flat tail. A NaN
+   is floored too (the comparison is false), so that the integer conversion below stays defined, and returned. */
 static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float floored = x > -87.0f ? x : -87.0f;
+    float n = floorf(floored * 1.44269504088896341f + 0.5f);
+    float r = floored - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
-    return (p * r * r + r + 1.0f) * as_float((uint32_t)((int32_t)n + 127) << 23);
+    float result = (p * r * r + r + 1.0f) * as_float((uint32_t)((int32_t)n + 127) << 23);
+    return x == x ? result : x;
 }
 
-/* asinh(y) = sign(y) log(|y| + sqrt(1 + y^2)), the accurate form (no cancellation for y < 0). */
-static inline float asinh_f(float y) { return copysignf(log_positive(fabsf(y) + sqrtf(y * y + 1.0f)), y); }
+/* asinh(y) = sign(y) log(|y| + sqrt(1 + y^2)), the accurate form (no cancellation for y < 0). An infinite or NaN
+   argument of the log (bits at or above +inf's) is passed through, as torch's log does. */
+static inline float asinh_f(float y) {
+    float t = fabsf(y) + sqrtf(y * y + 1.0f);
+    return copysignf(as_bits(t) < 0x7F800000u ? log_positive(t) : t, y);
+}
+
+/* Row maxima as torch.amax takes them (a NaN anywhere makes the maximum NaN), as integer max and min reductions
+   on the bits: they vectorise without the compiler being told that floats are finite (-ffinite-math-only, under
+   which an infinite or NaN score would be undefined behaviour). `ordered` maps floats onto int32 in their order
+   (negative floats have their magnitude bits flipped; it is its own inverse), which puts a NaN above +inf or,
+   with its sign bit set, below -inf. */
+static inline int32_t ordered(uint32_t bits) { return (int32_t)(bits ^ ((0u - (bits >> 31)) >> 1)); }
+static inline float row_maximum(int32_t ordered_max, int32_t ordered_min) {
+    const int32_t above_infinity = 0x7F800000, below_minus_infinity = -0x7F800001;  /* ordered(+-inf) */
+    return ordered_max > above_infinity || ordered_min < below_minus_infinity
+        ? NAN : as_float((uint32_t)ordered((uint32_t)ordered_max));
+}
 
 /* kernels.py's counter-based uniform numbers, bit for bit: triple32's rounds, the seed mixed in after the first,
    the top 23 bits at the centre of their bin. */
@@ -129,15 +157,18 @@ static void mlr_gumbel_forward_rows(const Args *a, int64_t first_row, int64_t en
         float *restrict logits = a->out_logits + n * K;
         float *restrict weights = a->out_weights + n * K;
         const uint32_t counter = (uint32_t)(n * K);  /* wraps as kernels.py's int32 counter does */
-        float row_max = -INFINITY;
+        int32_t ordered_max = INT32_MIN, ordered_min = INT32_MAX;
         for (int64_t k = 0; k < K; k++) {
             float logit = scale[k] * asinh_f(y[k]);
             float u = counter_uniform(counter + (uint32_t)k, a->seed);
             float p = logit - log_positive(-log_positive(u));
             logits[k] = logit;
             perturbed[k] = p;
-            row_max = p > row_max ? p : row_max;
+            int32_t o = ordered(as_bits(p));
+            ordered_max = o > ordered_max ? o : ordered_max;
+            ordered_min = o < ordered_min ? o : ordered_min;
         }
+        const float row_max = row_maximum(ordered_max, ordered_min);
         float total = 0.0f;
         for (int64_t k = 0; k < K; k++) {
             float w = exp_nonpositive((perturbed[k] - row_max) * a->inverse_temperature);
@@ -200,35 +231,59 @@ static void mlr_logits_argmax_rows(const Args *a, int64_t first_row, int64_t end
     for (int64_t n = first_row; n < end_row; n++) {
         const float *restrict y = a->y + n * K;
         float *restrict logits = a->out_logits + n * K;
-        float row_max = -INFINITY;
+        int32_t ordered_max = INT32_MIN, ordered_min = INT32_MAX;
         for (int64_t k = 0; k < K; k++) {
             float logit = scale[k] * asinh_f(y[k]);
             logits[k] = logit;
-            row_max = logit > row_max ? logit : row_max;
+            int32_t o = ordered(as_bits(logit));
+            ordered_max = o > ordered_max ? o : ordered_max;
+            ordered_min = o < ordered_min ? o : ordered_min;
         }
-        a->indices[n] = first_index_of(logits, row_max, K);
+        a->indices[n] = first_index_of(logits, row_maximum(ordered_max, ordered_min), K);
     }
 }
 
-/* Split N rows between `threads` threads, each with K floats of scratch and `sums` * K floats of column sums,
-   added into `column_sums` at the end. The threads are OpenMP's, and at run time that is torch's own libgomp
-   (the loader binds libgomp.so.1 to the copy torch has loaded), so the kernels share torch's thread pool: threads
-   of another pool would compete for the cores with torch's, which spin for a while after each parallel region.
+/* Rows per block of the column sums: each block of rows adds into sums of its own, and the blocks' sums are then
+   added up in block order, so that the column sums are the same bits whatever the number of threads. */
+#define ROWS_PER_BLOCK 128
+
+/* Split N rows between `threads` threads, each with K floats of scratch; with `sums` > 0, in blocks of
+   ROWS_PER_BLOCK rows, each adding into `sums` * K column sums of its own, which the threads then add into
+   `column_sums` (each thread a range of columns, block after block). The threads are OpenMP's, and at run time
+   that is torch's own runtime (the loader binds libgomp.so.1 to the copy torch has loaded; cpu_kernels.py checks
+   that no second runtime got loaded), so the kernels share torch's thread pool: threads of another pool would
+   compete for the cores with torch's, which spin for a while after each parallel region.
    Returns 0, or -1 if memory ran out. */
 static int run_rows(RowsFn fn, const Args *args, int64_t N, int threads, int sums, float *column_sums) {
-    const int64_t K = args->K, per_thread = (1 + sums) * K;
+    const int64_t K = args->K, width = sums * K;
+    const int64_t blocks = sums ? (N + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK : 0;
     if (threads < 1) threads = 1;
-    float *buffers = (float *)calloc((size_t)threads * per_thread, sizeof(float));
-    if (!buffers) return -1;
+    float *scratch = (float *)malloc(((size_t)threads * K + 1) * sizeof(float));
+    float *partial = (float *)calloc((size_t)(blocks * width) + 1, sizeof(float));
+    if (!scratch || !partial) {
+        free(scratch);
+        free(partial);
+        return -1;
+    }
     #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), count = omp_get_num_threads();
-        float *scratch = buffers + per_thread * t;
-        fn(args, N * t / count, N * (t + 1) / count, scratch, scratch + K);
+        float *own = scratch + K * t;
+        if (!sums) {
+            fn(args, N * t / count, N * (t + 1) / count, own, 0);
+        } else {
+            for (int64_t b = blocks * t / count; b < blocks * (t + 1) / count; b++) {
+                const int64_t end = (b + 1) * ROWS_PER_BLOCK;
+                fn(args, b * ROWS_PER_BLOCK, end < N ? end : N, own, partial + b * width);
+            }
+            #pragma omp barrier
+            const int64_t first = width * t / count, last = width * (t + 1) / count;
+            for (int64_t b = 0; b < blocks; b++)
+                for (int64_t k = first; k < last; k++) column_sums[k] += partial[b * width + k];
+        }
     }
-    for (int t = 0; t < threads; t++)
-        for (int64_t k = 0; k < sums * K; k++) column_sums[k] += buffers[per_thread * t + K + k];
-    free(buffers);
+    free(scratch);
+    free(partial);
     return 0;
 }
 
@@ -262,15 +317,26 @@ int hvq_mlr_logits_argmax(const float *y, const float *scale, int64_t N, int64_t
 }
 """
 
-# -O3 vectorises the row loops; the relaxations let it vectorise their max and sum reductions and contract the
-# polynomials into FMAs. Not -ffast-math: with -shared, older GCCs link code that sets flush-to-zero for the whole
-# process.
+# -O3 vectorises the row loops; the relaxations let it vectorise the sum reductions and contract the polynomials
+# into FMAs. Not -ffinite-math-only (the row maxima are integer reductions instead, see `row_maximum`), so that an
+# infinite or NaN score is defined behaviour and comes out as in torch; not -ffast-math: with -shared, older GCCs
+# link code that sets flush-to-zero for the whole process.
 FLAGS = [
     "-O3", "-shared", "-fPIC", "-std=c99", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math",
-    "-ffinite-math-only", "-fno-signed-zeros", "-fassociative-math",
+    "-fno-signed-zeros", "-fassociative-math",
 ]  # fmt: skip
+# OpenMP and -march=native where the compiler has them (Apple's clang has no -fopenmp: one thread), else plain C
+FLAG_SETS = ([*FLAGS, "-fopenmp", "-march=native"], [*FLAGS, "-march=native"], FLAGS)
+BUILD_TIMEOUT_S = 300  # a compiler that hangs (a stuck license server, a full disk) must not hang training
 _library = None
+_load_error = None  # why the kernels could not be loaded: raised again at once, without calling the compiler again
+_single_thread = False  # a second OpenMP runtime is loaded next to torch's: the kernels run on one thread
 _MIN_ELEMENTS_PER_THREAD = 1 << 15  # below this a thread costs more to start than it saves
+_OPENMP_RUNTIME = re.compile(r"^lib(gomp|iomp5|omp|iomp5md|vcomp)\d*([-.][0-9a-f]{8})?\.(so|dylib|dll)\b")
+
+
+class _CacheNotWritable(OSError):
+    pass
 
 
 def _compiler() -> str:
@@ -280,13 +346,41 @@ def _compiler() -> str:
     raise RuntimeError("no C compiler found (set CC)")
 
 
-def _cpu_fingerprint() -> str:
-    """What `-march=native` depends on: a library built for one CPU may not run on another (a shared home)."""
+def _native_target(compiler: str) -> str:
+    """What the library built with `-march=native` depends on: the target the compiler resolves it to, read from
+    its driver's `-###` output (GCC's cc1 line lists the concrete `-march=`/`-mcpu=` and every `-m` feature flag
+    and cache size, clang's the `-target-cpu` and `-target-feature`s), with the target triple and the compiler's
+    version. On ARM /proc/cpuinfo names no model and no flags, so this is what tells two CPUs apart there; a library
+    built for one CPU and loaded on another (a shared home) may die of an illegal instruction."""
+    try:
+        words, output = [], _run([compiler, "-march=native", "-###", "-x", "c", "-c", os.devnull, "-o", os.devnull],
+                                 timeout=60)[1]  # fmt: skip
+    except (OSError, RuntimeError) as error:
+        words, output = [f"{type(error).__name__}: {error}"], ""
+    for line in output.splitlines():
+        if line.startswith("Target:") or " version " in line:
+            words.append(line.strip())
+            continue
+        try:
+            tokens = shlex.split(line)
+        except ValueError:
+            continue
+        for previous, token in zip(["", *tokens], tokens):
+            if token.startswith(("-m", "-target-cpu", "-target-feature")) or previous in (
+                "--param", "-target-cpu", "-target-feature", "-target-abi",
+            ):  # fmt: skip
+                words.append(token)
+    if not any(word.startswith(("-march=", "-mcpu=", "-target-cpu")) for word in words):  # an unknown driver
+        words.append(f"{platform.machine()} {_cpu_info()}")
+    return " ".join(words)
+
+
+def _cpu_info() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return "".join(sorted({line for line in cpuinfo if line.startswith(("model name", "flags"))}))
+            return "".join(sorted(set(cpuinfo)))  # every field, for CPUs whose file names no model or flags
     except OSError:
-        return f"{platform.machine()} {platform.processor()}"
+        return platform.processor()
 
 
 def _cache_dir() -> Path:
@@ -296,53 +390,161 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def _temporary_cache_dir() -> Path:
+    """A folder of this user's in the temporary folder, for a cache folder that cannot be written (a read-only
+    home): not another user's, whose library this process would otherwise load."""
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    folder = Path(tempfile.gettempdir(), f"hf_hypervq-{user}")
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if not hasattr(os, "getuid") or folder.stat().st_uid == os.getuid():
+            return folder
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="hf_hypervq-"))
+
+
+def _library_path(folder: Path, compiler: str, flags: list[str], target: str) -> Path:
+    uses_target = "-march=native" in flags
+    key = hashlib.sha256("\0".join([SOURCE, compiler, *flags, target if uses_target else ""]).encode()).hexdigest()
+    return folder / f"cpu_kernels-{key[:16]}{'.dll' if sys.platform == 'win32' else '.so'}"
+
+
+def _run(command: list[str], timeout: float) -> tuple[int, str]:
+    """Run a compiler: its exit status and its output (stderr, then stdout). Past `timeout` seconds the compiler
+    and the processes it started (cc1, as, ld: they hold the output pipes open) are killed."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=sys.platform != "win32") as process:  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if sys.platform == "win32":
+                process.kill()
+            else:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise RuntimeError(f"{command[0]} took more than {timeout} s; stopped it") from None
+    return process.returncode, stderr + stdout
+
+
 def _build(path: Path, compiler: str, flags: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # compile aside, then rename: processes may race
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # compile aside, then rename
         source, library = Path(scratch, "kernels.c"), Path(scratch, path.name)
         source.write_text(SOURCE)
-        result = subprocess.run([compiler, *flags, str(source), "-o", str(library), "-lm"], capture_output=True,
-                                text=True)  # fmt: skip
-        if result.returncode:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        returncode, output = _run([compiler, *flags, str(source), "-o", str(library), "-lm"], BUILD_TIMEOUT_S)
+        if returncode:
+            error = f"{compiler} failed: {output.strip()[-2000:]}"
+            # remembered, so that every later process skips these flags (Apple's clang and -fopenmp) at once
+            path.with_suffix(".failed").write_text(error)
+            raise RuntimeError(error)
         os.replace(library, path)
 
 
-def load_cpu_kernels() -> ctypes.CDLL:
-    """The compiled kernels (built on first use, then loaded from the cache); raises if they cannot be built."""
-    global _library
-    if _library is not None:
-        return _library
-    compiler = _compiler()
-    suffix = ".dll" if sys.platform == "win32" else ".so"
-    errors = []
-    # OpenMP and -march=native where the compiler has them (Apple's clang has no OpenMP: one thread)
-    for flags in ([*FLAGS, "-fopenmp", "-march=native"], [*FLAGS, "-march=native"], FLAGS):
-        key = hashlib.sha256("\0".join([SOURCE, compiler, *flags, _cpu_fingerprint()]).encode()).hexdigest()[:16]
-        path = _cache_dir() / f"cpu_kernels-{key}{suffix}"
+def _load_or_build(path: Path, compiler: str, flags: list[str]) -> ctypes.CDLL:
+    failure = path.with_suffix(".failed")
+    if not path.exists():
         try:
-            if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(f"{path}.lock", timeout=BUILD_TIMEOUT_S + 60)
+            lock.acquire()
+        except FileLockTimeout:
+            raise RuntimeError(f"another process held {path}.lock for over {BUILD_TIMEOUT_S + 60} s") from None
+        except OSError as error:
+            raise _CacheNotWritable(f"{path.parent} is not writable ({error})") from error
+        try:  # one process builds; the others wait on the lock and load its library
+            if not path.exists() and not failure.exists():
                 started = time.perf_counter()
-                _build(path, compiler, flags)
+                try:
+                    _build(path, compiler, flags)
+                except OSError as error:  # ENOSPC, EROFS: the folder cannot take the library
+                    raise _CacheNotWritable(f"{path.parent} is not writable ({error})") from error
                 logger.warning(
                     f"hf_hypervq: built the quantizer's CPU kernels with {compiler} in "
                     f"{time.perf_counter() - started:.1f} s, once per machine (cached in {path.parent})"
                 )
-            library = ctypes.CDLL(str(path))
-            break
+        finally:
+            lock.release()
+    if not path.exists() and failure.exists():
+        raise RuntimeError(f"{failure.read_text()} (remembered in {failure}: delete it to try again)")
+    return ctypes.CDLL(str(path))
+
+
+def openmp_runtimes(maps: str) -> set[str]:
+    """The OpenMP runtimes (GNU libgomp, renamed copies such as torch wheels' libgomp-1a2b3c4d.so.1, LLVM's libomp,
+    Intel's libiomp5) among the files mapped in a process, from the text of /proc/<pid>/maps."""
+    paths = (line.split(None, 5)[-1].strip() for line in maps.splitlines() if line.count(" ") >= 5)
+    return {path for path in paths if _OPENMP_RUNTIME.match(os.path.basename(path))}
+
+
+def _process_maps() -> str:
+    with open("/proc/self/maps") as maps:
+        return maps.read()
+
+
+def _check_one_thread_pool() -> None:
+    """After loading the library: if its OpenMP runtime is not torch's (a wheel with a renamed libgomp, a conda
+    build with LLVM's or Intel's), two pools of spinning threads would compete for the cores, so the kernels then
+    run on one thread (about twice slower on 2 cores, still faster than the eager torch code)."""
+    global _single_thread
+    try:
+        runtimes = openmp_runtimes(_process_maps())
+    except OSError:  # not Linux: trust the loader
+        return
+    if len({os.path.realpath(path) for path in runtimes}) > 1:
+        _single_thread = True
+        logger.warning(
+            "hf_hypervq: the quantizer's CPU kernels loaded an OpenMP runtime next to torch's (%s); they run on one "
+            "thread so that two thread pools do not compete for the cores",
+            ", ".join(sorted(runtimes)),
+        )
+
+
+def load_cpu_kernels() -> ctypes.CDLL:
+    """The compiled kernels (built on first use, then loaded from the cache); raises if they cannot be built, and
+    again at once on every later call."""
+    global _library, _load_error
+    if _library is not None:
+        return _library
+    if _load_error is not None:
+        raise _load_error
+    try:
+        _library = _configure(_load())
+    except (OSError, RuntimeError) as error:
+        _load_error = error
+        raise
+    _check_one_thread_pool()
+    return _library
+
+
+def _load() -> ctypes.CDLL:
+    compiler = _compiler()
+    target = _native_target(compiler)
+    folder, errors = _cache_dir(), []
+    for flags in FLAG_SETS:
+        try:
+            try:
+                return _load_or_build(_library_path(folder, compiler, flags, target), compiler, flags)
+            except _CacheNotWritable as error:
+                fallback = _temporary_cache_dir()
+                logger.warning(f"hf_hypervq: {error}; building the CPU kernels in {fallback} instead")
+                folder = fallback
+                return _load_or_build(_library_path(folder, compiler, flags, target), compiler, flags)
         except (OSError, RuntimeError) as error:
             errors.append(str(error))
-    else:
-        raise RuntimeError("; ".join(errors))
+    raise RuntimeError("; ".join(errors))
+
+
+def _configure(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, i64, i32, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_int
     library.hvq_mlr_gumbel_forward.argtypes = [pointer, pointer, i32, f32, i64, i64, *[pointer] * 4, c_int]
     library.hvq_mlr_gumbel_backward.argtypes = [*[pointer] * 6, f32, pointer, pointer, i64, i64, *[pointer] * 3, c_int]
     library.hvq_mlr_logits_argmax.argtypes = [pointer, pointer, i64, i64, pointer, pointer, c_int]
-    _library = library
     return library
 
 
 def _threads(num_elements: int) -> int:
+    if _single_thread:
+        return 1
     return max(1, min(torch.get_num_threads(), num_elements // _MIN_ELEMENTS_PER_THREAD))
 
 

@@ -12,11 +12,14 @@ that work as torch code, and runs
   eagerly, where compiling would cost seconds to save microseconds. Compiling happens once per kernel and process
   (dynamic shapes; the temperature and the noise seed are tensors) and is announced once;
 - `set_compiled_kernels(True)` / `HF_HYPERVQ_COMPILE=1` compiles whatever the size; `False` / `0` runs the torch
-  code eagerly everywhere (the reference the tests hold the others to).
+  code eagerly everywhere (the reference the tests hold the others to);
+- `set_native_cpu_kernels(False)` makes CPU tensors take the torch code too, compiled or eager by the rules above:
+  the path CUDA and MPS take, which the tests run on a CPU.
 
-If a kernel fails to build or compile (no C compiler, an unsupported device), one warning says so and every kernel
-runs eagerly from then on. Inside a model compiled as a whole (`--torch_compile`), the torch code is traced into the
-model's graph.
+If the native CPU kernels cannot be built (no C compiler), one warning says so and they run eagerly from then on;
+if `torch.compile` fails (no C++ compiler, an unsupported device), one warning says so and every compiled kernel
+runs eagerly from then on. The two are kept apart: a CPU without a C compiler does not turn off compiling on a GPU.
+Inside a model compiled as a whole (`--torch_compile`), the torch code is traced into the model's graph.
 
 The Gumbel noise comes from a counter-based generator: a hash of (seed, position) gives each element its uniform
 number, so the noise is computed inside the fused loop, on every thread, with no random-number state (torch's
@@ -26,6 +29,8 @@ sample's exponentials, so the backward computes no transcendental function but t
 """
 
 import functools
+import hashlib
+import inspect
 import logging
 import os
 import time
@@ -33,7 +38,13 @@ import warnings
 
 import torch
 
-from .cpu_kernels import cpu_mlr_gumbel_backward, cpu_mlr_gumbel_forward, cpu_mlr_logits_and_argmax, load_cpu_kernels
+from .cpu_kernels import (
+    SOURCE,
+    cpu_mlr_gumbel_backward,
+    cpu_mlr_gumbel_forward,
+    cpu_mlr_logits_and_argmax,
+    load_cpu_kernels,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -45,8 +56,10 @@ if _env not in _MODES:
     warnings.warn(f"HF_HYPERVQ_COMPILE must be 1, 0 or auto, got {_env!r}: using auto", stacklevel=1)
 _compile_mode = _MODES.get(_env)
 _compiled = {}  # kernel name -> its compiled function
-_compile_error = None  # the first compilation error, after which every kernel runs eagerly
+_compile_error = None  # the first torch.compile error, after which every kernel runs eagerly off the native path
+_native_warned = False  # the native kernels failed to build and a warning said so (`cpu_kernels` keeps the error)
 _announced = False
+_native_enabled = True  # see `set_native_cpu_kernels`
 
 
 def set_compiled_kernels(enabled: bool | None) -> None:
@@ -61,6 +74,19 @@ def set_compiled_kernels(enabled: bool | None) -> None:
 
 def compiled_kernels_enabled() -> bool | None:
     return _compile_mode
+
+
+def set_native_cpu_kernels(enabled: bool) -> None:
+    """Run the native C kernels on CPU tensors (`True`, the default), or the torch code that CUDA and MPS run
+    (`False`; compiled or not as `set_compiled_kernels` says), so that path can be tested and timed on a CPU."""
+    global _native_enabled
+    if not isinstance(enabled, bool):
+        raise ValueError(f"`enabled` must be True or False, got {enabled!r}")
+    _native_enabled = enabled
+
+
+def native_cpu_kernels_enabled() -> bool:
+    return _native_enabled
 
 
 def _wants_compiled(tensor: torch.Tensor) -> bool:
@@ -81,7 +107,7 @@ def _announce_compile(name: str, seconds: float) -> None:
 
 def _fall_back_to_eager(error: Exception) -> None:
     global _compile_error
-    _compile_error = error  # the other kernels would fail alike: every kernel runs eagerly from now on
+    _compile_error = error  # the other kernels would fail alike: every compiled kernel runs eagerly from now on
     warnings.warn(
         f"hf_hypervq: compiling the quantizer's kernels failed ({type(error).__name__}: {error}); they run eagerly, "
         "unfused (HF_HYPERVQ_COMPILE=0 skips the attempt)",
@@ -89,23 +115,34 @@ def _fall_back_to_eager(error: Exception) -> None:
     )
 
 
+def _warn_native_unavailable(error: Exception) -> None:
+    global _native_warned
+    if not _native_warned:
+        _native_warned = True
+        warnings.warn(
+            f"hf_hypervq: could not build the quantizer's native CPU kernels ({type(error).__name__}: {error}); on "
+            "CPUs they run as eager torch code (set CC to a working C compiler)",
+            stacklevel=4,
+        )
+
+
 def fused_kernel(fn=None, *, cpu=None, schema=None):
     """Run `fn` compiled (forward and, under autograd, backward) by the rule above, else eagerly.
 
     `cpu`, where given, is `fn` as a native loop (`cpu_kernels.py`) that replaces `fn` on CPU tensors, registered as
-    the torch operator `hf_hypervq::<name>` with `schema`, so that a compiled model calls it too (as one opaque op;
-    its output shapes come from running `fn` on fake tensors)."""
+    the torch operator `hf_hypervq::<name>_<hash of the code>` with `schema`, so that a compiled model calls it too
+    (as one opaque op; its output shapes come from running `fn` on fake tensors)."""
     if fn is None:
         return functools.partial(fused_kernel, cpu=cpu, schema=schema)
     native_op = None if cpu is None else _native_operator(fn, cpu, schema)
 
     @functools.wraps(fn)
     def run(*args):
-        if _compile_error is not None or _compile_mode is False:
+        if _compile_mode is False:
             return fn(*args)
-        if native_op is not None and args[0].device.type == "cpu":
+        if native_op is not None and _native_enabled and args[0].device.type == "cpu":
             return native_op(*args)
-        if torch.compiler.is_compiling() or not _wants_compiled(args[0]):
+        if _compile_error is not None or torch.compiler.is_compiling() or not _wants_compiled(args[0]):
             return fn(*args)
         first_call = fn.__name__ not in _compiled
         if first_call:
@@ -125,18 +162,29 @@ def fused_kernel(fn=None, *, cpu=None, schema=None):
 
 def _native_operator(fn, cpu, schema: str):
     def native_or_eager(*args):
-        if _compile_error is None:
-            try:
-                load_cpu_kernels()
-            except (OSError, RuntimeError) as error:  # no C compiler
-                _fall_back_to_eager(error)
-        return fn(*args) if _compile_error is not None else cpu(*args)
+        try:
+            load_cpu_kernels()  # raises again at once after a failed build
+        except (OSError, RuntimeError) as error:  # no C compiler
+            _warn_native_unavailable(error)
+            return fn(*args)
+        return cpu(*args)
 
     operator = torch.library.custom_op(
-        f"hf_hypervq::{fn.__name__}", native_or_eager, mutates_args=(), device_types="cpu", schema=schema
+        f"hf_hypervq::{_operator_name(fn, cpu)}", native_or_eager, mutates_args=(), device_types="cpu", schema=schema
     )
     operator.register_fake(fn)
     return operator
+
+
+def _operator_name(fn, cpu) -> str:
+    """`<name>_<hash>` of the C source and the Python of `fn` and `cpu`: torch keeps one operator per name for the
+    whole process, so two copies of this code in one process (the package and a model's remote code, say) must
+    not share a name unless their code is the same, or one would run the other's kernels."""
+    try:
+        code = inspect.getsource(fn) + inspect.getsource(cpu)
+    except (OSError, TypeError):  # no source file (a frozen application): the bytecode stands for it
+        code = repr((fn.__code__.co_code, fn.__code__.co_consts, cpu.__code__.co_code, cpu.__code__.co_consts))
+    return f"{fn.__name__}_{hashlib.sha256((SOURCE + code).encode()).hexdigest()[:12]}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
