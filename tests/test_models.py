@@ -171,6 +171,82 @@ def test_damaged_or_missing_folders_are_named(tmp_path):
         HyperVQVAEModel.from_pretrained(folder)
 
 
+def tiny_models(quantizer_type="hyperbolic"):
+    """One model of each class, tiny, with `quantizer_type`."""
+    return [
+        HyperVQVAEModel(tiny_config(quantizer_type=quantizer_type)),
+        HyperVQVAEForImageClassification(tiny_config(quantizer_type=quantizer_type, num_labels=3)),
+        HyperVQSAForImageClassification(
+            HyperVQSAConfig(backbone_config=TINY_RESNET, quantizer_type=quantizer_type, codebook_size=8, num_labels=3)
+        ),
+    ]
+
+
+def test_from_pretrained_none_with_a_state_dict_builds_the_model():
+    """transformers' `from_pretrained(None, config=..., state_dict=...)` used to raise a TypeError (`Path(None)`)."""
+    for model in tiny_models("gumbel"):
+        model.set_num_updates(7)
+        loaded = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict())
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+        fresh = type(model).from_pretrained(None, config=model.config, state_dict={})
+        assert all(int(m.num_updates) == 0 for m in fresh.modules() if hasattr(m, "num_updates"))
+
+
+@pytest.mark.parametrize("quantizer_type", ["hyperbolic", "gumbel", "hyperbolic_embedding"])
+def test_init_weights_sets_the_update_count_of_a_model_built_on_meta(quantizer_type):
+    """A model built on the meta device (how transformers loads) gets its buffers from `_init_weights`; the Gumbel
+    update count used to keep whatever memory `to_empty` gave it."""
+    for model_class in (HyperVQVAEModel, HyperVQVAEForImageClassification):
+        with torch.device("meta"):
+            model = model_class(tiny_config(quantizer_type=quantizer_type, num_labels=3))
+        model.to_empty(device="cpu")
+        counts = [m.num_updates for m in model.modules() if hasattr(m, "num_updates")]
+        assert counts
+        for count in counts:
+            count.fill_(12345)  # what uninitialised memory may hold
+        model.init_weights()
+        assert all(int(count) == 0 for count in counts)
+
+
+def test_meta_tensors_get_a_message_naming_them():
+    """A meta input used to fail inside autocast ("unsupported scalarType") or on `.item()`; a model built on meta
+    used to return garbage from its first conv."""
+    meta_images = images().to("meta")
+    for model in tiny_models():
+        with pytest.raises(ValueError, match="^`pixel_values` is on the meta device"):
+            model(meta_images)
+    for quantizer_type in QUANTIZER_TYPES:
+        quantizer = HyperVQVAEModel(tiny_config(quantizer_type=quantizer_type)).quantizer
+        for mode in (True, False):
+            with pytest.raises(ValueError, match=r"got `z` on the meta device"):
+                quantizer.train(mode)(torch.randn(4, 8, device="meta"))
+    with torch.device("meta"):
+        model = HyperVQVAEModel(tiny_config())
+    with pytest.raises(ValueError, match="^the model's weights are on the meta device"):
+        model(images())
+
+
+def test_codebook_size_missing_from_config_json_is_one_line(tmp_path):
+    """A config.json without `codebook_size` next to K = 16 weights used to end in transformers' size-mismatch
+    report, one row per quantizer tensor."""
+    HyperVQVAEModel(tiny_config(codebook_size=16)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "codebook_size"}))
+    missing = r"holds a codebook of 16 codes, but .*config\.json has no `codebook_size`, so the default 512 applies"
+    for loader in (HyperVQVAEModel, HyperVQVAEForImageClassification, AutoModel):
+        with pytest.raises(ValueError, match=missing) as error:
+            loader.from_pretrained(tmp_path)
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="holds a codebook of 16 codes, but the config says codebook_size=32"):
+        HyperVQVAEModel.from_pretrained(tmp_path, codebook_size=32)
+    with pytest.raises(ValueError, match="holds a codebook of 16 codes, but the config says codebook_size=8"):
+        HyperVQVAEModel.from_pretrained(tmp_path, config=tiny_config(codebook_size=8))
+    assert HyperVQVAEModel.from_pretrained(tmp_path, codebook_size=16).quantizer.codebook_size == 16
+    resized = HyperVQVAEModel.from_pretrained(tmp_path, codebook_size=32, ignore_mismatched_sizes=True)
+    assert resized.quantizer.codebook_size == 32
+
+
 def test_vqsa_attention_gets_its_kaiming_normal_init():
     """transformers 5 skips `_init_weights` for modules without parameters of their own; VQ-SA's attention init
     used to be PyTorch's default (std 0.036 at D = 256 instead of kaiming-normal's 0.088)."""

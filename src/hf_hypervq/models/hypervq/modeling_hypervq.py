@@ -37,14 +37,23 @@ _CONFIG_CLASSES = {config.model_type: config for config in (HyperVQVAEConfig, Hy
 _AUTO_MODEL = "modeling_hypervq.HyperVQVAEModel"
 
 
-def check_pixel_values(pixel_values, channels: int, dtype: torch.dtype, multiple_of: int = 1) -> None:
-    """`pixel_values` must be a `(batch, channels, height, width)` float tensor of the model's dtype, with height
-    and width positive multiples of `multiple_of` (a conv would otherwise fail with a message about its weights)."""
+def check_pixel_values(pixel_values, channels: int, weight: torch.Tensor, multiple_of: int = 1) -> None:
+    """`pixel_values` must be a `(batch, channels, height, width)` float tensor of the dtype of `weight` (the model's
+    first layer), with height and width positive multiples of `multiple_of` (a conv would otherwise fail with a
+    message about its weights). Neither may be on the meta device, which holds no values: a conv with meta weights
+    returns garbage on a real input, and a meta input fails inside autocast."""
     sizes = f"multiples of {multiple_of}" if multiple_of > 1 else "at least 1"
     expected = f"(batch, {channels}, height, width) with height and width {sizes}"
     if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
         got = pixel_values.dtype if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
         raise TypeError(f"`pixel_values` must be a float tensor of shape {expected}; got {got}")
+    if pixel_values.is_meta:  # it holds no values: autocast and the quantizer would fail on it with a torch error
+        raise ValueError("`pixel_values` is on the meta device, which holds no data: pass images on a real device")
+    if weight.is_meta:
+        raise ValueError(
+            "the model's weights are on the meta device (it was built under `torch.device('meta')`), so it has none "
+            "to run: load it with `from_pretrained`, or build it on a real device"
+        )
     shape = tuple(pixel_values.shape)
     if (
         len(shape) != 4
@@ -54,6 +63,7 @@ def check_pixel_values(pixel_values, channels: int, dtype: torch.dtype, multiple
         or shape[3] % multiple_of
     ):
         raise ValueError(f"`pixel_values` must have shape {expected}; got {shape}")
+    dtype = weight.dtype
     if pixel_values.dtype != dtype and not torch.is_autocast_enabled(pixel_values.device.type):
         raise TypeError(f"`pixel_values` are {pixel_values.dtype} but the model's weights {dtype}: pass "
                         f"`pixel_values.to({dtype})`")  # fmt: skip
@@ -174,6 +184,9 @@ class HyperVQPreTrainedModel(PreTrainedModel):
                 init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         elif isinstance(module, VectorQuantizer):
             module.reset_parameters()
+            if isinstance(getattr(module, "num_updates", None), torch.Tensor):
+                # The Gumbel schedule's update count: a new model starts at tau_max. Loaded, it keeps its value.
+                init.zeros_(module.num_updates)
         else:
             super()._init_weights(module)
 
@@ -182,10 +195,13 @@ class HyperVQPreTrainedModel(PreTrainedModel):
         """As transformers' `from_pretrained`, but a folder or repo holding another kind of model is an error: the
         plain method only warns, then hands back a model with random weights (a prior loaded as a tokenizer, a
         tokenizer as a prior). A local folder that is not there, or a damaged `config.json` or weights file, is
-        one error that names it (`check_pretrained_source`)."""
+        one error that names it (`check_pretrained_source`), and so is a codebook whose size differs from the
+        config's (`check_codebook_size`). `pretrained_model_name_or_path=None`, with `config` and `state_dict`, is
+        transformers' way to build a model from a state dict, and works as there."""
         check_pretrained_source(pretrained_model_name_or_path)
-        if not isinstance(kwargs.get("config"), PreTrainedConfig):
-            hub_options = {k: kwargs[k] for k in _HUB_OPTIONS if k in kwargs}
+        hub_options = {k: kwargs[k] for k in _HUB_OPTIONS if k in kwargs}
+        config = kwargs.get("config")
+        if pretrained_model_name_or_path is not None and not isinstance(config, PreTrainedConfig):
             config, _ = cls.config_class.get_config_dict(pretrained_model_name_or_path, **hub_options)
             found, expected = config.get("model_type"), cls.config_class.model_type
             if found != expected:
@@ -193,6 +209,15 @@ class HyperVQPreTrainedModel(PreTrainedModel):
                 raise ValueError(
                     f"{pretrained_model_name_or_path} holds {held}; {cls.__name__} loads {expected!r} models"
                 )
+        codebook_size = kwargs.get("codebook_size")
+        if codebook_size is None and isinstance(config, PreTrainedConfig):
+            codebook_size = getattr(config, "codebook_size", None)
+        elif codebook_size is None and isinstance(config, dict) and hasattr(cls.config_class, "codebook_size"):
+            codebook_size = config.get("codebook_size", cls.config_class.codebook_size)
+        loads_a_file = pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None
+        if loads_a_file and codebook_size is not None and not kwargs.get("ignore_mismatched_sizes"):
+            folder = Path(pretrained_model_name_or_path).expanduser() / (kwargs.get("subfolder") or "")
+            check_codebook_size(folder, codebook_size, default=getattr(cls.config_class, "codebook_size", None))
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except SafetensorError as error:  # a truncated or overwritten weights file
@@ -209,7 +234,10 @@ def check_pretrained_source(name_or_path, flag: str | None = None) -> None:
     """Fail with one line naming the problem, where transformers would fail with a misleading one: a local path
     that does not exist (transformers reads it as a malformed Hub id), a folder without `config.json`, a
     `config.json` that is not JSON, has no `model_type` or holds invalid values, or a truncated `model.safetensors`.
-    A Hub id is left to transformers. `flag` (e.g. "--tokenizer") prefixes the message."""
+    A Hub id is left to transformers, and so is None (`from_pretrained(None, config=..., state_dict=...)`).
+    `flag` (e.g. "--tokenizer") prefixes the message."""
+    if name_or_path is None:
+        return
     where = f"{flag} {name_or_path}" if flag else str(name_or_path)
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
@@ -239,6 +267,41 @@ def check_pretrained_source(name_or_path, flag: str | None = None) -> None:
                 pass
         except SafetensorError as error:
             raise OSError(f"{weights} is damaged: {error}") from None
+
+
+def check_codebook_size(folder: Path, codebook_size: int, default: int | None = None) -> None:
+    """The codebook in `folder`'s `model.safetensors` must have `codebook_size` codes, the size the model will be
+    built with (`default`: the config class's default size). Otherwise transformers fails with a report of every
+    mismatched tensor; this is one line with the cause, read from the file's header only. A folder without that file
+    (a Hub id, a sharded checkpoint) is not checked."""
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        return
+    with safe_open(weights, framework="pt") as checkpoint:
+        # Every quantizer parameter has one row per code (`num_updates` is a scalar); a prior has no quantizer.
+        shapes = [
+            checkpoint.get_slice(key).get_shape()
+            for key in checkpoint.keys()  # noqa: SIM118 (a safe_open handle is not iterable)
+            if key.rpartition(".")[0].endswith("quantizer")
+        ]
+    sizes = {shape[0] for shape in shapes if shape}
+    if len(sizes) != 1 or codebook_size in sizes:
+        return
+    (found,) = sizes
+    config_file = folder / "config.json"
+    try:
+        saved = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if codebook_size == default and isinstance(saved, dict) and "codebook_size" not in saved:
+        raise ValueError(
+            f"{weights} holds a codebook of {found} codes, but {config_file} has no `codebook_size`, so the default "
+            f'{codebook_size} applies: add `"codebook_size": {found}` to it'
+        )
+    raise ValueError(
+        f"{weights} holds a codebook of {found} codes, but the config says codebook_size={codebook_size}: pass the "
+        "checkpoint's size, or `ignore_mismatched_sizes=True` to start a new codebook of this size"
+    )
 
 
 class HyperVQVAEResidualStack(nn.Module):
@@ -337,10 +400,7 @@ class HyperVQVAEModel(HyperVQVAEPreTrainedModel):
     def encode(self, pixel_values: torch.Tensor) -> HyperVQVAEEncoderOutput:
         """Encode and quantize `pixel_values` `(B, C, H, W)`."""
         check_pixel_values(
-            pixel_values,
-            self.config.num_channels,
-            self.encoder.projection.weight.dtype,
-            self.config.downsampling_factor,
+            pixel_values, self.config.num_channels, self.encoder.layers[0].weight, self.config.downsampling_factor
         )
         latents = self.encoder(pixel_values)  # (B, D, h, w)
         quantized = self.quantizer(latents.permute(0, 2, 3, 1))  # channel-last: (B, h, w, D)
@@ -568,7 +628,8 @@ class HyperVQSAForImageClassification(HyperVQPreTrainedModel):
     ) -> HyperVQSAImageClassifierOutput:
         r"""labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids for the cross-entropy loss.
         output_attentions (`bool`, *optional*): also return the two-token attention weights."""
-        check_pixel_values(pixel_values, self.config.backbone_config.num_channels, self.resnet.dtype)
+        stem = self.resnet.embedder.embedder.convolution.weight
+        check_pixel_values(pixel_values, self.config.backbone_config.num_channels, stem)
         if labels is not None:
             check_ids(labels, "labels", self.config.num_labels, len(pixel_values))
         features = self._scale_features(self.resnet(pixel_values).pooler_output.flatten(1))  # (B, D)
