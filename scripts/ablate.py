@@ -13,22 +13,19 @@ training-time samples against the eval argmax, the mean latent norm on the ball,
 mean max softmax probability, and the dead codes.
 
 Writes `results/ABLATIONS.md` (mean ± std over seeds) and `results/ablations.json`. Runs are kept in
-`results/runs/` and reused by a rerun (and by `reproduce.py` where the settings agree).
+`results/runs/` and reused by a rerun (and by `reproduce.py` where the settings agree) as long as the code that
+computes them is unchanged (`scripts/study.py`, `code_fingerprint`).
 """
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import torch
-import transformers
-from study import DEFAULTS, MODEL, QUICK_MODEL, run_one, setting_of
+from study import DEFAULTS, MODEL, QUICK_MODEL, provenance, run_one, setting_of
 
-import hf_hypervq
 from hf_hypervq.training.outputs import write_text
 
 
@@ -98,8 +95,8 @@ def write_report(results: list, rows: list, seeds: list, path: Path, wall_minute
         "over the run (`decay_for_run`), `per_update` is vq-wav2vec's 0.999995 per update. The classifier "
         "protocols are in `scripts/study.py`'s docstring; `early stopping` chooses its learning rate and stopping epoch "
         "on a validation split carved from the training split, never on the test split. "
-        f"Versions: hf-hypervq {hf_hypervq.__version__}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, Python {platform.python_version()}. The {len(results)} runs took "
+        f"The runs' code and versions: {provenance(results)} (`scripts/study.py`, `code_fingerprint`). "
+        f"The {len(results)} runs took "
         f"{wall_minutes:.1f} minutes of compute in all.",
         "",
         "Mechanism columns: *eval perplexity* is of the argmax codes on the test split, *train-sample perplexity* of "

@@ -10,8 +10,10 @@ number of updates and Gumbel temperature rule for all, and a classifier that sto
 from the training split (its learning rate chosen there too); nothing is tuned per quantizer. Then a tokenizer with
 3-dimensional latents and K = 16 for HyperVQ and KmeansVQ (the paper's Table 5 / Figure 6 setting). The output folder
 gets `REPORT.md` (tables of mean ± std over seeds, the paper's claims checked one by one with the mechanism numbers
-behind them, versions and wall time), `results.json` and the plots. Finished runs are kept in `OUTPUT_DIR/runs` and
-reused when the command is rerun (also those of `scripts/ablate.py` with the same setting).
+behind them, the code fingerprint and versions of the runs, wall time), `results.json` and the plots. Finished runs
+are kept in `OUTPUT_DIR/runs` and reused when the command is rerun on the same code (also those of
+`scripts/ablate.py` with the same setting); a change to the code that computes them recomputes them
+(`scripts/study.py`, `code_fingerprint`).
 """
 
 import argparse
@@ -23,10 +25,17 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-import transformers
-from study import MODEL, QUICK_MODEL, load_digits_tensors, run_one, setting_of, tokenizer_metrics, train_tokenizer
+from study import (
+    MODEL,
+    QUICK_MODEL,
+    load_digits_tensors,
+    provenance,
+    run_one,
+    setting_of,
+    tokenizer_metrics,
+    train_tokenizer,
+)
 
-import hf_hypervq
 from hf_hypervq import QUANTIZER_TYPES
 from hf_hypervq.training.outputs import write_text
 from hf_hypervq.training.report import (
@@ -152,9 +161,8 @@ def main(argv=None):
         "frozen-feature classifier trains on 80% of the training split until its accuracy on the other 20% has not "
         "improved for 10 epochs, for each learning rate in {1e-3, 3e-3, 1e-2}; the best on validation gives the test "
         "accuracy (`scripts/study.py`). "
-        f"Versions: hf-hypervq {hf_hypervq.__version__}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, Python {platform.python_version()}; {platform.machine()}, {args.workers} runs "
-        f"in parallel with one thread each. The {len(runs)} grid runs took {run_minutes:.1f} minutes of compute."
+        f"The runs' code and versions: {provenance(runs)} (`scripts/study.py`, `code_fingerprint`); "
+        f"{platform.machine()}, {args.workers} runs in parallel with one thread each. The {len(runs)} grid runs took {run_minutes:.1f} minutes of compute."
     )
     scatter_text = " ".join(
         f"{q}: silhouette {m.get('silhouette', float('nan')):.3f}, Davies-Bouldin {m.get('davies_bouldin', float('nan')):.3g}, "

@@ -19,14 +19,20 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoModel
 
 import hf_hypervq  # noqa: F401  (registers the models)
 from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
 from hf_hypervq.training.cli import reported_errors
 from hf_hypervq.training.data import load_image_dataset
 from hf_hypervq.training.evaluation import metric
-from hf_hypervq.training.generation import INCEPTION_V3, load_feature_extractor, sample_images
+from hf_hypervq.training.generation import (
+    INCEPTION_V3,
+    find_recorded_tokenizer,
+    load_feature_extractor,
+    load_tokenizer,
+    sample_images,
+)
 from hf_hypervq.training.outputs import write_json
 from hf_hypervq.training.plots import save_sample_grid
 
@@ -34,7 +40,8 @@ from hf_hypervq.training.plots import save_sample_grid
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prior", required=True, help="a trained prior (folder or Hub id)")
-    parser.add_argument("--tokenizer", default=None, help="its tokenizer (default: the one the prior records)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="its tokenizer, a folder or Hub id (default: the one the prior records)")  # fmt: skip
     parser.add_argument("--num_images", type=int, default=16, help="images in the PNG grid (default: 16)")
     parser.add_argument("--output", default="samples.png", help="where the grid goes (default: samples.png)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
@@ -71,11 +78,12 @@ def main(argv=None):
     with reported_errors():
         check_pretrained_source(args.prior, "prior")
         prior = AutoModel.from_pretrained(args.prior).eval()
-        tokenizer_path = args.tokenizer or prior.config.tokenizer_name_or_path
-        if tokenizer_path is None:
-            raise FileNotFoundError("the prior does not record its tokenizer: pass --tokenizer")
-        check_pretrained_source(tokenizer_path, "--tokenizer")
-        tokenizer = AutoModel.from_pretrained(tokenizer_path).eval()
+        if args.tokenizer:
+            tokenizer_path = args.tokenizer
+            tokenizer, processor = load_tokenizer(tokenizer_path)
+        else:
+            tokenizer_path = find_recorded_tokenizer(args.prior, prior.config.tokenizer_name_or_path)
+            tokenizer, processor = load_tokenizer(tokenizer_path, "the prior's tokenizer", hint="; pass --tokenizer")
         if tokenizer.config.codebook_size != prior.config.codebook_size:  # its tokens would decode to garbage
             raise ValueError(
                 f"the prior models {prior.config.codebook_size} codes but the tokenizer {tokenizer_path} has "
@@ -83,7 +91,6 @@ def main(argv=None):
             )
         if args.class_labels and not prior.config.num_classes:
             raise ValueError("--class_labels needs a class-conditional prior; this one is unconditional")
-        processor = AutoImageProcessor.from_pretrained(tokenizer_path)
 
         def labels(count):
             if not prior.config.num_classes:

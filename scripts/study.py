@@ -14,19 +14,29 @@ The classifier protocols:
   most 300), its best-validation weights are kept, and the learning rate with the best validation accuracy gives
   the reported test accuracy. The test split never chooses anything.
 
-Each finished run is a JSON file named by its setting's hash and seed, so a rerun (or the other script) with the same
-setting reuses it, and an interrupted study resumes where it stopped.
+Each finished run is a JSON file named by a hash of its setting, its model sizes and `code_fingerprint()` (the code
+that computes it), and by its seed. A rerun (or the other script) with the same setting on the same code reuses it,
+and an interrupted study resumes where it stopped; after a change to any of that code every run is recomputed, and
+runs of other code are never read back (their fingerprint is inside each file, with the package versions, and is
+checked too). The code that counts is `FINGERPRINT_SOURCES` and this file.
 """
 
+import ast
+import functools
 import hashlib
 import json
 import math
+import platform
 import time
 from pathlib import Path
 
+import numpy
+import sklearn
 import torch
 import torch.nn.functional as F
+import transformers
 
+import hf_hypervq
 from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEForImageClassification, HyperVQVAEModel
 from hf_hypervq.models.hypervq.quantizers import decay_for_run
 from hf_hypervq.training.data import load_image_dataset
@@ -53,9 +63,82 @@ BATCH_SIZE = 128
 IMAGE_SIZE = 16
 
 
+# The library code a study run's numbers come from, besides this file (its protocol constants, training loop and
+# measurements): a change to any of it changes `code_fingerprint()`, and with it every run's file name. Paths are
+# relative to the `hf_hypervq` package.
+FINGERPRINT_SOURCES = (
+    "models/hypervq/quantizers.py",  # the five quantizers, their losses and temperature rule
+    "models/hypervq/kernels.py",  # the fused kernels and their eager twins
+    "models/hypervq/cpu_kernels.py",  # the native CPU kernels: their C source is a string in this file
+    "models/hypervq/hyperbolic.py",  # the Poincaré-ball math
+    "models/hypervq/checks.py",
+    "models/hypervq/configuration_hypervq.py",  # the defaults a setting leaves to the library
+    "models/hypervq/modeling_hypervq.py",  # encoder, decoder, training loss, classifier head
+    "models/hypervq/image_processing_hypervq.py",  # the pixels the model sees
+    "training/data.py",  # the embedded digits and their train/test split
+    "training/evaluation.py",  # cluster scores
+    "training/metrics.py",  # logit confidence, the noise of the noisy cluster scores
+    "metrics/__init__.py",  # the loader of the `evaluate` modules below
+    "metrics/codebook_usage/codebook_usage.py",
+    "metrics/reconstruction/reconstruction.py",
+    "metrics/cluster_quality/cluster_quality.py",
+)
+
+
+def _code_of(path: Path) -> str:
+    """A Python file's code without its comments, docstrings and layout (through `ast`): editing documentation
+    keeps the finished runs, any change to what runs (string constants, such as the C source, included) does not."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """SHA-256 (16 hex digits) of the code of `FINGERPRINT_SOURCES` and of this file: what a study run's numbers
+    depend on besides its setting. (`ast`'s rendering of a file may change with the Python version; a run is then
+    recomputed, never wrongly reused.)"""
+    package = Path(hf_hypervq.__file__).resolve().parent
+    files = [(name, package / name) for name in FINGERPRINT_SOURCES] + [("scripts/study.py", Path(__file__).resolve())]
+    digest = hashlib.sha256()
+    for name, path in files:
+        digest.update(f"{name}\0{_code_of(path)}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+def package_versions() -> dict:
+    """The versions a run was computed with, recorded in its file."""
+    return {"hf-hypervq": hf_hypervq.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,
+            "python": platform.python_version()}  # fmt: skip
+
+
+def provenance(runs: list[dict]) -> str:
+    """The code fingerprint and versions of `runs`, as a report states them: one line when all agree, else each
+    combination with its number of runs."""
+    groups: dict = {}
+    for run in runs:
+        versions = run.get("versions", {})
+        key = (run.get("code_fingerprint", "unknown"), *(f"{k} {v}" for k, v in versions.items()))
+        groups[key] = groups.get(key, 0) + 1
+    parts = [f"code fingerprint {key[0]} ({', '.join(key[1:])})" + (f", {count} runs" if len(groups) > 1 else "")
+             for key, count in groups.items()]  # fmt: skip
+    return "; ".join(parts)
+
+
 def temperature_for(schedule: str, steps: int) -> list[float]:
     """`(tau_max, tau_min, decay)` of a schedule rule, the same rule for every Gumbel quantizer: `run_length` goes
-    from 2 to 0.5 over the run, `per_update` is vq-wav2vec's 0.999995 per update, `constant_1` keeps τ = 1."""
+    from 2 at the first update to 0.5 at the last (`train_tokenizer` calls `set_num_updates(step)` after each
+    update, as the training loop does, which is what `decay_for_run` counts with), `per_update` is vq-wav2vec's
+    0.999995 per update, `constant_1` keeps τ = 1."""
     if schedule == "per_update":
         return [TAU_MAX, TAU_MIN, PER_UPDATE_DECAY]
     if schedule == "run_length":
@@ -237,23 +320,34 @@ def setting_of(overrides: dict, quick: bool = False) -> dict:
 
 
 def run_path(runs_dir, setting: dict, seed: int, quick: bool) -> Path:
-    key = json.dumps({**setting, "model": QUICK_MODEL if quick else MODEL}, sort_keys=True)
+    """The file of one run: named by its setting, model sizes and code fingerprint (hashed), and its seed."""
+    key = json.dumps({**setting, "model": QUICK_MODEL if quick else MODEL, "code": code_fingerprint()}, sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     return Path(runs_dir) / f"{setting['quantizer']}-K{setting['codebook_size']}-{digest}-seed{seed}.json"
 
 
-def run_one(setting: dict, seed: int, quick: bool, runs_dir) -> dict:
-    """Train and measure one setting × seed, or read it back if it finished before."""
-    path = run_path(runs_dir, setting, seed, quick)
-    if path.exists():
-        return json.loads(path.read_text())
+def measure(setting: dict, seed: int, quick: bool) -> dict:
+    """Train one setting × seed and measure it: the tokenizer's numbers, the classifiers', the wall time."""
     torch.set_num_threads(1)  # one thread per worker process: the small convolutions scale poorly across threads
     data = load_digits_tensors()
     started = time.time()
     model, train_tokens = train_tokenizer(setting, QUICK_MODEL if quick else MODEL, seed, data)
-    result = {"seed": seed, "setting": setting, **tokenizer_metrics(model, train_tokens, data)}
+    result = tokenizer_metrics(model, train_tokens, data)
     result.update(classifier_metrics(model, seed, data))
     result["wall_seconds"] = time.time() - started
+    return result
+
+
+def run_one(setting: dict, seed: int, quick: bool, runs_dir) -> dict:
+    """Train and measure one setting × seed, or read it back if it finished before on the same code."""
+    fingerprint = code_fingerprint()
+    path = run_path(runs_dir, setting, seed, quick)
+    if path.exists():
+        finished = json.loads(path.read_text())
+        if finished.get("code_fingerprint") == fingerprint:  # the name says so too, unless the file was copied
+            return finished
+    result = {"seed": seed, "setting": setting, **measure(setting, seed, quick)}
+    result.update(code_fingerprint=fingerprint, versions=package_versions())
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(result, indent=1))
     return result

@@ -7,7 +7,8 @@
 
 The data set is tokenized once, up front, with the frozen tokenizer (spread over the processes and gathered); the
 prior then learns each token given the tokens before it (cross-entropy, raster order), optionally conditioned on the
-image's class. The output folder gets the prior (`AutoModel.from_pretrained(output_dir)`; it records its tokenizer),
+image's class. The output folder gets the prior (`AutoModel.from_pretrained(output_dir)`; it records its tokenizer,
+a local folder as its absolute path),
 `samples.png` (images decoded from sampled token grids), `eval_results.json` (held-out nats and bits per token) and
 `all_results.json`. Then `scripts/sample.py --prior OUTPUT_DIR` samples more and measures FID/IS.
 """
@@ -15,14 +16,13 @@ image's class. The output folder gets the prior (`AutoModel.from_pretrained(outp
 import argparse
 
 import torch
-from transformers import AutoImageProcessor, AutoModel
 
 from hf_hypervq import HyperVQPriorConfig, HyperVQPriorModel
 from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
 from hf_hypervq.training.cli import add_common_arguments, check_common_arguments, make_accelerator, reported_errors
 from hf_hypervq.training.data import DataError, TokenDataset, label_names, load_splits, make_loader, tokenize_split
 from hf_hypervq.training.evaluation import evaluate_prior
-from hf_hypervq.training.generation import sample_images
+from hf_hypervq.training.generation import load_tokenizer, recorded_tokenizer, sample_images
 from hf_hypervq.training.loop import make_scheduler, total_updates, train
 from hf_hypervq.training.outputs import push_if_asked, save_figure, save_model, write_results
 from hf_hypervq.training.plots import save_sample_grid
@@ -55,8 +55,8 @@ def main(argv=None):
     with reported_errors():
         check_pretrained_source(args.tokenizer, "--tokenizer")
         accelerator = make_accelerator(args)
-        tokenizer = AutoModel.from_pretrained(args.tokenizer).eval().to(accelerator.device)
-        processor = AutoImageProcessor.from_pretrained(args.tokenizer)
+        tokenizer, processor = load_tokenizer(args.tokenizer)  # one line for a prior's folder, or a missing Hub id
+        tokenizer.to(accelerator.device)
         with accelerator.main_process_first():
             train_data, eval_data = load_splits(args, require_labels=args.class_conditional)
         names = label_names(train_data) if args.class_conditional else None
@@ -71,7 +71,7 @@ def main(argv=None):
             head_hidden_size=args.head_hidden_size,
             num_classes=len(names) if names else 0,
             grid_size=list(train_tokens.shape[1:]),
-            tokenizer_name_or_path=args.tokenizer,
+            tokenizer_name_or_path=recorded_tokenizer(args.tokenizer),  # absolute: found from any folder
             id2label=dict(enumerate(names)) if names else None,
         )
         prior = HyperVQPriorModel(config)
@@ -94,13 +94,12 @@ def main(argv=None):
         )  # fmt: skip
         save_model(accelerator, prior, processor, args.output_dir)
         if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(prior).eval()
+            # from the saved weights: under FSDP or DeepSpeed this process's own model holds only a shard of them
+            saved = HyperVQPriorModel.from_pretrained(args.output_dir).to(accelerator.device).eval()
             conditional = {"class_labels": torch.arange(args.num_sample_images) % len(names)} if names else {}
-            samples = sample_images(
-                unwrapped, tokenizer, processor, args.num_sample_images, seed=args.seed, **conditional
-            )
+            samples = sample_images(saved, tokenizer, processor, args.num_sample_images, seed=args.seed, **conditional)
             save_figure(lambda path: save_sample_grid(samples, path), f"{args.output_dir}/samples.png")
-            write_results(args, {**results, "tokenizer": args.tokenizer})
+            write_results(args, {**results, "tokenizer": recorded_tokenizer(args.tokenizer)})
             push_if_asked(args)
         accelerator.end_training()
 

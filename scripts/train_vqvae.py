@@ -138,7 +138,9 @@ def main(argv=None):
         )
         save_model(accelerator, model, processor, args.output_dir)
         if accelerator.is_main_process:
-            save_tokenizer_pictures(accelerator.unwrap_model(model).eval(), processor, sample_images, results, args)
+            # from the saved weights: under FSDP or DeepSpeed this process's own model holds only a shard of them
+            saved = HyperVQVAEModel.from_pretrained(args.output_dir).to(accelerator.device).eval()
+            save_tokenizer_pictures(saved, processor, sample_images, results, args)
             write_results(args, results)
             push_if_asked(args)
         accelerator.end_training()

@@ -114,6 +114,35 @@ def test_the_mlr_logits_twins_match_the_float64_reference(compiled):
         _close(actual, reference)
 
 
+def _training_step(quantizer_type: str, path: str):
+    """Loss, token ids and gradients of one training step of a tiny tokenizer, its kernels on `path`."""
+    torch.manual_seed(0)
+    model = HyperVQVAEModel(HyperVQVAEConfig(**TINY, quantizer_type=quantizer_type)).train()
+    pixel_values = torch.rand(4, 3, 16, 16) * 2 - 1
+    if path != "native":
+        kernels.set_compiled_kernels(path == "compiled")
+        kernels.set_native_cpu_kernels(False)
+    try:
+        out = model(pixel_values=pixel_values)
+        out.loss.backward()
+    finally:
+        kernels.set_compiled_kernels(None)
+        kernels.set_native_cpu_kernels(True)
+    return out.loss.detach(), out.image_tokens, {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("quantizer_type", QUANTIZER_TYPES)
+def test_a_training_step_on_the_twin_path_equals_the_default_one(quantizer_type, compiled):
+    """A whole training step of each quantizer, as CUDA and MPS run it (the torch twins, eager or compiled by
+    inductor), against the default CPU step (native C kernels where HyperVQ has them)."""
+    loss, tokens, grads = _training_step(quantizer_type, "native")
+    twin_loss, twin_tokens, twin_grads = _training_step(quantizer_type, "compiled" if compiled else "eager")
+    assert torch.equal(twin_tokens, tokens)
+    torch.testing.assert_close(twin_loss, loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(twin_grads[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(), msg=name)
+
+
 class _DtypeRecorder(TorchDispatchMode):
     """Records every op that takes or makes a float64 tensor."""
 

@@ -166,10 +166,10 @@ def test_fid_module_needs_the_extractor_and_matches_the_functions():
     assert (result["num_real"], result["num_generated"], result["feature_extractor"]) == (50, 40, "toy (sha 1)")
 
 
-def run(script, *args, check=True):
+def run(script, *args, check=True, cwd=None):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
-        env={**__import__("os").environ, **ENV}, capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, **ENV}, capture_output=True, text=True, timeout=600, cwd=cwd,
     )  # fmt: skip
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -193,7 +193,7 @@ def test_train_prior_and_sample_with_fid_and_is(tmp_path):
         "--max_train_samples", "128", "--max_eval_samples", "30", "--num_sample_images", "8")  # fmt: skip
     prior = AutoModel.from_pretrained(prior_dir)
     assert prior.config.grid_size == [2, 2] and prior.config.num_classes == 10
-    assert prior.config.tokenizer_name_or_path == str(tokenizer_dir)
+    assert prior.config.tokenizer_name_or_path == str(tokenizer_dir.resolve())
     results = json.loads((prior_dir / "eval_results.json").read_text())
     assert results["num_eval_samples"] == 30 and results["bits_per_token"] > 0
     assert (prior_dir / "samples.png").exists()
@@ -222,6 +222,40 @@ def test_train_prior_and_sample_with_fid_and_is(tmp_path):
     mismatch = run("sample.py", "--prior", prior_dir, "--tokenizer", other, "--output", tmp_path / "g3.png",
                    check=False)  # fmt: skip
     assert mismatch.returncode == 2 and "the prior models 16 codes but the tokenizer" in mismatch.stderr
+
+
+def test_a_prior_finds_its_tokenizer_from_any_folder_and_a_missing_one_is_one_line(tmp_path):
+    """A prior used to record the tokenizer path it was given: relative, it meant nothing from another folder, and
+    `sample.py` then asked the Hub for it and printed transformers' several-line connection message."""
+    work = tmp_path / "work"
+    HyperVQVAEModel(HyperVQVAEConfig(hidden_size=16, residual_hidden_size=8, embedding_dim=8, codebook_size=16)
+                    ).save_pretrained(work / "tokenizer")  # fmt: skip
+    HyperVQImageProcessor(size={"height": 8, "width": 8}).save_pretrained(work / "tokenizer")
+    run("train_prior.py", "--tokenizer", "tokenizer", "--output_dir", "prior", "--max_train_steps", "2",
+        "--num_layers", "2", "--hidden_size", "8", "--head_hidden_size", "16", "--max_train_samples", "64",
+        "--max_eval_samples", "20", "--num_sample_images", "2", cwd=work)  # fmt: skip
+    config = json.loads((work / "prior" / "config.json").read_text())
+    assert config["tokenizer_name_or_path"] == str((work / "tokenizer").resolve())
+    run("sample.py", "--prior", "work/prior", "--num_images", "2", "--output", "a.png", cwd=tmp_path)
+    assert (tmp_path / "a.png").exists()
+
+    def sample_with_recorded(tokenizer, check=False):
+        (work / "prior" / "config.json").write_text(json.dumps({**config, "tokenizer_name_or_path": tokenizer}))
+        return run("sample.py", "--prior", "work/prior", "--num_images", "2", "--output", "b.png", cwd=tmp_path,
+                   check=check)  # fmt: skip
+
+    sample_with_recorded("../tokenizer", check=True)  # an older prior's relative path: also the prior's folder's
+    for recorded, message in [
+        ("outputs/tokenizer", "the prior's tokenizer outputs/tokenizer: cannot load it (not a folder here, and from "
+         "the Hub: "),  # not here, so a Hub id: offline, it cannot be loaded
+        ("../../elsewhere/tokenizer", "the prior's tokenizer ../../elsewhere/tokenizer is not a folder here nor in "
+         "the prior's folder"),
+        (str(tmp_path / "moved"), f"the prior's tokenizer {tmp_path / 'moved'} is not there (moved or deleted?)"),
+    ]:  # fmt: skip
+        result = sample_with_recorded(recorded)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last and "pass --tokenizer" in last, last
 
 
 @pytest.mark.parametrize(

@@ -82,3 +82,26 @@ def test_checkpoints_are_resolved_and_rotated(accelerator, tmp_path):
     assert checkpointing.resolve_checkpoint(str(tmp_path / "checkpoints" / "step_4"), tmp_path).name == "step_4"
     with pytest.raises(FileNotFoundError, match="is not a checkpoint folder"):
         checkpointing.resolve_checkpoint(str(tmp_path / "checkpoints" / "step_3"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "changed, message",
+    [({"codebook_size": 16}, "the checkpoint was made with K=8 codes and this run asks for K=16 (codebook_size)"),
+     ({"hidden_size": 16}, "the checkpoint's decoder.layers.0.bias has shape [8] and this run's model [16]"),
+     ({"quantizer_type": "kmeans"}, "the checkpoint's weights are another model's (it has quantizer.normal_directions, "
+      "quantizer.normal_scales and 2 more, it lacks quantizer.embedding)")],
+)  # fmt: skip
+def test_a_checkpoint_of_other_model_options_is_refused_before_loading(tmp_path, changed, message):
+    """A resume with another --codebook_size (or another model) used to end in torch's size-mismatch traceback."""
+    saving = Accelerator(cpu=True)
+    saving.prepare(HyperVQVAEModel(HyperVQVAEConfig(**TINY)))
+    checkpointing.save_checkpoint(saving, tmp_path, 2, total_limit=None)
+    folder = tmp_path / "checkpoints" / "step_2"
+    checkpointing.check_checkpoint_fits(folder, saving)  # the same model fits
+
+    resuming = Accelerator(cpu=True)
+    resuming.prepare(HyperVQVAEModel(HyperVQVAEConfig(**{**TINY, **changed})))
+    with pytest.raises(ValueError) as error:
+        checkpointing.check_checkpoint_fits(folder, resuming)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert str(error.value).startswith(f"--resume_from_checkpoint {folder}: ")

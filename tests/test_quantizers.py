@@ -1,5 +1,7 @@
 """The five quantizers behind the shared interface (`VectorQuantizer`, `QuantizerOutput`)."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,13 @@ DIM, K = 8, 16
 @pytest.fixture(params=ALL, ids=lambda cls: cls.__name__)
 def quantizer_cls(request):
     return request.param
+
+
+@pytest.fixture
+def device():
+    """Where the tests that hold a quantizer to its reference formula run: HF_HYPERVQ_TEST_DEVICE, default cpu
+    (scripts/check_device.py runs them on a GPU this way)."""
+    return os.environ.get("HF_HYPERVQ_TEST_DEVICE", "cpu")
 
 
 @pytest.mark.parametrize("leading", [(), (5,), (2, 3), (2, 3, 4)])
@@ -39,9 +48,9 @@ def test_any_leading_shape(quantizer_cls, leading):
         assert q.codebook.shape == (K, DIM)
 
 
-def test_eval_is_deterministic_and_matches_indices_to_codes(quantizer_cls):
-    q = quantizer_cls(DIM, K).eval()
-    z = torch.randn(4, 10, DIM)
+def test_eval_is_deterministic_and_matches_indices_to_codes(quantizer_cls, device):
+    q = quantizer_cls(DIM, K).to(device).eval()
+    z = torch.randn(4, 10, DIM, device=device)
     first = q(z)
     torch.manual_seed(123)  # eval must not draw noise
     second = q(z)
@@ -51,63 +60,77 @@ def test_eval_is_deterministic_and_matches_indices_to_codes(quantizer_cls):
         assert torch.equal(first.indices, first.logits.argmax(-1))
 
 
-def test_training_output_is_exactly_the_chosen_code(quantizer_cls):
-    q = quantizer_cls(DIM, K).train()
-    out = q(torch.randn(50, DIM))
+def test_training_output_is_exactly_the_chosen_code(quantizer_cls, device):
+    q = quantizer_cls(DIM, K).to(device).train()
+    out = q(torch.randn(50, DIM, device=device))
     assert torch.equal(out.quantized, q.indices_to_codes(out.indices))
 
 
-def test_hypervq_codebook_is_offset_times_unit_normal():
-    q = HyperVQ(DIM, K)
+def test_hypervq_codebook_is_offset_times_unit_normal(device):
+    q = HyperVQ(DIM, K).to(device)
     unit = q.normals / q.normals.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(q.codebook, q.offsets[:, None] * unit)
     # weight norm (HNN++): a_k = g_k v_k / |v_k|, with g_k = |v_k| at initialisation
     torch.testing.assert_close(q.normals.norm(dim=-1), q.normal_scales.abs())
     torch.testing.assert_close(q.normal_scales, q.normal_directions.norm(dim=-1))
-    z = torch.randn(3, 5, DIM)
+    z = torch.randn(3, 5, DIM, device=device)
     torch.testing.assert_close(q.logits(z), q.eval()(z).logits)
 
 
-def test_hypervq_train_samples_codes_from_softmax_of_logits():
+def test_hypervq_train_samples_codes_from_softmax_of_logits(device):
     """Gumbel-max: the training codes are draws from Categorical(softmax(logits)), whatever the temperature."""
-    q = HyperVQ(4, 3, curvature=1.0)
+    q = HyperVQ(4, 3, curvature=1.0).to(device)
     with torch.no_grad():
         q.normal_directions.copy_(torch.eye(3, 4))
         q.normal_scales.fill_(1.0)
         q.offsets.fill_(0.1)
-    z = torch.full((40000, 4), 0.3)
+    z = torch.full((40000, 4), 0.3, device=device)
     z[:, 3] = 0.0
     out = q.train()(z)
-    probs = torch.softmax(out.logits[0], -1)
-    freq = torch.bincount(out.indices, minlength=3).double() / len(z)
+    probs = torch.softmax(out.logits[0].cpu(), -1)  # float64 below on the CPU: not every device has it
+    freq = torch.bincount(out.indices.cpu(), minlength=3).double() / len(z)
     torch.testing.assert_close(freq, probs.double(), atol=0.01, rtol=0)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("cls", [HyperVQ, GumbelVQ])
-def test_gumbel_straight_through_equals_gumbel_softmax_reference(cls, compiled):
-    """Same noise, same values and gradients as `y = onehot - sg(y_soft) + y_soft; y @ codebook`, with the fused
-    kernels eager and compiled; a loss on the logits as well reaches them through both paths."""
-    torch.manual_seed(0)
-    q = cls(DIM, K).train()
-    q.set_num_updates(50_000)
-    z = torch.randn(64, DIM, requires_grad=True)
-    weights, logit_weights = torch.randn(64, DIM), torch.randn(64, K)
-
-    kernels.set_compiled_kernels(compiled)
+@pytest.fixture(params=["native", "eager", "compiled"])
+def kernel_path(request, monkeypatch):
+    """The path the fused kernels take: "native" (the default: C loops on CPU tensors, compiled twins on large
+    inputs elsewhere), "eager" (the torch twins, unfused) or "compiled" (the twins through inductor, whatever the
+    size and device: what CUDA and MPS run). Checks that "compiled" really compiled."""
+    if request.param != "native":
+        kernels.set_compiled_kernels(request.param == "compiled")
+        kernels.set_native_cpu_kernels(False)
     try:
-        torch.manual_seed(7)
-        out = q(z)
-        ((out.quantized * weights).sum() + (out.logits * logit_weights).sum()).backward()
+        yield request.param
     finally:
         kernels.set_compiled_kernels(None)
+        kernels.set_native_cpu_kernels(True)
+    if request.param == "compiled":  # no silent fallback to eager
+        assert kernels._compile_error is None and kernels._compiled, "no kernel went through torch.compile"
+
+
+@pytest.mark.parametrize("cls", [HyperVQ, GumbelVQ])
+def test_gumbel_straight_through_equals_gumbel_softmax_reference(cls, kernel_path, device):
+    """Same noise, same values and gradients as `y = onehot - sg(y_soft) + y_soft; y @ codebook`, with the fused
+    kernels on each path; a loss on the logits as well reaches them through every path."""
+    torch.manual_seed(0)
+    q = cls(DIM, K).to(device).train()
+    q.set_num_updates(50_000)
+    z = torch.randn(64, DIM, device=device, requires_grad=True)
+    weights, logit_weights = torch.randn(64, DIM, device=device), torch.randn(64, K, device=device)
+
+    torch.manual_seed(7)
+    out = q(z)
+    ((out.quantized * weights).sum() + (out.logits * logit_weights).sum()).backward()
+    kernels.set_compiled_kernels(None)
+    kernels.set_native_cpu_kernels(True)
     parameters = (z, *q.parameters())
     grads = [t.grad.clone() for t in parameters]
     for t in parameters:
         t.grad = None
 
     torch.manual_seed(7)
-    noise = kernels.gumbel_noise(kernels.draw_seed("cpu"), 64, K, "cpu")  # the draw the step made
+    noise = kernels.gumbel_noise(kernels.draw_seed(device), 64, K, device)  # the draw the step made
     logits = q.logits(z) if cls is HyperVQ else z @ q.projection_weight.T + q.projection_bias
     y_soft = torch.softmax((logits + noise) / q.current_temperature, -1)
     y_hard = F.one_hot(y_soft.argmax(-1), K).float()
@@ -145,23 +168,20 @@ def test_uniform_numbers_never_reach_0_or_1_so_the_noise_is_finite():
     assert torch.isfinite(-torch.log(-torch.log(u))).all()
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_fused_kernels_draw_the_same_noise_eager_and_compiled(compiled):
-    """The compiled kernels must be the eager ones, fused: the same Gumbel draw bit for bit (the integer hash and
-    the argmax), the same soft sample to float32 rounding."""
-    y, scale = torch.randn(300, 70), torch.rand(70) + 0.5
-    seed, inverse_temperature = torch.tensor(99, dtype=torch.int32), torch.tensor(0.8)
-    kernels.set_compiled_kernels(compiled)
-    try:
-        logits, indices, weights, inverse_total = kernels.mlr_gumbel_forward(y, scale, seed, inverse_temperature)
-    finally:
-        kernels.set_compiled_kernels(None)
-    reference_logits = scale * torch.asinh(y.double())
-    perturbed = reference_logits + kernels.gumbel_noise(seed, 300, 70, "cpu").double()
-    torch.testing.assert_close(logits.double(), reference_logits, rtol=1e-6, atol=1e-6)
-    assert torch.equal(indices, perturbed.argmax(-1))
-    torch.testing.assert_close((weights * inverse_total).double(), torch.softmax(perturbed * 0.8, -1), rtol=1e-5,
-                               atol=1e-7)  # fmt: skip
+def test_fused_kernels_draw_the_same_noise_on_every_path(kernel_path, device):
+    """The fused kernels must be the eager ones: the same Gumbel draw bit for bit (the integer hash and the argmax),
+    the same soft sample to float32 rounding."""
+    y, scale = torch.randn(300, 70, device=device), torch.rand(70, device=device) + 0.5
+    seed = torch.tensor(99, dtype=torch.int32, device=device)
+    inverse_temperature = torch.tensor(0.8, device=device)
+    logits, indices, weights, inverse_total = kernels.mlr_gumbel_forward(y, scale, seed, inverse_temperature)
+    # the float64 reference on the CPU (not every device has float64), from the device's own noise
+    reference_logits = scale.cpu().double() * torch.asinh(y.cpu().double())
+    perturbed = reference_logits + kernels.gumbel_noise(seed, 300, 70, device).cpu().double()
+    torch.testing.assert_close(logits.cpu().double(), reference_logits, rtol=1e-6, atol=1e-6)
+    assert torch.equal(indices.cpu(), perturbed.argmax(-1))
+    torch.testing.assert_close((weights * inverse_total).cpu().double(), torch.softmax(perturbed * 0.8, -1),
+                               rtol=1e-5, atol=1e-7)  # fmt: skip
 
 
 def test_argmax_kernel_takes_the_first_maximum_like_torch():
@@ -223,10 +243,10 @@ def test_training_gradients_repeat_bit_for_bit(quantizer_cls, torch_threads):
 
 
 @pytest.mark.parametrize("cls", [KmeansVQ, HyperKmeansVQ])
-def test_codebook_loss_moves_only_the_codebook_and_commitment_only_the_input(cls):
-    z = torch.randn(256, DIM, requires_grad=True)
-    assert _grads(cls(DIM, K, commitment_weight=0.0).train(), z, "loss") == {"embedding"}
-    q = cls(DIM, K, commitment_weight=1.0)
+def test_codebook_loss_moves_only_the_codebook_and_commitment_only_the_input(cls, device):
+    z = torch.randn(256, DIM, device=device, requires_grad=True)
+    assert _grads(cls(DIM, K, commitment_weight=0.0).to(device).train(), z, "loss") == {"embedding"}
+    q = cls(DIM, K, commitment_weight=1.0).to(device)
     out = q(z)
     codes = q.indices_to_codes(out.indices).detach()
     torch.testing.assert_close(out.loss, 2 * F.mse_loss(z, codes))
@@ -265,15 +285,49 @@ def test_hyperplane_init_scales():
         HyperVQ(DIM, K, offset_init_scale=-1.0)
 
 
-def test_decay_for_run_reaches_tau_min_at_the_last_update():
-    decay = decay_for_run(2.0, 0.5, 1500)
-    q = HyperVQ(DIM, K, temperature=(2.0, 0.5, decay))
-    q.set_num_updates(750)
-    assert q.current_temperature == pytest.approx(1.0)  # halfway, geometrically
-    q.set_num_updates(1499)
-    assert q.current_temperature > 0.5
-    q.set_num_updates(1500)
+@pytest.mark.parametrize("quantizer_type", ["hyperbolic", "gumbel"])
+def test_decay_for_run_reaches_tau_min_at_the_last_update(quantizer_type, tmp_path):
+    """Driven by the real training loop: it calls `set_num_updates(j)` after update j, so the last of 7 updates
+    runs at index 6 (`decay_for_run` used to reach tau_min at index 7, which no update of the run used)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from hf_hypervq import HyperVQVAEConfig, HyperVQVAEModel
+    from hf_hypervq.training.loop import train
+
+    steps = 7  # 3 batches per epoch: the run ends inside its third epoch
+    config = HyperVQVAEConfig(hidden_size=8, residual_hidden_size=4, embedding_dim=4, codebook_size=8,
+                              num_residual_layers=1, quantizer_type=quantizer_type,
+                              gumbel_temperature=[2.0, 0.5, decay_for_run(2.0, 0.5, steps)])  # fmt: skip
+    model = HyperVQVAEModel(config)
+    temperatures = []  # the temperature of every training forward, as the quantizer draws with it
+    model.quantizer.register_forward_pre_hook(
+        lambda quantizer, inputs: temperatures.append(quantizer.current_temperature) if quantizer.training else None
+    )
+    accelerator = Accelerator(cpu=True)
+    loader = DataLoader([{"pixel_values": torch.rand(3, 8, 8) * 2 - 1} for _ in range(12)], batch_size=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    args = SimpleNamespace(max_train_steps=steps, num_train_epochs=None, streaming=False, gradient_accumulation_steps=1,
+                           resume_from_checkpoint=None, output_dir=tmp_path, checkpointing_steps=None,
+                           checkpoints_total_limit=None, logging_steps=100, with_tracking=False, eval_at_end_only=True,
+                           per_device_train_batch_size=4)  # fmt: skip
+    train(args, accelerator, model, optimizer, loader, lambda m, final: {})
+    assert len(temperatures) == steps
+    assert temperatures[0] == 2.0 and temperatures[3] == pytest.approx(1.0)  # the middle update, geometrically
+    assert temperatures[-1] == pytest.approx(0.5)
+    assert all(a > b for a, b in zip(temperatures, temperatures[1:]))  # no update of the run is spent at tau_min
+
+
+def test_decay_for_run_of_one_update_and_bad_values():
+    # a single update runs at tau_max whatever the decay; training continued past it goes on at tau_min
+    q = HyperVQ(DIM, K, temperature=(2.0, 0.5, decay_for_run(2.0, 0.5, 1)))
+    assert q.current_temperature == 2.0
+    q.set_num_updates(1)
     assert q.current_temperature == pytest.approx(0.5)
+    assert decay_for_run(1.0, 1.0, 10) == 1.0
     for bad in (0, -3, 1.5, True):
         with pytest.raises(ValueError, match="num_updates"):
             decay_for_run(2.0, 0.5, bad)
@@ -282,12 +336,12 @@ def test_decay_for_run_reaches_tau_min_at_the_last_update():
 
 
 @pytest.mark.parametrize("cls", [HyperVQ, HyperEmbMatVQ])
-def test_commitment_weight_scales_the_only_loss_term(cls):
-    z = torch.randn(64, DIM)
-    q = cls(DIM, K, commitment_weight=0.5).eval()
+def test_commitment_weight_scales_the_only_loss_term(cls, device):
+    z = torch.randn(64, DIM, device=device)
+    q = cls(DIM, K, commitment_weight=0.5).to(device).eval()
     out = q(z)
     torch.testing.assert_close(out.loss, 0.5 * F.mse_loss(z, out.quantized))
-    assert cls(DIM, K, commitment_weight=0.0).eval()(z).loss == 0
+    assert cls(DIM, K, commitment_weight=0.0).to(device).eval()(z).loss == 0
 
 
 @pytest.mark.parametrize("scale", [1e-6, 1e-2, 1.0, 30.0, 1e3])
@@ -341,13 +395,13 @@ def test_temperature_schedule():
     KmeansVQ(DIM, K).set_num_updates(5)  # a no-op where there is no schedule
 
 
-def test_perplexity_counts_code_usage():
-    q = KmeansVQ(2, 4)
+def test_perplexity_counts_code_usage(device):
+    q = KmeansVQ(2, 4).to(device)
     with torch.no_grad():
         q.embedding.copy_(torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]]))
-    assert q(torch.tensor([[1.0, 0.1]] * 6)).perplexity == pytest.approx(1.0)
-    z = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]]).repeat(3, 1)
-    assert q(z).perplexity == pytest.approx(4.0, rel=1e-5)
+    assert q(torch.tensor([[1.0, 0.1]] * 6, device=device)).perplexity.item() == pytest.approx(1.0)
+    z = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]], device=device).repeat(3, 1)
+    assert q(z).perplexity.item() == pytest.approx(4.0, rel=1e-5)
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -414,7 +468,20 @@ def test_bad_constructor_arguments(make, error, match):
 )
 def test_bad_input(quantizer_cls, z, error, match):
     with pytest.raises(error, match=match):
-        quantizer_cls(8, 16)(z)
+        quantizer_cls(8, 16).eval()(z)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), 1e20])
+def test_a_non_finite_latent_in_training_makes_the_loss_nan_instead_of_raising(quantizer_cls, bad_value):
+    """A training step goes on (a GradScaler then skips it): no error, no device-side assert; the loss says it."""
+    quantizer = quantizer_cls(8, 16).train()
+    z = torch.randn(6, 8)
+    z[2, 3] = bad_value
+    out = quantizer(z.requires_grad_(True))
+    assert torch.isnan(out.loss)
+    assert ((out.indices >= 0) & (out.indices < 16)).all()  # still valid ids: nothing reads out of range
+    clean = quantizer(torch.randn(6, 8))
+    assert torch.isfinite(clean.loss)
 
 
 def test_indices_to_codes_rejects_bad_ids(quantizer_cls):

@@ -2,12 +2,17 @@
 and the shared protocol's pieces (`scripts/study.py`) on their own."""
 
 import json
+import math
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import hf_hypervq
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,16 +76,116 @@ def test_validation_split_is_stratified_and_disjoint_from_the_classifier_trainin
 def test_temperature_rules():
     assert study.temperature_for("per_update", 1500) == [2.0, 0.5, 0.999995]
     tau_max, tau_min, decay = study.temperature_for("run_length", 1500)
-    assert tau_max * decay**1500 == pytest.approx(tau_min)
+    assert tau_max * decay**1499 == pytest.approx(tau_min)  # update j runs at index j - 1
     with pytest.raises(ValueError, match="schedule"):
         study.temperature_for("cosine", 10)
 
 
-def test_run_files_are_named_by_their_setting(tmp_path):
+def test_the_study_reaches_tau_min_at_its_last_update():
+    """`run_length` in the study's own training: the Gumbel draw of the last update is made at τ = 0.5."""
+    from hf_hypervq.models.hypervq.quantizers import VectorQuantizer
+
+    temperatures = []
+
+    def record(module, inputs):
+        if isinstance(module, VectorQuantizer) and module.training:
+            temperatures.append(module.current_temperature)
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        pixels = torch.rand(300, 3, study.IMAGE_SIZE, study.IMAGE_SIZE) * 2 - 1  # 3 batches per epoch
+        setting = study.setting_of({"steps": 5, "codebook_size": 16})
+        study.train_tokenizer(setting, study.QUICK_MODEL, 0, {"train": (pixels, torch.zeros(300))})
+    finally:
+        hook.remove()
+    assert len(temperatures) == 5 and temperatures[0] == 2.0
+    assert temperatures[-1] == pytest.approx(0.5)
+    assert all(a > b for a, b in zip(temperatures, temperatures[1:]))
+
+
+def test_run_files_are_named_by_their_setting_and_code(tmp_path, monkeypatch):
     base = study.setting_of({})
     assert study.run_path(tmp_path, base, 0, False) == study.run_path(tmp_path, dict(base), 0, False)
     assert study.run_path(tmp_path, base, 0, False) != study.run_path(tmp_path, {**base, "curvature": 0.1}, 0, False)
     assert study.run_path(tmp_path, base, 0, False) != study.run_path(tmp_path, base, 1, False)
+    before = study.run_path(tmp_path, base, 0, False)
+    monkeypatch.setattr(study, "code_fingerprint", lambda: "0123456789abcdef")
+    assert study.run_path(tmp_path, base, 0, False) != before
+
+
+def test_a_run_is_reused_only_by_the_code_that_computed_it(tmp_path, monkeypatch):
+    measured = []
+
+    def fake_measure(setting, seed, quick):  # the training itself is not what this test is about
+        measured.append(seed)
+        return {"reconstruction_mse": 0.1 * len(measured), "wall_seconds": 0.0}
+
+    monkeypatch.setattr(study, "measure", fake_measure)
+    setting = study.setting_of({}, quick=True)
+    monkeypatch.setattr(study, "code_fingerprint", lambda: "aaaaaaaaaaaaaaaa")
+    first = study.run_one(setting, 0, True, tmp_path)
+    assert measured == [0] and first["code_fingerprint"] == "aaaaaaaaaaaaaaaa"
+    assert first["versions"]["hf-hypervq"] == hf_hypervq.__version__
+    assert first["versions"]["torch"] == torch.__version__
+    written = study.run_path(tmp_path, setting, 0, True)
+    assert json.loads(written.read_text()) == first
+    assert study.run_one(setting, 0, True, tmp_path) == first and measured == [0]  # same code: reused
+
+    monkeypatch.setattr(study, "code_fingerprint", lambda: "bbbbbbbbbbbbbbbb")  # the code changed: recomputed
+    second = study.run_one(setting, 0, True, tmp_path)
+    assert measured == [0, 0] and second["code_fingerprint"] == "bbbbbbbbbbbbbbbb"
+    assert second["reconstruction_mse"] != first["reconstruction_mse"] and written.exists()
+
+    # a file under the current name that other code wrote (copied, or from before fingerprints) is not trusted
+    current = study.run_path(tmp_path, setting, 1, True)
+    current.write_text(json.dumps({**first, "seed": 1}))
+    assert study.run_one(setting, 1, True, tmp_path)["code_fingerprint"] == "bbbbbbbbbbbbbbbb"
+    assert measured == [0, 0, 1]
+
+
+def test_runs_of_code_before_the_fingerprint_are_never_reused():
+    """The committed `results/runs` of older code (their files carry no fingerprint) resolve to no current name."""
+    old = [
+        p for p in (ROOT / "results" / "runs").glob("*.json") if "code_fingerprint" not in json.loads(p.read_text())
+    ]
+    for path in old:
+        run = json.loads(path.read_text())
+        assert study.run_path(path.parent, run["setting"], run["seed"], quick=False) != path
+
+
+def test_the_fingerprint_covers_the_files_the_study_computes_with(tmp_path, monkeypatch):
+    package = Path(hf_hypervq.__file__).resolve().parent
+    assert all((package / name).is_file() for name in study.FINGERPRINT_SOURCES)
+    for name in ("models/hypervq/quantizers.py", "models/hypervq/cpu_kernels.py", "training/evaluation.py"):
+        assert name in study.FINGERPRINT_SOURCES
+    fingerprint = study.code_fingerprint()
+    assert len(fingerprint) == 16 and study.code_fingerprint() == fingerprint
+
+    # a copy of the package: editing documentation keeps the fingerprint, editing code (C source included) does not
+    copy = tmp_path / "hf_hypervq"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(study.hf_hypervq, "__file__", str(copy / "__init__.py"))
+
+    def fingerprint_after(edit):
+        study.code_fingerprint.cache_clear()
+        kernels = copy / "models/hypervq/cpu_kernels.py"
+        kernels.write_text(edit((package / "models/hypervq/cpu_kernels.py").read_text()))
+        return study.code_fingerprint()
+
+    try:
+        assert fingerprint_after(lambda text: text) == fingerprint
+        assert (
+            fingerprint_after(lambda text: text.replace('"""', '"""Edited docs. ', 1) + "\n# a comment\n")
+            == fingerprint
+        )
+        assert fingerprint_after(lambda text: text.replace("#include", "// changed\n#include", 1)) != fingerprint
+    finally:
+        study.code_fingerprint.cache_clear()
+
+
+def test_the_package_version_is_the_one_pyproject_declares():
+    declared = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert hf_hypervq.__version__ == declared  # the reports stamp it into every run
 
 
 def synthetic_table(hyperbolic_wins: bool) -> dict:
@@ -111,6 +216,29 @@ def test_check_claims_on_synthetic_tables():
         assert all(found == verdict for found in verdicts.values()), verdicts
     claims = check_claims(synthetic_table(True), [64, 512], scatter=None)
     assert "HyperVQ / KmeansVQ reconstruction MSE: K=64: 0.50×, K=512: 0.50×" in claims[0][2]
+
+
+def test_a_missing_or_nan_mean_is_not_measurable_not_a_verdict():
+    """A compared mean that is NaN (a failed run) or missing (no cell) used to rank first in `max` and `sorted`."""
+    from hf_hypervq.training.report import check_claims
+
+    failed = synthetic_table(False)  # HyperVQ loses every comparison where its numbers exist
+    for k in (64, 512):
+        failed[("hyperbolic", k)] = {m: (math.nan, 0.0, 3) for m in failed[("hyperbolic", k)]}
+    claims = check_claims(failed, [64, 512], scatter=None)
+    assert len(claims) == 7
+    assert all(verdict == "not measurable" for _, verdict, _ in claims), claims
+
+    missing = synthetic_table(True)
+    for k in (64, 512):
+        del missing[("gumbel", k)]  # no GumbelVQ runs: the claims that compare with it cannot be decided
+    verdicts = [verdict for _, verdict, _ in check_claims(missing, [64, 512], scatter=None)]
+    assert verdicts == ["holds", "not measurable", "not measurable", "not measurable", "holds", "holds",
+                        "not measurable"]  # fmt: skip
+    scatter = {"hyperbolic": {"silhouette": 0.5, "davies_bouldin": math.inf, "noisy_silhouette": 0.5},
+               "kmeans": {"silhouette": 0.1, "davies_bouldin": 2.0}}  # fmt: skip
+    verdicts = [verdict for _, verdict, _ in check_claims(synthetic_table(True), [64, 512], scatter)]
+    assert verdicts[-3:-1] == ["not measurable", "not measurable"]
 
 
 @pytest.mark.parametrize("quantizer_type", ["hyperbolic", "kmeans"])

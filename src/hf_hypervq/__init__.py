@@ -36,7 +36,7 @@ from .models.hypervq.quantizers import (
 )
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the same as pyproject.toml's (tests/test_reproduce.py checks)
 
 
 def _register() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils import DistributedType
 from safetensors import SafetensorError, safe_open
 
 from .outputs import reported_write_failure
@@ -38,9 +39,6 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir) -> Path | None:
     return path
 
 
-# Below this much free space, a failed write is reported as a full disk.
-
-
 def check_checkpoint_files(folder: Path) -> None:
     """Name a damaged file of a checkpoint before `load_state` fails on it with a deep torch error. torch.save's
     files (`*.bin`, `*.pkl`) are zip archives whose directory is at the end, and safetensors' header lists its
@@ -55,6 +53,63 @@ def check_checkpoint_files(folder: Path) -> None:
                     pass
         except (zipfile.BadZipFile, SafetensorError, OSError) as error:
             raise OSError(f"{path} is damaged ({error}): resume from another checkpoint") from None
+
+
+def check_checkpoint_fits(folder: Path, accelerator: Accelerator) -> None:
+    """Refuse, in one line, a checkpoint whose weights are not this run's model's (other parameters, or other shapes:
+    the run was started with other model options, e.g. another --codebook_size), before `load_state` fails with
+    torch's list of mismatches. Reads only the headers of the `model*.safetensors` files; sharded checkpoints (FSDP,
+    DeepSpeed) are left to accelerate."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        return
+    for index, model in enumerate(accelerator._models):  # what `load_state` loads into, in its order and naming
+        weights = folder / ("model.safetensors" if index == 0 else f"model_{index}.safetensors")
+        if not weights.is_file():
+            continue
+        wanted = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        with safe_open(weights, framework="pt") as saved:
+            found = {name: tuple(saved.get_slice(name).get_shape()) for name in saved.keys()}
+        where = f"--resume_from_checkpoint {folder}: "
+        extra, missing = sorted(found.keys() - wanted.keys()), sorted(wanted.keys() - found.keys())
+        if extra or missing:  # e.g. another --quantizer: other parameters
+            raise ValueError(
+                where + f"the checkpoint's weights are another model's ({_names('it has', extra)}"
+                f"{', ' if extra and missing else ''}{_names('it lacks', missing)}): {RESUME_ADVICE}"
+            )
+        mismatched = {name: (shape, wanted[name]) for name, shape in found.items() if shape != wanted[name]}
+        if mismatched:
+            raise ValueError(where + _mismatch(mismatched, getattr(accelerator.unwrap_model(model), "config", None)))
+
+
+RESUME_ADVICE = "resume with the model options it was made with, or train into a new --output_dir"
+
+
+def _names(verb: str, names: list[str]) -> str:
+    if not names:
+        return ""
+    more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+    return f"{verb} {', '.join(names[:2])}{more}"
+
+
+def _mismatch(mismatched: dict, config) -> str:
+    """What differs between a checkpoint's weights and the run's model: the codebook size K when every mismatched
+    axis is K here and one other number there, else the first tensor that differs."""
+    codebook_size = getattr(config, "codebook_size", None)
+    saved_sizes, explained = set(), bool(codebook_size)
+    for saved, wanted in mismatched.values():
+        if len(saved) != len(wanted):
+            explained = False
+            continue
+        for there, here in zip(saved, wanted):
+            if there != here:
+                explained &= here == codebook_size
+                saved_sizes.add(there)
+    if explained and len(saved_sizes) == 1:
+        return (f"the checkpoint was made with K={saved_sizes.pop()} codes and this run asks for K={codebook_size} "
+                f"(codebook_size): {RESUME_ADVICE}")  # fmt: skip
+    name, (saved, wanted) = next(iter(mismatched.items()))
+    return (f"the checkpoint's {name} has shape {list(saved)} and this run's model {list(wanted)}: it was made with "
+            f"other model options; {RESUME_ADVICE}")  # fmt: skip
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit: int | None) -> None:
@@ -96,6 +151,7 @@ def resume(args, accelerator: Accelerator, epoch_stats, steps_per_epoch: int | N
     if not states.exists():  # without it the resumed run would not repeat the uninterrupted one
         raise FileNotFoundError(f"{checkpoint} is incomplete: it has no {states.name}")
     check_checkpoint_files(checkpoint)
+    check_checkpoint_fits(checkpoint, accelerator)
     accelerator.load_state(str(checkpoint))
     completed = int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
     logger.info(f"resumed from {checkpoint} at update {completed}", main_process_only=True)

@@ -1,6 +1,9 @@
-"""Sampling images through a token prior and a tokenizer, and the feature extractors that FID and IS need."""
+"""Sampling images through a token prior and a tokenizer, the tokenizer a prior records, and the feature extractors
+that FID and IS need."""
 
 import hashlib
+import json
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -79,3 +82,65 @@ def sample_images(prior, tokenizer, processor, num_images: int, **sample_kwargs)
         if sample_kwargs.get("seed") is not None:
             sample_kwargs["seed"] += 1  # the next batch draws differently, reproducibly
     return images
+
+
+def recorded_tokenizer(name_or_path) -> str:
+    """How a prior records the tokenizer it was trained on: a local folder as its absolute path (a relative one would
+    name another folder, or read as a Hub id, from another working directory), a Hub id as given."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(name_or_path)
+
+
+def find_recorded_tokenizer(prior_source, recorded: str | None) -> str:
+    """The tokenizer a prior records, found: an absolute path must still be there; a relative one (older priors
+    recorded the path they were given) is looked up in the working directory, then in the prior's folder, and is
+    otherwise taken for a Hub id."""
+    if not recorded:
+        raise FileNotFoundError("the prior does not record its tokenizer: pass --tokenizer")
+    path = Path(recorded).expanduser()
+    if path.is_absolute():
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"the prior's tokenizer {recorded} is not there (moved or deleted?): pass --tokenizer"
+            )
+        return str(path)
+    prior_folder = Path(prior_source).expanduser()
+    for base in (Path.cwd(), prior_folder if prior_folder.is_dir() else None):
+        if base is not None and (base / path).is_dir():
+            return str(base / path)
+    if recorded.startswith((".", "~")) or recorded.count("/") != 1:  # cannot be a Hub id (namespace/name)
+        raise FileNotFoundError(
+            f"the prior's tokenizer {recorded} is not a folder here nor in the prior's folder: pass --tokenizer"
+        )
+    return recorded  # a Hub id, or an older prior's relative folder that is not here: loading says which
+
+
+def load_tokenizer(name_or_path, flag: str = "--tokenizer", hint: str = ""):
+    """A trained tokenizer (`HyperVQVAEModel`, in eval mode; a classifier's folder holds one too) and its image
+    processor, or one line saying what is wrong: no such folder, a damaged one, a folder that holds a prior (or
+    another model) instead, a Hub id that cannot be loaded. `flag` names where the path came from, `hint` ends the
+    line of a load that failed."""
+    from transformers import AutoImageProcessor
+
+    from ..models.hypervq.modeling_hypervq import HyperVQVAEModel, check_pretrained_source
+
+    check_pretrained_source(name_or_path, flag)
+    folder = Path(name_or_path).expanduser()
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())  # check_pretrained_source has read it as JSON
+        if config.get("model_type") == "hypervq_prior":
+            its_own = config.get("tokenizer_name_or_path")
+            raise ValueError(
+                f"{flag} {name_or_path} holds a token prior, not a tokenizer: pass a tokenizer's folder or Hub id"
+                + (f" (this prior was trained on {its_own})" if its_own else "")
+                + hint
+            )
+    try:
+        tokenizer = HyperVQVAEModel.from_pretrained(name_or_path).eval()
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+    except OSError as error:  # transformers' Hub errors span several lines
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        where = "" if folder.is_dir() else "not a folder here, and from the Hub: "
+        raise OSError(f"{flag} {name_or_path}: cannot load it ({where}{reason}){hint}") from None
+    return tokenizer, processor

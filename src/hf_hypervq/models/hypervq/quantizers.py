@@ -22,7 +22,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .checks import check_finite, check_ids
+from .checks import check_finite, check_ids, nonfinite_marker
 from .hyperbolic import expmap0_projected, fold_hyperplanes, fold_latents, folded_mlr_logits, logmap0
 from .kernels import (
     argmax,
@@ -191,11 +191,15 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantize `z` of shape `(..., dim)`; see `QuantizerOutput`."""
-        self._check_input(z)
+        # A training step is not stopped by a non-finite latent (an fp16 overflow): its loss becomes NaN instead,
+        # and a GradScaler skips the step (`checks.nonfinite_marker`). Evaluation and tokenization raise.
+        self._check_input(z, values=not self.training)
         leading_shape = z.shape[:-1]
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = z.reshape(-1, self.dim).float()  # (N, dim)
             quantized, indices, loss, logits = self._quantize(flat)
+            if self.training:
+                loss = loss + nonfinite_marker(flat)
         return QuantizerOutput(
             quantized=quantized.view(z.shape).to(z.dtype),
             indices=indices.view(leading_shape),
@@ -213,7 +217,7 @@ class VectorQuantizer(nn.Module):
         """Called by the training loop after every optimizer update; a no-op without a schedule."""
         _check_num_updates(num_updates)
 
-    def _check_input(self, z) -> None:
+    def _check_input(self, z, values: bool = True) -> None:
         name = type(self).__name__
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"{name} expects `z` to be a torch.Tensor, got {type(z).__name__}")
@@ -223,7 +227,10 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"{name} expects `z` of shape (..., dim={self.dim}), got {tuple(z.shape)}")
         if z.numel() == 0:
             raise ValueError(f"{name} expects at least one vector in `z`, got shape {tuple(z.shape)}")
-        check_finite(z, name)
+        if z.is_meta:  # it holds no values: the float32 region and the checks would fail with a torch error
+            raise ValueError(f"{name} got `z` on the meta device, which holds no data: pass latents on a real device")
+        if values:
+            check_finite(z, name)
 
     def _quantize(self, z: torch.Tensor):
         raise NotImplementedError
@@ -275,8 +282,13 @@ def _check_num_updates(num_updates) -> None:
 
 
 def decay_for_run(tau_max: float, tau_min: float, num_updates: int) -> float:
-    """The per-update decay that takes the Gumbel temperature from `tau_max` to `tau_min` in exactly
-    `num_updates` updates, `(tau_min / tau_max) ** (1 / num_updates)`.
+    """The per-update decay with which the last of a run's `num_updates` optimizer updates is made at `tau_min`:
+    `(tau_min / tau_max) ** (1 / (num_updates - 1))`.
+
+    The training loop (and `scripts/study.py`) calls `set_num_updates(j)` after update `j`, so update `j` (1-based)
+    runs at `tau_max * decay ** (j - 1)`: the first at `tau_max`, the last at `tau_max * decay ** (num_updates - 1)`
+    = `tau_min`. A run of a single update has only the one at `tau_max`, whatever the decay; it gets
+    `tau_min / tau_max`, so that training continued past it goes on at `tau_min`.
 
     vq-wav2vec's decay of 0.999995 is made for ~300k updates: in a run of a few thousand the temperature stays near
     `tau_max` and the hard samples stay close to uniform draws. Scaling the decay to the run's length is the
@@ -285,7 +297,7 @@ def decay_for_run(tau_max: float, tau_min: float, num_updates: int) -> float:
         raise ValueError(f"`num_updates` must be a positive integer, got {num_updates!r}")
     if not 0 < tau_min <= tau_max:
         raise ValueError(f"need 0 < tau_min <= tau_max, got tau_max={tau_max!r}, tau_min={tau_min!r}")
-    return (tau_min / tau_max) ** (1 / num_updates)
+    return (tau_min / tau_max) ** (1 / max(num_updates - 1, 1))
 
 
 def _check_curvature(curvature: float) -> float:
