@@ -38,10 +38,12 @@ def others_cpu(start, end) -> float:
 
 
 class Timer:
-    """Milliseconds of one call: CUDA events on a GPU (no host clock around asynchronous work), else the clock."""
+    """Milliseconds of one call: CUDA events on a GPU (no host clock around asynchronous work), else the clock
+    (on Apple's MPS, with the queue drained before and after)."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
+        self.mps = device.startswith("mps")  # asynchronous as well: wait for its queue on both sides of the call
 
     def __call__(self, fn, *args) -> float:
         if self.cuda:
@@ -51,6 +53,10 @@ class Timer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end)
+        if self.mps:
+            torch.mps.synchronize()
         started = time.perf_counter()
         fn(*args)
+        if self.mps:
+            torch.mps.synchronize()
         return (time.perf_counter() - started) * 1e3
