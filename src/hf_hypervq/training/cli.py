@@ -144,8 +144,9 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
     for name in ("max_train_samples", "max_eval_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1 (leave it out to use every example), got {getattr(args, name)}")
-    if args.mixed_precision == "fp16" and (args.cpu or not torch.cuda.is_available()):
-        parser.error("--mixed_precision fp16 needs a GPU; on a CPU use bf16")
+    if args.mixed_precision == "fp16" and (args.cpu or not _has_accelerator()):
+        # accelerate would go on in fp32 without saying so: no autocast and no GradScaler on a CPU
+        parser.error("--mixed_precision fp16 needs a GPU (CUDA, MPS or XPU); on a CPU use bf16")
     output = Path(args.output_dir)
     if output.exists() and not output.is_dir():
         parser.error(f"--output_dir {args.output_dir} is a file, not a folder")
@@ -219,6 +220,11 @@ def _report(line: str):
         with contextlib.suppress(OSError):
             Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
     raise SystemExit(2) from None
+
+
+def _has_accelerator() -> bool:
+    mps, xpu = getattr(torch.backends, "mps", None), getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:

@@ -481,21 +481,30 @@ def _process_maps() -> str:
         return maps.read()
 
 
-def _check_one_thread_pool() -> None:
-    """After loading the library: if its OpenMP runtime is not torch's (a wheel with a renamed libgomp, a conda
-    build with LLVM's or Intel's), two pools of spinning threads would compete for the cores, so the kernels then
-    run on one thread (about twice slower on 2 cores, still faster than the eager torch code)."""
-    global _single_thread
+def _openmp_runtimes_now() -> set[str] | None:
+    """The OpenMP runtimes mapped in this process (real paths), or None where /proc/self/maps does not exist."""
     try:
-        runtimes = openmp_runtimes(_process_maps())
-    except OSError:  # not Linux: trust the loader
+        return {os.path.realpath(path) for path in openmp_runtimes(_process_maps())}
+    except OSError:
+        return None
+
+
+def _check_one_thread_pool(before: set[str] | None) -> None:
+    """After loading the library: if loading it mapped an OpenMP runtime that was not there before, its
+    `libgomp.so.1` is not torch's (a wheel with a renamed libgomp, a conda build with LLVM's or Intel's), and two pools
+    of spinning threads would compete for the cores, so the kernels then run on one thread (about twice slower on 2
+    cores, still faster than the eager torch code). A runtime another library brought earlier (scikit-learn's own
+    libgomp) is not ours: its threads sleep unless that library runs."""
+    global _single_thread
+    after = _openmp_runtimes_now()
+    if not before or after is None:  # not Linux, or torch without OpenMP: there is no pool of torch's to compete with
         return
-    if len({os.path.realpath(path) for path in runtimes}) > 1:
+    if after - before:
         _single_thread = True
         logger.warning(
             "hf_hypervq: the quantizer's CPU kernels loaded an OpenMP runtime next to torch's (%s); they run on one "
             "thread so that two thread pools do not compete for the cores",
-            ", ".join(sorted(runtimes)),
+            ", ".join(sorted(after - before)),
         )
 
 
@@ -507,12 +516,13 @@ def load_cpu_kernels() -> ctypes.CDLL:
         return _library
     if _load_error is not None:
         raise _load_error
+    runtimes_before = _openmp_runtimes_now()
     try:
         _library = _configure(_load())
     except (OSError, RuntimeError) as error:
         _load_error = error
         raise
-    _check_one_thread_pool()
+    _check_one_thread_pool(runtimes_before)
     return _library
 
 
