@@ -21,7 +21,7 @@ from huggingface_hub.errors import StrictDataclassError
 from hf_hypervq import QUANTIZER_TYPES, HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
 from hf_hypervq.models.hypervq.quantizers import decay_for_run
 from hf_hypervq.training.cli import add_common_arguments, check_common_arguments, make_accelerator, reported_errors
-from hf_hypervq.training.data import load_splits, make_loaders
+from hf_hypervq.training.data import FASHION_MNIST, load_splits, make_loaders
 from hf_hypervq.training.evaluation import evaluate_tokenizer, pixel_range
 from hf_hypervq.training.loop import make_scheduler, total_updates, train
 from hf_hypervq.training.outputs import push_if_asked, save_model, write_results
@@ -33,7 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser, learning_rate=1e-3, epochs=40, batch_size=128)
     model = parser.add_argument_group("model")
     model.add_argument("--quantizer", default="hyperbolic", choices=QUANTIZER_TYPES, help="the quantizer")
-    model.add_argument("--image_size", type=int, default=None, help="square input size (default: 32; digits: 16)")
+    model.add_argument(
+        "--image_size", type=int, default=None,
+        help="square size images are resized to (default: 32; digits: 16; fashion_mnist: 28, padded to 32)",
+    )  # fmt: skip
+    model.add_argument(
+        "--pad_to_size", type=int, default=None,
+        help="then centre them on an N×N black canvas (the saved image processor does the same), e.g. 28×28 "
+        "Fashion-MNIST to 32×32 for an 8×8 token grid (default: no padding; fashion_mnist: 32)",
+    )  # fmt: skip
     model.add_argument("--codebook_size", type=int, default=512, help="number of codes K (default: 512)")
     model.add_argument("--embedding_dim", type=int, default=64, help="latent vector size d (default: 64)")
     model.add_argument("--hidden_size", type=int, default=128, help="encoder/decoder channels (default: 128)")
@@ -74,12 +82,19 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     check_common_arguments(args, parser)
     if args.image_size is None:
-        args.image_size = 16 if args.dataset is None else 32
+        args.image_size = {None: 16, FASHION_MNIST: 28}.get(args.dataset, 32)
+        if args.dataset == FASHION_MNIST and args.pad_to_size is None:
+            args.pad_to_size = 32  # framed as 28×28 MNIST-style images usually are: an 8×8 token grid, not 7×7
+    if args.image_size < 1:
+        parser.error(f"--image_size must be >= 1, got {args.image_size}")
+    if args.pad_to_size is not None and args.pad_to_size < args.image_size:
+        parser.error(f"--pad_to_size must be >= --image_size ({args.image_size}), got {args.pad_to_size}")
     factor = 2**args.num_downsamples if args.num_downsamples >= 1 else 1
-    if args.image_size < 1 or args.image_size % factor:
-        parser.error(
-            f"--image_size must be a positive multiple of 2**num_downsamples = {factor}, got {args.image_size}"
-        )
+    size_flag, input_size = (
+        ("--pad_to_size", args.pad_to_size) if args.pad_to_size else ("--image_size", args.image_size)
+    )
+    if input_size % factor:
+        parser.error(f"{size_flag} must be a positive multiple of 2**num_downsamples = {factor}, got {input_size}")
     try:
         build_config(args, num_updates=args.max_train_steps or 1)
     except (ValueError, StrictDataclassError) as error:
@@ -112,7 +127,10 @@ def main(argv=None):
     args = parse_args(argv)
     with reported_errors():
         accelerator = make_accelerator(args)
-        processor = HyperVQImageProcessor(size={"height": args.image_size, "width": args.image_size})
+        padding = {"do_pad": True, "pad_size": {"height": args.pad_to_size, "width": args.pad_to_size}}
+        processor = HyperVQImageProcessor(
+            size={"height": args.image_size, "width": args.image_size}, **(padding if args.pad_to_size else {})
+        )
         with accelerator.main_process_first():
             train_data, eval_data = load_splits(args)
         sample_images = [eval_data[i]["image"] for i in range(min(8, len(eval_data)))]

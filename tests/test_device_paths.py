@@ -272,3 +272,25 @@ def test_the_loop_stops_in_one_line_once_training_has_clearly_diverged(tmp_path,
     monkeypatch.setattr(loop, "DIVERGED_AFTER", 3)
     with pytest.raises(loop.TrainingDivergedError, match=r"NaN or inf in the last 3 updates \(update 4\)"):
         _train_tiny(tmp_path, overflowed_steps={2}, steps=10, grad_scaler=False)
+
+
+def test_the_evaluation_runs_the_prepared_model_not_its_unwrapped_copy():
+    """Under FSDP the unwrapped model holds a shard of the weights: the metrics (the perturbed pass of the cluster
+    scores included) must come from the model accelerate prepared. Here the unwrapped copy refuses to run."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from hf_hypervq.training.evaluation import evaluate_tokenizer
+
+    class Shard(HyperVQVAEModel):
+        def encode(self, pixel_values):
+            raise AssertionError("the unwrapped model ran")
+
+    accelerator = Accelerator(cpu=True)
+    shard = Shard(HyperVQVAEConfig(**TINY))
+    loader = DataLoader([{"pixel_values": torch.rand(3, 8, 8) * 2 - 1} for _ in range(6)], batch_size=3)
+    model = HyperVQVAEModel(HyperVQVAEConfig(**TINY))
+    model, loader = accelerator.prepare(model, loader)
+    accelerator.unwrap_model = lambda prepared, **kwargs: shard
+    results = evaluate_tokenizer(model, loader, accelerator, full=True)
+    assert results["num_eval_samples"] == 6 and results["protocol"]["cluster_points"] > 0  # the perturbed pass ran

@@ -289,6 +289,6 @@ def test_the_committed_example_card_shows_each_metric_with_its_protocol():
         )
     text = str(card)
     assert (
-        "| PSNR (dB) | 24.64 |" in text and "| SSIM | 0.8202 |" in text and "**Protocol**: scikit-learn/digits" in text
+        "| PSNR (dB) | 24.72 |" in text and "| SSIM | 0.8075 |" in text and "**Protocol**: scikit-learn/digits" in text
     )
     assert "Each image becomes 16 tokens (4×4, downsampling factor" in text

@@ -32,8 +32,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, learning_rate: floa
         "--dataset",
         default=None,
         help="Hub id (uoft-cs/cifar100, ylecun/mnist, ILSVRC/imagenet-1k), a local image folder (split/class/*.png), "
-        "a folder written by datasets' save_to_disk, or a .parquet/.csv/.json file. Default: scikit-learn's "
-        "handwritten digits, which ship with scikit-learn and need no network.",
+        "a folder written by datasets' save_to_disk, a .parquet/.csv/.json file, or fashion_mnist (Fashion-MNIST "
+        "from Debian's dataset-fashion-mnist package, offline). Default: scikit-learn's handwritten digits, which "
+        "ship with scikit-learn and need no network.",
     )
     data.add_argument("--dataset_config", default=None, help="configuration name of a Hub data set")
     data.add_argument("--train_split", default="train", help="split to train on (default: train)")

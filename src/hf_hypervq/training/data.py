@@ -1,6 +1,8 @@
-"""Data sets for the training scripts: a Hub id, a local image folder / saved data set / data file, or the embedded
-default, scikit-learn's handwritten digits (real data that needs no network)."""
+"""Data sets for the training scripts: a Hub id, a local image folder / saved data set / data file, the embedded
+default, scikit-learn's handwritten digits, or Fashion-MNIST from Debian's `dataset-fashion-mnist` package (real
+data that needs no network)."""
 
+import gzip
 import io
 import random
 from pathlib import Path
@@ -21,6 +23,16 @@ LABEL_COLUMNS = ("label", "labels", "fine_label", "cls")
 DEFAULT_DATASET = "scikit-learn digits"
 # Local data sets up to this size have every image opened before training starts.
 MAX_IMAGES_TO_CHECK = 50_000
+# `--dataset fashion_mnist`: Fashion-MNIST read from the IDX files of Debian's `dataset-fashion-mnist` package.
+FASHION_MNIST = "fashion_mnist"
+FASHION_MNIST_FOLDER = "/usr/share/datasets/fashion-mnist"
+# The class names of the Hub's zalando-datasets/fashion_mnist (its spelling, so that label names and a classifier's
+# id2label agree whichever copy a model was trained on).
+FASHION_MNIST_CLASSES = (
+    "T - shirt / top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+_FASHION_MNIST_FILES = {"train": "train", "test": "t10k"}  # split -> IDX file prefix
+_IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC = 0x00000803, 0x00000801  # unsigned bytes, 3 resp. 1 dimensions
 
 
 class DataError(ValueError):
@@ -39,6 +51,81 @@ def digits_dataset() -> DatasetDict:
         {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target.tolist()}, features=features
     )
     return data.train_test_split(test_size=0.2, seed=0, stratify_by_column="label")
+
+
+def read_idx(path, *, images: bool) -> np.ndarray:
+    """An IDX file of unsigned bytes (gzip-compressed when its name ends in .gz) as a `(count, rows, cols)` array of
+    images or a `(count,)` array of labels. A file that is not one raises `DataError` naming it."""
+    path = Path(path)
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as file:
+            raw = file.read()
+    except (OSError, EOFError) as error:  # gzip raises BadGzipFile (an OSError) or EOFError on a damaged file
+        raise DataError(f"cannot read IDX file {path}: {error}") from None
+    dimensions, magic = (3, _IDX_IMAGES_MAGIC) if images else (1, _IDX_LABELS_MAGIC)
+    header = 4 + 4 * dimensions
+    found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    if found != magic:
+        kind = "images" if images else "labels"
+        found_text = "none: the file is shorter than 4 bytes" if found is None else f"0x{found:08x}"
+        raise DataError(f"{path} is not an IDX file of {kind}: magic number {found_text}, expected 0x{magic:08x}")
+    if len(raw) < header:
+        raise DataError(f"{path} is damaged: it ends inside its {header}-byte header ({len(raw)} bytes)")
+    shape = tuple(int(n) for n in np.frombuffer(raw, dtype=">u4", count=dimensions, offset=4))  # big-endian sizes
+    if len(raw) != header + int(np.prod(shape)):
+        raise DataError(
+            f"{path} is damaged: its header gives sizes {' × '.join(map(str, shape))}, which take "
+            f"{header + int(np.prod(shape))} bytes, but the file has {len(raw)} bytes"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _fashion_mnist_examples(images_path: str, labels_path: str, file_stamps: tuple):
+    # `file_stamps` (the files' sizes and modification times) is not used here: it is an argument so that datasets'
+    # cache key, and with it the built split, changes when the files do.
+    images, labels = read_idx(images_path, images=True), read_idx(labels_path, images=False)
+    if len(images) != len(labels):
+        raise DataError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels")
+    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise DataError(f"{labels_path} has label {labels.max()}; Fashion-MNIST's labels are 0 to 9")
+    for image, label in zip(images, labels):
+        yield {"image": Image.fromarray(image, mode="L"), "label": int(label)}
+
+
+def _fashion_mnist_split(folder, split: str) -> Dataset:
+    if split not in _FASHION_MNIST_FILES:
+        raise DataError(f"split {split!r} is not in Fashion-MNIST (splits: {list(_FASHION_MNIST_FILES)})")
+    prefix = _FASHION_MNIST_FILES[split]
+    paths = [Path(folder) / f"{prefix}-images-idx3-ubyte.gz", Path(folder) / f"{prefix}-labels-idx1-ubyte.gz"]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(
+            f"Fashion-MNIST is not installed: {missing[0]} is missing (apt-get install dataset-fashion-mnist, or "
+            "use the Hub's copy: --dataset zalando-datasets/fashion_mnist)"
+        )
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=list(FASHION_MNIST_CLASSES))})
+    stamps = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+    # Built once into datasets' cache (the files are read only then), memory-mapped from it afterwards.
+    try:
+        return Dataset.from_generator(
+            _fashion_mnist_examples,
+            features=features,
+            gen_kwargs={"images_path": str(paths[0]), "labels_path": str(paths[1]), "file_stamps": stamps},
+            split=datasets.NamedSplit(split),
+        )
+    except datasets.exceptions.DatasetGenerationError as error:
+        if isinstance(error.__cause__, DataError):  # our one line, not datasets' wrapper around it
+            raise error.__cause__ from None
+        raise
+
+
+def fashion_mnist_dataset(folder=FASHION_MNIST_FOLDER) -> DatasetDict:
+    """Fashion-MNIST (Zalando's 70,000 28×28 grey images of 10 kinds of clothing) from the four IDX files in `folder`
+    (Debian's `dataset-fashion-mnist` package puts them in /usr/share/datasets/fashion-mnist), as a `DatasetDict` of
+    `train` (60,000) and `test` (10,000), with the columns of the Hub's zalando-datasets/fashion_mnist: `image`, a
+    PIL grey image, and `label`, a `ClassLabel` of `FASHION_MNIST_CLASSES`. Each split is built once into datasets'
+    cache; a missing or damaged file raises `DataError` naming it."""
+    return DatasetDict({split: _fashion_mnist_split(folder, split) for split in _FASHION_MNIST_FILES})
 
 
 def _load(name_or_path: str, config_name: str | None, split: str, streaming: bool):
@@ -89,16 +176,22 @@ def load_image_dataset(
     """One split of an image data set, with its columns renamed to `image` (and `label` when there is one).
 
     `name_or_path` is a Hub id (`uoft-cs/cifar100`, `ylecun/mnist`, `ILSVRC/imagenet-1k`), a folder of
-    `split/class/*.png` images, a folder written by `save_to_disk`, a data file, or `None` for the embedded digits.
+    `split/class/*.png` images, a folder written by `save_to_disk`, a data file, `None` for the embedded digits, or
+    `"fashion_mnist"` for Fashion-MNIST from Debian's package (`fashion_mnist_dataset`; a local folder or file of that
+    name is read as one).
     Every problem (no such data set offline, a missing column, an unreadable image) raises `DataError` with one
     line that names it.
     """
     name = name_or_path or DEFAULT_DATASET
+    from_debian = name_or_path == FASHION_MNIST and not Path(name_or_path).exists()
     if name_or_path is None:
         splits = digits_dataset()
         if split not in splits:
             raise DataError(f"split {split!r} is not in {DEFAULT_DATASET} (splits: {list(splits)})")
         data = splits[split].to_iterable_dataset() if streaming else splits[split]
+    elif from_debian:
+        data = _fashion_mnist_split(FASHION_MNIST_FOLDER, split)  # only the split asked for is built
+        data = data.to_iterable_dataset() if streaming else data
     else:
         try:
             data = _load(name_or_path, config_name, split, streaming)
@@ -114,7 +207,7 @@ def load_image_dataset(
     keep = ["image"] + (["label"] if label else [])
     data = data.rename_columns(renames) if renames else data
     data = data.select_columns(keep)
-    if not streaming:
+    if not streaming and not from_debian:  # Fashion-MNIST's images were encoded here, from the IDX bytes
         check_images(data, name)
     return data
 

@@ -54,6 +54,32 @@ class HyperVQImageProcessor(PilBackend):
             _check_image(image)
         return super().preprocess(images, *args, **kwargs)
 
+    def pad(self, images: list[np.ndarray], pad_size=None, **kwargs) -> list[np.ndarray]:
+        """`do_pad=True, pad_size={"height": 32, "width": 32}`: centre each (resized, normalised) image on a canvas
+        of black, the value black has after rescaling and normalising, as 28×28 Fashion-MNIST or MNIST images are
+        padded to 32×32. transformers' own padding puts 0, mid-grey in [-1, 1], below and to the right."""
+        if pad_size is None or kwargs.get("return_mask"):
+            return super().pad(images, pad_size=pad_size, **kwargs)
+        target_height, target_width = pad_size.height, pad_size.width
+        padded = []
+        for image in images:  # (channels, height, width)
+            channels, height, width = image.shape
+            if height > target_height or width > target_width:
+                raise ValueError(
+                    f"`pad_size` {target_height}×{target_width} is smaller than an image of {height}×{width} (after "
+                    "resizing to `size`)"
+                )
+            black = np.zeros(channels, dtype=image.dtype)
+            if self.do_normalize:
+                mean, std = np.asarray(self.image_mean, np.float32), np.asarray(self.image_std, np.float32)
+                black = np.broadcast_to(-mean / std, (channels,)).astype(image.dtype)
+            canvas = np.empty((channels, target_height, target_width), dtype=image.dtype)
+            canvas[:] = black[:, None, None]
+            top, left = (target_height - height) // 2, (target_width - width) // 2
+            canvas[:, top : top + height, left : left + width] = image
+            padded.append(canvas)
+        return padded
+
     def postprocess_reconstruction(self, reconstruction: torch.Tensor) -> list[Image.Image]:
         """Undo the normalisation of model outputs `(B, C, H, W)` and return PIL images (clipped to [0, 255])."""
         if not isinstance(reconstruction, torch.Tensor) or reconstruction.ndim != 4:
