@@ -12,6 +12,9 @@ quality numbers (test MSE, accuracy, eval perplexity) stand the numbers that exp
 training-time samples against the eval argmax, the mean latent norm on the ball, the top-1 − top-2 logit margin, the
 mean max softmax probability, and the dead codes.
 
+The reference rows run other quantizers under the same protocol: KmeansVQ, GumbelVQ, HyperEmbMatVQ and the anchor
+practitioners use, vector-quantize-pytorch's `VectorQuantize` (`scripts/study.py`, `VectorQuantizeAnchor`).
+
 Writes `results/ABLATIONS.md` (mean ± std over seeds) and `results/ablations.json`. Runs are kept in
 `results/runs/` and reused by a rerun (and by `reproduce.py` where the settings agree) as long as the code that
 computes them is unchanged (`scripts/study.py`, `code_fingerprint`).
@@ -24,7 +27,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from study import DEFAULTS, MODEL, QUICK_MODEL, provenance, run_one, setting_of
+from study import ANCHOR, DEFAULTS, MODEL, QUICK_MODEL, provenance, run_one, setting_of
 
 from hf_hypervq.training.outputs import write_text
 
@@ -60,6 +63,10 @@ ROWS = {
     "hyperbolic_embedding": (
         "reference: HyperEmbMatVQ, same hyperplanes, learned code matrix",
         {"quantizer": "hyperbolic_embedding"},
+    ),  # fmt: skip
+    "vq_pytorch": (
+        "anchor: vector-quantize-pytorch's VectorQuantize (EMA, k-means init, dead-code replacement, β = 0.25)",
+        {"quantizer": ANCHOR},
     ),  # fmt: skip
 }
 COLUMNS = [  # (key, header, digits)

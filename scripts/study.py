@@ -18,12 +18,19 @@ Each finished run is a JSON file named by a hash of its setting, its model sizes
 that computes it), and by its seed. A rerun (or the other script) with the same setting on the same code reuses it,
 and an interrupted study resumes where it stopped; after a change to any of that code every run is recomputed, and
 runs of other code are never read back (their fingerprint is inside each file, with the package versions, and is
-checked too). The code that counts is `FINGERPRINT_SOURCES` and this file.
+checked too). The code that counts is `FINGERPRINT_SOURCES` and this file; a run of the anchor row (below) is also
+keyed by the version of vector-quantize-pytorch, whose code is not in this repository.
+
+Besides the library's five quantizers, a setting may name `ANCHOR` (`"vq_pytorch"`): vector-quantize-pytorch's
+`VectorQuantize`, the quantizer practitioners reach for, in the same VQ-VAE with the same budget, as a reference row.
+`VectorQuantizeAnchor` adapts it to the library's quantizer interface for this study only; the library itself never
+imports vector-quantize-pytorch (a dev dependency).
 """
 
 import ast
 import functools
 import hashlib
+import importlib.metadata
 import json
 import math
 import platform
@@ -38,7 +45,7 @@ import transformers
 
 import hf_hypervq
 from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEForImageClassification, HyperVQVAEModel
-from hf_hypervq.models.hypervq.quantizers import decay_for_run
+from hf_hypervq.models.hypervq.quantizers import QUANTIZER_TYPES, VectorQuantizer, decay_for_run
 from hf_hypervq.training.data import load_image_dataset
 from hf_hypervq.training.evaluation import cluster_scores, metric
 from hf_hypervq.training.metrics import logit_confidence, perturb
@@ -61,6 +68,8 @@ TAU_MAX, TAU_MIN, PER_UPDATE_DECAY = 2.0, 0.5, 0.999995
 CLASSIFIER_LEARNING_RATES = (1e-3, 3e-3, 1e-2)
 BATCH_SIZE = 128
 IMAGE_SIZE = 16
+ANCHOR, ANCHOR_PACKAGE = "vq_pytorch", "vector-quantize-pytorch"  # the reference row from outside the library
+STUDY_QUANTIZERS = (*QUANTIZER_TYPES, ANCHOR)  # what a setting's "quantizer" may name
 
 
 # The library code a study run's numbers come from, besides this file (its protocol constants, training loop and
@@ -114,11 +123,26 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+@functools.cache
+def anchor_version() -> str | None:
+    """The installed vector-quantize-pytorch's version (None when it is not installed)."""
+    try:
+        return importlib.metadata.version(ANCHOR_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def package_versions() -> dict:
     """The versions a run was computed with, recorded in its file."""
     return {"hf-hypervq": hf_hypervq.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,
-            "python": platform.python_version()}  # fmt: skip
+            ANCHOR_PACKAGE: anchor_version() or "not installed", "python": platform.python_version()}  # fmt: skip
+
+
+def keyed_versions(setting: dict) -> dict:
+    """The package versions that key a run besides `code_fingerprint()`: vector-quantize-pytorch's for the anchor row
+    (its numbers come from that package's code), none for the library's quantizers."""
+    return {ANCHOR_PACKAGE: anchor_version()} if setting["quantizer"] == ANCHOR else {}
 
 
 def provenance(runs: list[dict]) -> str:
@@ -148,10 +172,15 @@ def temperature_for(schedule: str, steps: int) -> list[float]:
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
+def image_processor() -> HyperVQImageProcessor:
+    """The processor of the study's images: `IMAGE_SIZE` pixels a side, mapped to [-1, 1]."""
+    return HyperVQImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
 def load_digits_tensors() -> dict:
     """The digits' train and test splits as `[-1, 1]` tensors (the image processor's output), and a stratified,
     seeded 20% validation split carved from the training split for the classifier's early stopping."""
-    processor = HyperVQImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = image_processor()
     tensors = {}
     for split in ("train", "test"):
         data = load_image_dataset(None, split=split, require_labels=True)
@@ -174,6 +203,56 @@ def batches(num_samples: int, seed: int, epoch: int):
     return order.split(BATCH_SIZE)
 
 
+class VectorQuantizeAnchor(VectorQuantizer):
+    """vector-quantize-pytorch's `VectorQuantize` behind the library's quantizer interface, so that it runs inside
+    `HyperVQVAEModel` (`build_tokenizer` swaps it in) for the study's anchor row; nothing in the library uses it.
+
+    The base class gives it the same contract as the five quantizers: channel-last `z` `(..., dim)` checked, computed
+    in float32, a `QuantizerOutput` (`logits=None`: a nearest-neighbour quantizer has none), `code_perplexity`,
+    `indices_to_codes` and `codebook` (read by the classifier's features and by `decode_codebook`, the paper's
+    Figure 5). In training `VectorQuantize` moves its codebook by EMA (a buffer: the optimizer never sees it),
+    replaces dead codes and returns its weighted commitment loss; in eval it only looks codes up (loss 0).
+
+    Configured as vector-quantize-pytorch's README recommends for a VQ-VAE (checked against its README and 1.32's
+    `VectorQuantize.__init__`): `kmeans_init=True, kmeans_iters=10` ("Initialization": SoundStream's k-means on the
+    first batch), `threshold_ema_dead_code=2` ("Expiring stale codes": a code whose EMA cluster size drops below 2
+    is replaced by a random vector of the batch), `rotation_trick=True` ("Gradient Computation"; the package's
+    default for dim > 1, stated so that a change of default cannot change the row), and the VQ-VAE paper's EMA
+    decay 0.99 and commitment weight β = 0.25 (the README's first example shows decay 0.8 and weight 1; a setting's
+    `commitment_weight` overrides 0.25).
+    """
+
+    def __init__(self, dim: int, codebook_size: int, *, commitment_weight: float = 0.25):
+        super().__init__(dim, codebook_size)
+        try:
+            from vector_quantize_pytorch import VectorQuantize
+        except ImportError:
+            raise ImportError(f"the {ANCHOR!r} row needs {ANCHOR_PACKAGE}: pip install -e '.[dev]'") from None
+        self.vq = VectorQuantize(
+            dim=dim,
+            codebook_size=codebook_size,
+            decay=0.99,
+            kmeans_init=True,
+            kmeans_iters=10,
+            threshold_ema_dead_code=2,
+            commitment_weight=commitment_weight,
+            rotation_trick=True,
+        )
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.vq.codebook.float()  # (K, dim); a buffer, so no gradient flows into it
+
+    def _quantize(self, z):
+        # Its k-means initialisation runs on the first batch it sees, in whichever mode: an evaluation before any
+        # training would silently set the codebook from evaluation data (a host sync, but only in eval).
+        if not self.training and not bool(self.vq._codebook.initted):
+            raise RuntimeError(f"{type(self).__name__}: train it before evaluating: its codebook is set by k-means "
+                               "on its first training batch")  # fmt: skip
+        quantized, indices, loss = self.vq(z[None])  # VectorQuantize takes (batch, tokens, dim); (N, dim) is one row
+        return quantized[0], indices[0], loss.reshape(()), None
+
+
 def build_config(setting: dict, model_options: dict) -> HyperVQVAEConfig:
     return HyperVQVAEConfig(
         quantizer_type=setting["quantizer"],
@@ -187,10 +266,28 @@ def build_config(setting: dict, model_options: dict) -> HyperVQVAEConfig:
     )
 
 
+def build_tokenizer(setting: dict, model_options: dict) -> HyperVQVAEModel:
+    """The VQ-VAE of a setting. For the anchor row it is KmeansVQ's model (the same encoder, decoder and initial
+    weights under the same seed) with its quantizer replaced by `VectorQuantizeAnchor`; the config's quantizer fields
+    then describe nothing that runs."""
+    if setting["quantizer"] not in STUDY_QUANTIZERS:
+        raise ValueError(f"setting['quantizer'] must be one of {STUDY_QUANTIZERS}, got {setting['quantizer']!r}")
+    if setting["quantizer"] != ANCHOR:
+        return HyperVQVAEModel(build_config(setting, model_options))
+    model = HyperVQVAEModel(build_config({**setting, "quantizer": "kmeans"}, model_options))
+    weight = setting["commitment_weight"]
+    model.quantizer = VectorQuantizeAnchor(
+        model.config.embedding_dim,
+        setting["codebook_size"],
+        **({} if weight is None else {"commitment_weight": weight}),
+    )
+    return model
+
+
 def train_tokenizer(setting: dict, model_options: dict, seed: int, data: dict):
     """Train one tokenizer; return it (in eval mode) and the codes its training steps used in the last epoch."""
     torch.manual_seed(seed)
-    model = HyperVQVAEModel(build_config(setting, model_options)).train()
+    model = build_tokenizer(setting, model_options).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     pixels = data["train"][0]
     steps_per_epoch = math.ceil(len(pixels) / BATCH_SIZE)
@@ -320,8 +417,12 @@ def setting_of(overrides: dict, quick: bool = False) -> dict:
 
 
 def run_path(runs_dir, setting: dict, seed: int, quick: bool) -> Path:
-    """The file of one run: named by its setting, model sizes and code fingerprint (hashed), and its seed."""
-    key = json.dumps({**setting, "model": QUICK_MODEL if quick else MODEL, "code": code_fingerprint()}, sort_keys=True)
+    """The file of one run: named by its setting, model sizes, code fingerprint and (for the anchor row)
+    vector-quantize-pytorch's version, hashed, and by its seed."""
+    key = {**setting, "model": QUICK_MODEL if quick else MODEL, "code": code_fingerprint()}
+    if versions := keyed_versions(setting):  # only where they matter: the library's rows keep their names
+        key["versions"] = versions
+    key = json.dumps(key, sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     return Path(runs_dir) / f"{setting['quantizer']}-K{setting['codebook_size']}-{digest}-seed{seed}.json"
 
@@ -338,13 +439,32 @@ def measure(setting: dict, seed: int, quick: bool) -> dict:
     return result
 
 
+def decoded_codebook(setting: dict, seed: int, quick: bool) -> dict:
+    """Train one setting's tokenizer as `run_one` does (no classifiers, nothing stored) and return every code decoded
+    on its own as a 1×1 latent (the paper's Figure 5): `images`, K PIL images of f×f pixels, and `code_counts`, how
+    often the eval argmax picks each code on the test split (what the runs record as `code_counts`)."""
+    torch.set_num_threads(1)  # a worker of the study's pool, like `measure`
+    data = load_digits_tensors()
+    model, _ = train_tokenizer(setting, QUICK_MODEL if quick else MODEL, seed, data)
+    with torch.no_grad():
+        tokens = model.get_image_tokens(data["test"][0])
+        images = image_processor().postprocess_reconstruction(model.decode_codebook())
+    # PIL images and lists, not tensors: they come back from a worker process by plain pickling
+    return {
+        "images": images,
+        "code_counts": torch.bincount(tokens.reshape(-1), minlength=setting["codebook_size"]).tolist(),
+    }
+
+
 def run_one(setting: dict, seed: int, quick: bool, runs_dir) -> dict:
     """Train and measure one setting × seed, or read it back if it finished before on the same code."""
-    fingerprint = code_fingerprint()
+    fingerprint, versions = code_fingerprint(), keyed_versions(setting)
     path = run_path(runs_dir, setting, seed, quick)
     if path.exists():
         finished = json.loads(path.read_text())
-        if finished.get("code_fingerprint") == fingerprint:  # the name says so too, unless the file was copied
+        recorded = finished.get("versions", {})
+        # the name says so too, unless the file was copied
+        if finished.get("code_fingerprint") == fingerprint and all(recorded.get(k) == v for k, v in versions.items()):
             return finished
     result = {"seed": seed, "setting": setting, **measure(setting, seed, quick)}
     result.update(code_fingerprint=fingerprint, versions=package_versions())

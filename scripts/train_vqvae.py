@@ -69,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--normal_init_scale", type=float, default=1.0,
         help="HyperVQ/HyperEmbMatVQ: multiplies HNN++'s std of the hyperplane normals (default: 1)",
     )  # fmt: skip
+    model.add_argument(
+        "--diversity_weight", type=float, default=0.0, metavar="W",
+        help="the Gumbel quantizers (HyperVQ, HyperEmbMatVQ, GumbelVQ): weight of wav2vec 2.0's codebook diversity "
+        "loss (K - exp(H(mean softmax of the logits))) / K, in training only (default: 0, the paper's: off)",
+    )  # fmt: skip
+    model.add_argument(
+        "--feature_clip", type=float, default=None, metavar="R",
+        help="HyperVQ/HyperEmbMatVQ: rescale each latent to min(1, R/||z||) z before the map onto the ball, in "
+        "training and eval (feature clipping, Guo et al., CVPR 2022; default: none, the paper's: off)",
+    )  # fmt: skip
     return parser
 
 
@@ -120,6 +130,8 @@ def build_config(args, num_updates: int) -> HyperVQVAEConfig:
         gumbel_temperature=[tau_max, tau_min, decay],
         offset_init_scale=args.offset_init_scale,
         normal_init_scale=args.normal_init_scale,
+        diversity_weight=args.diversity_weight,
+        feature_clip=args.feature_clip,
     )
 
 

@@ -6,8 +6,6 @@ independent float64 reference (values and gradients); every op of a forward and 
 which MPS does not have; and a training step with an fp16 overflow goes on, as a GradScaler run should.
 """
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -235,43 +233,37 @@ def test_an_fp16_overflow_in_a_training_step_is_skipped_by_the_grad_scaler(quant
     assert any(not torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
-def _train_tiny(tmp_path, overflowed_steps: set, steps: int, grad_scaler: bool):
+def _train_tiny(run_training_loop, overflowed_steps: set, steps: int, grad_scaler: bool):
     """The real loop on a tiny tokenizer. `grad_scaler`: the fp16 loop as accelerate runs it on a GPU, with a
     GradScaler (fp32 compute here: accelerate has no fp16 autocast on CPU, and the scaler is what skips)."""
     from accelerate import Accelerator
-    from torch.utils.data import DataLoader
 
     model = HyperVQVAEModel(HyperVQVAEConfig(**TINY))
-    handle = _overflow_on(model, overflowed_steps, [0])
     accelerator = Accelerator(cpu=True)
     if grad_scaler:
         accelerator.scaler = torch.amp.GradScaler("cpu")  # what `mixed_precision="fp16"` sets up on a GPU
-    loader = DataLoader([{"pixel_values": torch.rand(3, 8, 8) * 2 - 1} for _ in range(8)], batch_size=4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    args = SimpleNamespace(max_train_steps=steps, num_train_epochs=None, streaming=False, gradient_accumulation_steps=1,
-                           resume_from_checkpoint=None, output_dir=tmp_path, checkpointing_steps=None,
-                           checkpoints_total_limit=None, logging_steps=1, with_tracking=False, eval_at_end_only=True,
-                           per_device_train_batch_size=4)  # fmt: skip
+    handle = _overflow_on(model, overflowed_steps, [0])
     try:
-        return loop.train(args, accelerator, model, optimizer, loader, lambda m, final: {})
+        return run_training_loop(model, steps, num_batches=2, accelerator=accelerator, logging_steps=1)
     finally:
         handle.remove()
 
 
-def test_the_loop_counts_overflowed_updates_keeps_them_out_of_the_mean_loss_and_goes_on(tmp_path):
-    results = _train_tiny(tmp_path, overflowed_steps={2, 3}, steps=4, grad_scaler=True)  # two epochs of 2 batches
+def test_the_loop_counts_overflowed_updates_keeps_them_out_of_the_mean_loss_and_goes_on(run_training_loop):
+    results = _train_tiny(
+        run_training_loop, overflowed_steps={2, 3}, steps=4, grad_scaler=True
+    )  # two epochs of 2 batches
     assert results["step"] == 4
     assert results["nonfinite_steps"] == 1  # the last epoch's: update 3; update 4 trained on unharmed weights
     assert torch.isfinite(torch.tensor(results["train_loss"]))
 
 
-def test_the_loop_stops_in_one_line_once_training_has_clearly_diverged(tmp_path, monkeypatch):
+def test_the_loop_stops_in_one_line_once_training_has_clearly_diverged(run_training_loop, monkeypatch):
     """Without a GradScaler (fp32, bf16) a NaN gradient reaches the weights, as in any PyTorch loop, and every
     later loss is NaN: the loop stops once `DIVERGED_AFTER` updates in a row were, instead of training on."""
     monkeypatch.setattr(loop, "DIVERGED_AFTER", 3)
     with pytest.raises(loop.TrainingDivergedError, match=r"NaN or inf in the last 3 updates \(update 4\)"):
-        _train_tiny(tmp_path, overflowed_steps={2}, steps=10, grad_scaler=False)
+        _train_tiny(run_training_loop, overflowed_steps={2}, steps=10, grad_scaler=False)
 
 
 def test_the_evaluation_runs_the_prepared_model_not_its_unwrapped_copy():

@@ -1,11 +1,13 @@
 """The transformers models: tokenizer, frozen-feature classifier, VQ-SA head, image processor, Auto classes, pipelines."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,6 +92,10 @@ def test_config_quantizer_names_match_the_quantizers():
         (dict(curvature=0.0), "curvature"),
         (dict(commitment_weight=-1.0), "commitment_weight"),
         (dict(gumbel_temperature=[0.5, 2.0, 0.9]), "gumbel_temperature"),
+        (dict(diversity_weight=-0.1), "diversity_weight"),
+        (dict(diversity_weight=float("inf")), "diversity_weight"),
+        (dict(feature_clip=0.0), "feature_clip"),
+        (dict(feature_clip=float("nan")), "feature_clip"),
     ],
 )
 def test_bad_config_is_rejected_when_built(kwargs, match):
@@ -127,6 +133,47 @@ def test_gumbel_temperature_survives_save_and_load(quantizer_type, tmp_path):
     reloaded = HyperVQVAEModel.from_pretrained(tmp_path).train()
     assert int(reloaded.quantizer.num_updates) == 100
     assert reloaded.quantizer.current_temperature == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("quantizer_type", ["hyperbolic", "gumbel", "hyperbolic_embedding"])
+def test_diversity_weight_and_feature_clip_survive_save_and_load(quantizer_type, tmp_path):
+    """The options reach the quantizers that take them and come back from `from_pretrained`; a config saved
+    before they existed (an older checkpoint) loads with them off, the paper's quantizer."""
+    config = tiny_config(quantizer_type=quantizer_type, diversity_weight=0.2, feature_clip=2)
+    assert config.feature_clip == 2.0 and isinstance(config.feature_clip, float)  # an int (hand-written JSON) is fine
+    model = HyperVQVAEModel(config)
+    takes_clip = quantizer_type != "gumbel"
+    assert model.quantizer.diversity_weight == 0.2
+    assert getattr(model.quantizer, "feature_clip", None) == (2.0 if takes_clip else None)
+    model.save_pretrained(tmp_path / "new")
+    reloaded = HyperVQVAEModel.from_pretrained(tmp_path / "new")
+    assert (reloaded.config.diversity_weight, reloaded.config.feature_clip) == (0.2, 2.0)
+    assert reloaded.quantizer.diversity_weight == 0.2
+    assert getattr(reloaded.quantizer, "feature_clip", None) == (2.0 if takes_clip else None)
+
+    path = tmp_path / "older"
+    model.save_pretrained(path)
+    saved = json.loads((path / "config.json").read_text())
+    del saved["diversity_weight"], saved["feature_clip"]
+    (path / "config.json").write_text(json.dumps(saved))
+    older = HyperVQVAEModel.from_pretrained(path)
+    assert (older.config.diversity_weight, older.config.feature_clip) == (0.0, None)
+    assert older.quantizer.diversity_weight == 0.0 and getattr(older.quantizer, "feature_clip", None) is None
+
+
+def test_train_vqvae_flags_set_diversity_weight_and_feature_clip(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("train_vqvae", Path(__file__).parents[1] / "scripts/train_vqvae.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.parse_args(["--output_dir", str(tmp_path), "--diversity_weight", "0.1", "--feature_clip", "2.5"])
+    config = script.build_config(args, num_updates=10)
+    assert (config.diversity_weight, config.feature_clip) == (0.1, 2.5)
+    default = script.build_config(script.parse_args(["--output_dir", str(tmp_path)]), num_updates=10)
+    assert (default.diversity_weight, default.feature_clip) == (0.0, None)  # the paper's quantizers
+    for flag, value in (("--feature_clip", "0"), ("--diversity_weight", "-1")):
+        with pytest.raises(SystemExit):
+            script.parse_args(["--output_dir", str(tmp_path), flag, value])
+        assert flag.lstrip("-") in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_frozen_tokenizer_keeps_its_schedule_while_the_head_trains():
@@ -627,7 +674,7 @@ def test_remote_code_loads_without_the_package(tokenizer_dir, tmp_path):
 
 def test_each_quantizer_takes_the_config_fields_its_registry_entry_names():
     config = tiny_config(curvature=0.5, commitment_weight=0.3, gumbel_temperature=[1.5, 0.5, 0.99])
-    assert QUANTIZERS["gumbel"].options(config) == {"temperature": (1.5, 0.5, 0.99)}
+    assert QUANTIZERS["gumbel"].options(config) == {"temperature": (1.5, 0.5, 0.99), "diversity_weight": 0.0}
     assert QUANTIZERS["kmeans"].options(config) == {"commitment_weight": 0.3}
     assert QUANTIZERS["hyperbolic_kmeans"].options(config) == {"curvature": 0.5, "commitment_weight": 0.3}
     hyperbolic = QUANTIZERS["hyperbolic"].options(tiny_config(curvature=0.5))  # commitment None: the class default

@@ -286,16 +286,10 @@ def test_hyperplane_init_scales():
 
 
 @pytest.mark.parametrize("quantizer_type", ["hyperbolic", "gumbel"])
-def test_decay_for_run_reaches_tau_min_at_the_last_update(quantizer_type, tmp_path):
+def test_decay_for_run_reaches_tau_min_at_the_last_update(quantizer_type, run_training_loop):
     """Driven by the real training loop: it calls `set_num_updates(j)` after update j, so the last of 7 updates
     runs at index 6 (`decay_for_run` used to reach tau_min at index 7, which no update of the run used)."""
-    from types import SimpleNamespace
-
-    from accelerate import Accelerator
-    from torch.utils.data import DataLoader
-
     from hf_hypervq import HyperVQVAEConfig, HyperVQVAEModel
-    from hf_hypervq.training.loop import train
 
     steps = 7  # 3 batches per epoch: the run ends inside its third epoch
     config = HyperVQVAEConfig(hidden_size=8, residual_hidden_size=4, embedding_dim=4, codebook_size=8,
@@ -306,15 +300,7 @@ def test_decay_for_run_reaches_tau_min_at_the_last_update(quantizer_type, tmp_pa
     model.quantizer.register_forward_pre_hook(
         lambda quantizer, inputs: temperatures.append(quantizer.current_temperature) if quantizer.training else None
     )
-    accelerator = Accelerator(cpu=True)
-    loader = DataLoader([{"pixel_values": torch.rand(3, 8, 8) * 2 - 1} for _ in range(12)], batch_size=4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    args = SimpleNamespace(max_train_steps=steps, num_train_epochs=None, streaming=False, gradient_accumulation_steps=1,
-                           resume_from_checkpoint=None, output_dir=tmp_path, checkpointing_steps=None,
-                           checkpoints_total_limit=None, logging_steps=100, with_tracking=False, eval_at_end_only=True,
-                           per_device_train_batch_size=4)  # fmt: skip
-    train(args, accelerator, model, optimizer, loader, lambda m, final: {})
+    run_training_loop(model, steps, num_batches=3)
     assert len(temperatures) == steps
     assert temperatures[0] == 2.0 and temperatures[3] == pytest.approx(1.0)  # the middle update, geometrically
     assert temperatures[-1] == pytest.approx(0.5)
@@ -523,3 +509,176 @@ def test_without_a_working_compiler_every_kernel_falls_back_with_one_warning(mon
         kernels.set_compiled_kernels(None)
     assert len([w for w in caught if "kernels failed" in str(w.message)]) == 1
     torch.testing.assert_close(logits, scale * torch.asinh(y))
+
+
+# ---- options beyond the paper: the diversity loss (three Gumbel quantizers) and feature clipping (MLR ones) ----
+
+GUMBEL_QUANTIZERS = [HyperVQ, GumbelVQ, HyperEmbMatVQ]
+
+
+def _reference_logits(q, z, feature_clip=None):
+    """The quantizer's logits in plain torch: GumbelVQ's linear layer, or HNN++'s closed-form hyperbolic MLR
+    (`hyperbolic.mlr_logits`) of `expmap0(z)`, after `min(1, r / ||z||) * z` with a clip radius r."""
+    if feature_clip is not None:
+        z = z * torch.clamp(feature_clip / z.norm(dim=-1, keepdim=True), max=1.0)
+    if isinstance(q, GumbelVQ):
+        return z @ q.projection_weight.T + q.projection_bias
+    s = q.curvature**0.5
+    norms = z.norm(dim=-1, keepdim=True)
+    x = torch.tanh(s * norms) * z / (s * norms)  # the tests' latents stay inside the projection margin
+    normals = q.normal_scales[:, None] * q.normal_directions / q.normal_directions.norm(dim=-1, keepdim=True)
+    normal_norms = normals.norm(dim=-1)
+    cx2 = q.curvature * x.pow(2).sum(-1, keepdim=True)
+    two_s_r = 2 * s * q.offsets
+    distances = x @ (normals / normal_norms[:, None]).T
+    argument = 2 * s * distances * torch.cosh(two_s_r) - (1 + cx2) * torch.sinh(two_s_r)
+    return 2 * normal_norms / s * torch.asinh(argument / (1 - cx2))
+
+
+def _reference_diversity(logits, weight):
+    """wav2vec 2.0's diversity loss as fairseq computes it (one group): `avg_probs` is the batch mean of the softmax,
+    `prob_perplexity` its exp-entropy, the loss `(num_vars - prob_perplexity) / num_vars`."""
+    avg_probs = torch.softmax(logits, dim=-1).mean(dim=0)
+    prob_perplexity = torch.exp(torch.special.entr(avg_probs).sum())
+    return weight * (logits.shape[-1] - prob_perplexity) / logits.shape[-1]
+
+
+def _gradients(q, z):
+    return [z.grad.clone()] + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in q.parameters()]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "twin"])
+@pytest.mark.parametrize("cls", GUMBEL_QUANTIZERS)
+def test_diversity_loss_equals_the_fairseq_reference(cls, native, device):
+    """Value and gradients (input and parameters) of the term equal autograd through plain torch, on the native
+    CPU kernels and on their torch twins (what CUDA and MPS run); with a decoder-side loss as well, the term's
+    gradient adds to the straight-through one (HyperVQ's fused backward takes it as `grad_logits`)."""
+    kernels.set_native_cpu_kernels(native)
+    try:
+        torch.manual_seed(0)
+        q = cls(DIM, K, diversity_weight=0.3).to(device).train()
+        plain = cls(DIM, K).to(device).train()
+        plain.load_state_dict(q.state_dict())
+        z = (0.5 * torch.randn(64, DIM, device=device)).requires_grad_(True)
+        cotangent = torch.randn(64, DIM, device=device)
+
+        out = q(z)
+        out.loss.backward()
+        got = _gradients(q, z)
+        q.zero_grad()
+        z.grad = None
+        expected_loss = _reference_diversity(_reference_logits(q, z), 0.3)
+        expected_loss.backward()
+        expected = _gradients(q, z)
+        torch.testing.assert_close(out.loss, expected_loss, rtol=1e-5, atol=1e-7)
+        assert expected_loss > 0
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
+
+        # with the decoder's gradient too: the same draw (seed) with and without the term differs by the term alone
+        totals = []
+        for quantizer in (q, plain):
+            quantizer.zero_grad()
+            z.grad = None
+            torch.manual_seed(7)
+            out = quantizer(z)
+            ((out.quantized * cotangent).sum() + out.loss).backward()
+            totals.append(_gradients(quantizer, z))
+        for with_term, without, e in zip(*totals, expected):
+            torch.testing.assert_close(with_term - without, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+    finally:
+        kernels.set_native_cpu_kernels(True)
+
+
+@pytest.mark.parametrize("cls", GUMBEL_QUANTIZERS)
+def test_diversity_loss_is_zero_in_eval_and_with_weight_0(cls):
+    z = torch.randn(64, DIM)
+    weighted = cls(DIM, K, diversity_weight=0.3)
+    assert weighted.train()(z).loss > 0
+    assert weighted.eval()(z).loss == 0
+    with torch.no_grad():  # tokenization
+        assert weighted(z).loss == 0
+    off = cls(DIM, K)
+    assert off.diversity_weight == 0.0 and off.train()(z.requires_grad_(True)).loss == 0
+    assert "diversity_weight=0.3" in repr(weighted) and "diversity_weight" not in repr(off)
+
+
+def _codes_used_after_training(cls, diversity_weight, steps=50):
+    """Distinct eval codes of 512 fixed random latents, bunched in one region (1 + 0.3 N(0, 1): few codes win
+    there), after `steps` Adam updates of a K = 32 quantizer on `mse(quantized, z)` plus its own loss."""
+    torch.manual_seed(0)
+    q = cls(DIM, 32, diversity_weight=diversity_weight)
+    z = 1.0 + 0.3 * torch.randn(512, DIM, generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.Adam(q.parameters(), lr=1e-2)
+    for step in range(steps):
+        q.train().set_num_updates(step)
+        out = q(z)
+        loss = F.mse_loss(out.quantized, z) + out.loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return q.eval()(z).indices.unique().numel()
+
+
+@pytest.mark.parametrize("cls", GUMBEL_QUANTIZERS)
+def test_diversity_loss_raises_the_number_of_codes_used(cls):
+    # measured: 4 -> 18 codes (HyperVQ), 5 -> 26 (GumbelVQ), 3 -> 17 (HyperEmbMatVQ)
+    without, with_term = _codes_used_after_training(cls, 0.0), _codes_used_after_training(cls, 0.3)
+    assert with_term >= 2 * without, (without, with_term)
+
+
+@pytest.mark.parametrize("cls", [HyperVQ, HyperEmbMatVQ])
+def test_feature_clip_caps_the_norm_before_the_ball_map(cls):
+    """The logits of clipped latents are those of latents rescaled beforehand to norm <= r, in training (same draw)
+    and eval, with the gradient of `min(1, r / ||z||) * z`; latents shorter than r are left as they are."""
+    radius = 1.0
+    torch.manual_seed(0)
+    clipped = cls(DIM, K, feature_clip=radius)
+    plain = cls(DIM, K)
+    plain.load_state_dict(clipped.state_dict())
+    z = torch.randn(64, DIM) * torch.linspace(0.02, 1.0, 64)[:, None]  # norms from ~0.05 to ~3
+    z[0] = 0.0  # a zero latent: no division by its norm, finite gradients
+    short = z.norm(dim=-1) < radius
+    assert 5 < short.sum() < 60
+    pre_clipped = z * torch.clamp(radius / z.norm(dim=-1, keepdim=True), max=1.0)
+    assert (pre_clipped.norm(dim=-1) <= radius * (1 + 1e-6)).all()
+    for mode in (True, False):
+        torch.manual_seed(3)
+        out = clipped.train(mode)(z)
+        torch.manual_seed(3)
+        reference = plain.train(mode)(pre_clipped)
+        torch.testing.assert_close(out.logits, reference.logits, rtol=1e-6, atol=1e-6)
+        assert torch.equal(out.indices, reference.indices)
+    assert torch.equal(clipped(z).logits[short], plain(z).logits[short])  # eval: short latents are not touched
+    with torch.no_grad():  # tokenization clips too
+        assert torch.equal(clipped.eval()(z).indices, plain.eval()(pre_clipped).indices)
+    # the gradient through the clip is autograd's of the expression (the MLR's own backward is unchanged)
+    cotangent = torch.randn(64, K)
+    z_clip, z_ref = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    (clipped.logits(z_clip) * cotangent).sum().backward()
+    (_reference_logits(plain, z_ref[1:], feature_clip=radius) * cotangent[1:]).sum().backward()
+    assert torch.isfinite(z_clip.grad).all()
+    torch.testing.assert_close(z_clip.grad[1:], z_ref.grad[1:], rtol=1e-4, atol=1e-5 * z_ref.grad.abs().max().item())
+    assert "feature_clip=1.0" in repr(clipped) and "feature_clip" not in repr(plain)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: GumbelVQ(8, 16, diversity_weight=-0.1), "diversity_weight"),
+        (lambda: HyperVQ(8, 16, diversity_weight=float("nan")), "diversity_weight"),
+        (lambda: HyperEmbMatVQ(8, 16, diversity_weight=float("inf")), "diversity_weight"),
+        (lambda: HyperVQ(8, 16, diversity_weight="0.3"), "diversity_weight"),
+        (lambda: GumbelVQ(8, 16, diversity_weight=True), "diversity_weight"),
+        (lambda: HyperVQ(8, 16, feature_clip=0.0), "feature_clip"),
+        (lambda: HyperEmbMatVQ(8, 16, feature_clip=-1.0), "feature_clip"),
+        (lambda: HyperVQ(8, 16, feature_clip=float("inf")), "feature_clip"),
+        (lambda: HyperVQ(8, 16, feature_clip=float("nan")), "feature_clip"),
+        (lambda: HyperVQ(8, 16, feature_clip="1"), "feature_clip"),
+    ],
+)
+def test_bad_diversity_weight_or_feature_clip(make, match):
+    with pytest.raises(ValueError, match=match) as caught:
+        make()
+    assert "\n" not in str(caught.value)

@@ -1,6 +1,7 @@
 """`scripts/reproduce.py --quick` and `scripts/ablate.py --quick`: the whole study pipeline, end to end, in minutes;
 and the shared protocol's pieces (`scripts/study.py`) on their own."""
 
+import importlib.metadata
 import json
 import math
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import hf_hypervq
 
@@ -32,13 +34,23 @@ def test_quick_reproduction_writes_the_report(tmp_path):
     results = tmp_path / "results"
     _run("reproduce.py", "--quick", "--output_dir", results)
     report = (results / "REPORT.md").read_text()
-    for name in ("mse_vs_k.png", "accuracy_vs_k.png", "codebook_usage.png", "embedding_scatter.png", "results.json"):
+    pictures = ("mse_vs_k.png", "accuracy_vs_k.png", "codebook_usage.png", "embedding_scatter.png", "codebooks.png")
+    for name in (*pictures, "results.json"):
         assert (results / name).exists(), name
     assert "Quick mode" in report and "## The paper's claims, one by one" in report and "## Mechanism" in report
-    for quantizer in ("HyperVQ", "KmeansVQ", "GumbelVQ", "HyperKmeansVQ", "HyperEmbMatVQ"):
-        assert f"| {quantizer} | 16 |" in report
+    for quantizer in ("HyperVQ", "KmeansVQ", "GumbelVQ", "HyperKmeansVQ", "HyperEmbMatVQ", "VectorQuantize (anchor)"):
+        assert f"| {quantizer} | 16 |" in report, quantizer
+    # Figure 5: one panel per quantizer of its 16 decoded codes, linked from the report
+    assert "## Decoded codes (the paper's Figure 5)" in report and "](codebooks.png)" in report
+    assert "16 code vectors decoded on their own" in report and "4×4-pixel patch" in report
+    with Image.open(results / "codebooks.png") as picture:
+        assert picture.height > picture.width / 4  # six panels stacked, not one strip
     runs = json.loads((results / "results.json").read_text())["runs"]
-    assert len(runs) == 5 and all(0 <= run["accuracy"] <= 1 for run in runs)
+    assert len(runs) == 6 and all(0 <= run["accuracy"] <= 1 for run in runs)
+    anchor = next(r for r in runs if r["quantizer"] == study.ANCHOR)
+    assert anchor["setting"]["quantizer"] == "vq_pytorch" and "mean_max_probability" not in anchor  # no logits
+    assert anchor["versions"][study.ANCHOR_PACKAGE] == importlib.metadata.version("vector-quantize-pytorch")
+    assert anchor["dead_codes"] < 16 and anchor["reconstruction_mse"] < 1
     # the protocol is the same for every quantizer: same updates, same temperature rule, same classifier search
     assert len({(r["setting"]["steps"], r["setting"]["schedule"]) for r in runs}) == 1
     assert all(r["classifier_learning_rate"] in study.CLASSIFIER_LEARNING_RATES for r in runs)
@@ -48,9 +60,10 @@ def test_quick_reproduction_writes_the_report(tmp_path):
 
 
 def test_quick_ablation_writes_every_row(tmp_path):
-    _run("ablate.py", "--quick", "--seeds", "0", "--rows", "defaults", "beta_0.25", "kmeans", "--output_dir", tmp_path)
+    rows = ("defaults", "beta_0.25", "kmeans", "vq_pytorch")
+    _run("ablate.py", "--quick", "--seeds", "0", "--rows", *rows, "--output_dir", tmp_path)
     table = (tmp_path / "ABLATIONS.md").read_text()
-    for row in ("defaults", "beta_0.25", "kmeans"):
+    for row in rows:
         assert f"| `{row}` |" in table
     rows = {r["row"]: r for r in json.loads((tmp_path / "ablations.json").read_text())}
     assert rows["beta_0.25"]["setting"]["commitment_weight"] == 0.25
@@ -58,6 +71,7 @@ def test_quick_ablation_writes_every_row(tmp_path):
     for key in ("train_perplexity", "perplexity", "dead_codes", "ball_norm", "logit_margin", "mean_max_probability"):
         assert key in rows["defaults"], key
     assert "ball_norm" not in rows["kmeans"]  # a Euclidean quantizer has no ball
+    assert rows["vq_pytorch"]["setting"]["quantizer"] == study.ANCHOR and "ball_norm" not in rows["vq_pytorch"]
 
 
 def test_validation_split_is_stratified_and_disjoint_from_the_classifier_training_split():
@@ -239,6 +253,142 @@ def test_a_missing_or_nan_mean_is_not_measurable_not_a_verdict():
                "kmeans": {"silhouette": 0.1, "davies_bouldin": 2.0}}  # fmt: skip
     verdicts = [verdict for _, verdict, _ in check_claims(synthetic_table(True), [64, 512], scatter)]
     assert verdicts[-3:-1] == ["not measurable", "not measurable"]
+
+
+def test_the_anchor_adapter_quacks_like_a_library_quantizer():
+    from hf_hypervq.models.hypervq.quantizers import QuantizerOutput, VectorQuantizer
+
+    torch.manual_seed(0)
+    quantizer = study.VectorQuantizeAnchor(8, 16).train()
+    assert isinstance(quantizer, VectorQuantizer) and not list(quantizer.parameters())  # EMA: no optimizer state
+    z = torch.randn(4, 4, 4, 8, requires_grad=True)  # 64 vectors: enough for the k-means of 16 codes
+    out = quantizer(z)
+    assert isinstance(out, QuantizerOutput) and out.logits is None
+    assert out.quantized.shape == z.shape and out.quantized.dtype == torch.float32
+    assert out.indices.shape == (4, 4, 4) and out.indices.dtype == torch.long
+    assert ((out.indices >= 0) & (out.indices < 16)).all()
+    assert out.loss.shape == () and out.loss.requires_grad and out.loss.item() > 0  # the commitment term
+    assert 1 <= out.perplexity.item() <= 16
+    (out.quantized.sum() + out.loss).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert quantizer.codebook.shape == (16, 8)
+
+    quantizer.eval()
+    codebook = quantizer.codebook.clone()
+    with torch.no_grad():
+        evaluated = quantizer(z)
+    assert torch.equal(quantizer.codebook, codebook)  # evaluation moves no code
+    nearest = ((z.detach()[..., None, :] - codebook) ** 2).sum(-1).argmin(-1)
+    assert torch.equal(evaluated.indices, nearest)
+    assert torch.equal(evaluated.quantized, quantizer.indices_to_codes(evaluated.indices))
+    assert evaluated.loss.item() == 0
+
+    with pytest.raises(RuntimeError, match="train it before evaluating"):
+        study.VectorQuantizeAnchor(8, 16).eval()(torch.randn(20, 8))
+    with pytest.raises(ValueError, match=r"expects `z` of shape \(\.\.\., dim=8\)"):
+        quantizer(torch.randn(3, 7))
+
+
+def _train_the_anchor_tokenizer(steps: int = 25):
+    torch.manual_seed(0)
+    model = study.build_tokenizer(
+        study.setting_of({"quantizer": study.ANCHOR, "codebook_size": 16}), study.QUICK_MODEL
+    )
+    model.train()
+    pixels = torch.rand(64, 3, study.IMAGE_SIZE, study.IMAGE_SIZE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(steps):
+        loss = model(pixels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.set_num_updates(step + 1)
+        losses.append(loss.item())
+    return model.eval(), pixels, losses
+
+
+def test_the_anchor_trains_inside_the_vqvae_deterministically():
+    model, pixels, losses = _train_the_anchor_tokenizer()
+    assert isinstance(model.quantizer, study.VectorQuantizeAnchor)
+    # uniform noise: the loss can only fall towards its variance, 1/3, from 0.343; it does, steadily
+    assert sum(losses[-5:]) / 5 < 0.99 * losses[0] and sum(losses[-5:]) < sum(losses[:5]), losses
+    _, _, again = _train_the_anchor_tokenizer()
+    assert again == losses  # same seed, same numbers
+    # what the study reads from a tokenizer: tokens, their decoding, every code decoded alone (Figure 5)
+    with torch.no_grad():
+        tokens = model.get_image_tokens(pixels)
+        assert tokens.shape == (64, 4, 4)
+        torch.testing.assert_close(model.decode_tokens(tokens), model(pixels).reconstruction)
+        assert model.decode_codebook().shape == (16, 3, 4, 4)
+    # the same encoder and decoder as KmeansVQ's model under the same seed: only the quantizer differs
+    torch.manual_seed(0)
+    kmeans = study.build_tokenizer(study.setting_of({"quantizer": "kmeans", "codebook_size": 16}), study.QUICK_MODEL)
+    torch.manual_seed(0)
+    anchor = study.build_tokenizer(
+        study.setting_of({"quantizer": study.ANCHOR, "codebook_size": 16}), study.QUICK_MODEL
+    )
+    assert torch.equal(anchor.encoder.layers[0].weight, kmeans.encoder.layers[0].weight)
+    with pytest.raises(ValueError, match=r"setting\['quantizer'\] must be one of"):
+        study.build_tokenizer(study.setting_of({"quantizer": "vq"}), study.QUICK_MODEL)
+
+
+def test_anchor_runs_are_keyed_by_its_package_version(tmp_path, monkeypatch):
+    installed = importlib.metadata.version("vector-quantize-pytorch")
+    assert study.package_versions()[study.ANCHOR_PACKAGE] == installed
+    anchor, library = study.setting_of({"quantizer": study.ANCHOR}, quick=True), study.setting_of({}, quick=True)
+    before = {name: study.run_path(tmp_path, s, 0, True) for name, s in (("anchor", anchor), ("library", library))}
+    assert before["anchor"].name.startswith("vq_pytorch-K64-")
+
+    measured = []
+    monkeypatch.setattr(study, "measure", lambda setting, seed, quick: measured.append(seed) or {"wall_seconds": 0})
+    first = study.run_one(anchor, 0, True, tmp_path)
+    assert study.run_one(anchor, 0, True, tmp_path) == first and measured == [0]  # reused
+
+    monkeypatch.setattr(study, "anchor_version", lambda: "0.0.1")  # another vector-quantize-pytorch
+    assert study.run_path(tmp_path, anchor, 0, True) != before["anchor"]
+    assert study.run_path(tmp_path, library, 0, True) == before["library"]  # the library's rows do not depend on it
+    assert study.run_one(anchor, 0, True, tmp_path)["versions"][study.ANCHOR_PACKAGE] == "0.0.1" and measured == [0, 0]
+
+    # a file under the current name that records another version (copied) is not trusted
+    current = study.run_path(tmp_path, anchor, 1, True)
+    current.write_text(json.dumps({**first, "seed": 1}))
+    study.run_one(anchor, 1, True, tmp_path)
+    assert measured == [0, 0, 1]
+
+
+def test_the_library_never_imports_vector_quantize_pytorch():
+    package = Path(hf_hypervq.__file__).resolve().parent
+    importing = [str(path.relative_to(package)) for path in package.rglob("*.py")
+                 if re.search(r"^\s*(from|import)\s+vector_quantize_pytorch", path.read_text(), re.MULTILINE)]  # fmt: skip
+    assert importing == []
+
+
+def test_the_anchor_row_is_context_not_a_claim():
+    from hf_hypervq.training.report import QUANTIZER_NAMES, check_claims
+
+    assert set(QUANTIZER_NAMES) == set(study.STUDY_QUANTIZERS)
+    table = synthetic_table(True)
+    for k in (64, 512):  # the anchor beats everything: no verdict changes, the ranking's evidence names it
+        table[(study.ANCHOR, k)] = {m: (v, 0.0, 3) for m, v in {"reconstruction_mse": 0.001, "accuracy": 0.99,
+                                                                 "perplexity": 500.0}.items()}  # fmt: skip
+    claims = check_claims(table, [64, 512], scatter=None)
+    assert [verdict for _, verdict, _ in claims] == ["holds"] * 7
+    assert claims[-1][2].endswith("; VectorQuantize (anchor): 99.0%")
+    assert "anchor" not in check_claims(synthetic_table(True), [64, 512], scatter=None)[-1][2]
+
+
+def test_decoded_codebooks_figure(tmp_path):
+    from hf_hypervq.training.report import codes_by_usage, plot_decoded_codebooks
+
+    assert codes_by_usage([0, 5, 2, 5, 0]) == [1, 3, 2, 0, 4]  # most used first, ties in code order
+    images = [Image.new("RGB", (4, 4), (16 * i, 0, 0)) for i in range(16)]
+    path = tmp_path / "codebooks.png"
+    plot_decoded_codebooks({"hyperbolic": (images, list(range(16))), study.ANCHOR: (images, [1] * 16)}, path)
+    with Image.open(path) as picture:
+        assert picture.width > 0 and picture.height > 0
+    with pytest.raises(ValueError, match=r"codebooks\['kmeans'\]`: 16 code images but 3 code counts"):
+        plot_decoded_codebooks({"kmeans": (images, [1, 2, 3])}, path)
 
 
 @pytest.mark.parametrize("quantizer_type", ["hyperbolic", "kmeans"])

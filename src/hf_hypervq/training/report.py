@@ -11,14 +11,19 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from ..models.hypervq.hyperbolic import expmap0_projected  # noqa: E402
 from ..models.hypervq.quantizers import QUANTIZERS  # noqa: E402
 from .outputs import write_text  # noqa: E402
-from .plots import draw_codebook_usage  # noqa: E402
+from .plots import draw_codebook_usage, image_grid  # noqa: E402
 
 
-QUANTIZER_NAMES = {name: spec.paper_name for name, spec in QUANTIZERS.items()}  # the report's row names
+PAPER_QUANTIZERS = {name: spec.paper_name for name, spec in QUANTIZERS.items()}  # the paper's claims are about these
+# Reference rows from outside the library, in the same VQ-VAE: `scripts/study.py` adapts them (the library does not
+# depend on their packages). `vq_pytorch` is vector-quantize-pytorch's `VectorQuantize`, the one practitioners use.
+ANCHORS = {"vq_pytorch": "VectorQuantize (anchor)"}
+QUANTIZER_NAMES = {**PAPER_QUANTIZERS, **ANCHORS}  # the report's row names, in the tables' order
 
 
 # Paper values quoted next to ours (CIFAR-100 / MNIST; hypervq-paper.txt Tables 1, 3, 4, 5, 7).
@@ -75,7 +80,7 @@ def check_claims(table: dict, codebook_sizes: list[int], scatter: dict | None) -
     """(claim, verdict, evidence) for each claim of the paper, decided from the measured means."""
     claims = []
     big = max(codebook_sizes)
-    name = QUANTIZER_NAMES
+    name = PAPER_QUANTIZERS  # the anchor row is context, never part of a verdict
 
     ratios = {k: _mean(table, "hyperbolic", k, "reconstruction_mse") / _mean(table, "kmeans", k, "reconstruction_mse")
               for k in codebook_sizes}  # fmt: skip
@@ -124,11 +129,13 @@ def check_claims(table: dict, codebook_sizes: list[int], scatter: dict | None) -
 
     accuracies = {q: _mean(table, q, big, "accuracy") for q in name}
     ranking = sorted(accuracies, key=accuracies.get, reverse=True)
+    anchors = "".join(f"; {anchor}: {100 * accuracy:.1f}%" for anchor, accuracy in
+                      ((ANCHORS[q], _mean(table, q, big, "accuracy")) for q in ANCHORS) if math.isfinite(accuracy))  # fmt: skip
     claims.append((
         f"Ablation: HyperVQ is above HyperEmbMatVQ, KmeansVQ, GumbelVQ and HyperKmeansVQ (Table 7), K={big}",
         _verdict(ranking[0] == "hyperbolic", *accuracies.values()),
         "ranking by accuracy: " + " > ".join(f"{name[q]} {100 * accuracies[q]:.1f}%" for q in ranking)
-        + " (paper: HyperVQ 31.6 > KmeansVQ 30.0 > HyperEmbMatVQ 28.3 > GumbelVQ 26.0 > HyperKmeansVQ 22.4)",
+        + " (paper: HyperVQ 31.6 > KmeansVQ 30.0 > HyperEmbMatVQ 28.3 > GumbelVQ 26.0 > HyperKmeansVQ 22.4)" + anchors,
     ))  # fmt: skip
     return claims
 
@@ -157,6 +164,41 @@ def plot_usage_histograms(code_counts: dict[str, list[int]], path) -> None:
     for axis, (quantizer, counts) in zip(axes, code_counts.items()):
         draw_codebook_usage(axis, counts, f"{QUANTIZER_NAMES[quantizer]}:")
     axes[0].set_ylabel("share of tokens")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def codes_by_usage(code_counts) -> list[int]:
+    """Code ids ordered by how often they were chosen, most used first (ties in code order)."""
+    counts = torch.as_tensor(code_counts)
+    return torch.sort(counts, descending=True, stable=True).indices.tolist()
+
+
+def plot_decoded_codebooks(codebooks: dict[str, tuple[list[Image.Image], list[int]]], path, columns: int = 32) -> None:
+    """The paper's Figure 5, one panel per quantizer: each code decoded on its own as a 1×1 latent
+    (`HyperVQVAEModel.decode_codebook`), most used first by its `code_counts`; codes never chosen are faded.
+    `codebooks` maps a quantizer to (its K code images, its K counts)."""
+    if not codebooks:
+        raise ValueError("`codebooks` is empty: give at least one quantizer's decoded codes")
+    grids, titles = [], []
+    for quantizer, (images, counts) in codebooks.items():
+        if len(images) != len(counts) or not images:
+            raise ValueError(f"`codebooks[{quantizer!r}]`: {len(images)} code images but {len(counts)} code counts")
+        white = Image.new("RGB", images[0].size, "white")
+        tiles = [images[i].convert("RGB") if counts[i] else Image.blend(images[i].convert("RGB"), white, 0.75)
+                 for i in codes_by_usage(counts)]  # fmt: skip
+        grids.append(image_grid([tiles[i : i + columns] for i in range(0, len(tiles), columns)], pad=1))
+        used = sum(1 for count in counts if count)
+        titles.append(f"{QUANTIZER_NAMES.get(quantizer, quantizer)}: {used}/{len(counts)} codes used, most used first")
+    width = 8.0
+    heights = [width * grid.height / grid.width for grid in grids]
+    figure, axes = plt.subplots(len(grids), 1, figsize=(width, sum(heights) + 0.35 * len(grids)), dpi=120,
+                                gridspec_kw={"height_ratios": heights}, squeeze=False)  # fmt: skip
+    for axis, grid, title in zip(axes[:, 0], grids, titles):
+        axis.imshow(grid, interpolation="nearest")
+        axis.set_axis_off()
+        axis.set_title(title, fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -224,10 +266,25 @@ def results_table(table: dict, codebook_sizes: list[int]) -> str:
 
 
 def write_report(
-    path, *, table, codebook_sizes, claims, setup: str, commands: list[str], scatter_text: str, mechanism: str = ""
+    path,
+    *,
+    table,
+    codebook_sizes,
+    claims,
+    setup: str,
+    commands: list[str],
+    scatter_text: str,
+    mechanism: str = "",
+    codebooks_text: str = "",
 ) -> None:
-    """Write `REPORT.md`; `mechanism` is a markdown table of the numbers that explain the results (optional)."""
+    """Write `REPORT.md`; `mechanism` is a markdown table of the numbers that explain the results (optional),
+    `codebooks_text` the caption of `codebooks.png` (`plot_decoded_codebooks`; without it, no such section)."""
     verdicts = "\n".join(f"| {claim} | **{verdict}** | {evidence} |" for claim, verdict, evidence in claims)
+    codebooks = (
+        f"\n## Decoded codes (the paper's Figure 5)\n\n{codebooks_text}\n\n![every code decoded on its own](codebooks.png)\n"
+        if codebooks_text
+        else ""
+    )
     write_text(
         path,
         f"""# Does HyperVQ reproduce? (generated by `scripts/reproduce.py`)
@@ -269,7 +326,7 @@ for comparison with the early-stopped one of the main table.
 {scatter_text}
 
 ![embedding scatter](embedding_scatter.png)
-
+{codebooks}
 ## Commands
 
 The report, as it was made (every run's setting is in `results.json`):

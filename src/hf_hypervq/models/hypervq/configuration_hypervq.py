@@ -7,6 +7,8 @@ from transformers.configuration_utils import SubConfigSpec
 from .quantizers import (
     QUANTIZER_TYPES,
     _check_curvature,
+    _check_diversity_weight,
+    _check_feature_clip,
     _check_normal_init_scale,
     _check_temperature,
     _check_weight,
@@ -25,6 +27,9 @@ def _check_quantizer_fields(config) -> None:
         _check_weight("commitment_weight", config.commitment_weight)
     _check_weight("offset_init_scale", getattr(config, "offset_init_scale", 1.0))
     _check_normal_init_scale(getattr(config, "normal_init_scale", 1.0))
+    if hasattr(config, "diversity_weight"):  # the VQ-VAE's fields; VQ-SA keeps the quantizers' defaults
+        config.diversity_weight = _check_diversity_weight(config.diversity_weight)
+        config.feature_clip = _check_feature_clip(config.feature_clip)
     config.gumbel_temperature = list(_check_temperature(config.gumbel_temperature, name="gumbel_temperature"))
 
 
@@ -69,6 +74,14 @@ class HyperVQVAEConfig(PreTrainedConfig):
             HyperVQ/HyperEmbMatVQ: the hyperplane offsets start Uniform(0, s/sqrt(c·dim)); 0 gives HNN++'s zeros.
         normal_init_scale (`float`, *optional*, defaults to 1.0):
             HyperVQ/HyperEmbMatVQ: multiplies HNN++'s standard deviation of the hyperplane normals.
+        diversity_weight (`float`, *optional*, defaults to 0.0):
+            Gumbel quantizers (HyperVQ, HyperEmbMatVQ, GumbelVQ): weight of wav2vec 2.0's codebook diversity loss
+            `(K - exp(H(p))) / K`, with p the softmax of the logits averaged over the batch's latents, added to the
+            quantizer's loss in training only. 0, the paper's setting, turns it off.
+        feature_clip (`float`, *optional*):
+            HyperVQ/HyperEmbMatVQ: feature clipping (Guo et al., CVPR 2022): latents are rescaled to
+            `min(1, r / ||z||) * z` with this radius r before the map onto the ball, in training and eval alike.
+            `None`, the paper's setting, does not clip.
         gumbel_temperature (`list[float]`, *optional*, defaults to `[2.0, 0.5, 0.999995]`):
             `(tau_max, tau_min, decay)` of the Gumbel temperature, `tau_j = max(tau_max * decay**j, tau_min)` after
             j optimizer updates (Gumbel quantizers only).
@@ -100,6 +113,8 @@ class HyperVQVAEConfig(PreTrainedConfig):
     gumbel_temperature: list[float | int] | tuple[float | int, ...] = (2.0, 0.5, 0.999995)
     offset_init_scale: float = 1.0
     normal_init_scale: float = 1.0
+    diversity_weight: float | int = 0.0
+    feature_clip: float | int | None = None
     classifier_hidden_size: int = 128
 
     def __post_init__(self, **kwargs):

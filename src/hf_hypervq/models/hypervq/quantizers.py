@@ -237,17 +237,29 @@ class VectorQuantizer(nn.Module):
 
 
 class _GumbelTemperature:
-    """The temperature schedule of GumbelVQ and the hyperbolic MLR quantizers: after `j` optimizer updates,
-    `tau_j = max(tau_max * decay**j, tau_min)` (paper, Algorithm 1; fairseq's `set_num_updates`).
+    """What the three Gumbel quantizers (GumbelVQ and the hyperbolic MLR quantizers) share: the temperature
+    schedule and the optional diversity loss (`codebook_diversity_loss`).
 
-    The update count `j` is a buffer, `num_updates`, so it is saved with the weights: a model reloaded with
-    `from_pretrained` (or a checkpoint) and trained further goes on from its temperature instead of restarting at
-    `tau_max`. Each training step computes tau from the buffer on the device, so no Python number changes from one
-    update to the next: a compiled model does not recompile, and nothing waits for the device."""
+    After `j` optimizer updates the temperature is `tau_j = max(tau_max * decay**j, tau_min)` (paper, Algorithm 1;
+    fairseq's `set_num_updates`). The update count `j` is a buffer, `num_updates`, so it is saved with the weights: a
+    model reloaded with `from_pretrained` (or a checkpoint) and trained further goes on from its temperature instead
+    of restarting at `tau_max`. Each training step computes tau from the buffer on the device, so no Python number
+    changes from one update to the next: a compiled model does not recompile, and nothing waits for the device."""
 
-    def _init_temperature(self, temperature: tuple[float, float, float]) -> None:
+    def _init_temperature(self, temperature: tuple[float, float, float], diversity_weight: float) -> None:
         self.temperature = _check_temperature(temperature)
+        self.diversity_weight = _check_diversity_weight(diversity_weight)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def _add_diversity_loss(self, loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """`loss` plus the weighted diversity loss of this call's `(N, K)` logits, in training with a weight > 0."""
+        if self.training and self.diversity_weight:
+            return loss + self.diversity_weight * codebook_diversity_loss(logits)
+        return loss
+
+    def extra_repr(self) -> str:
+        extra = f", diversity_weight={self.diversity_weight}" if self.diversity_weight else ""
+        return super().extra_repr() + extra
 
     def set_num_updates(self, num_updates: int) -> None:
         """Set the Gumbel temperature for the `num_updates`-th optimizer update."""
@@ -274,6 +286,25 @@ class _GumbelTemperature:
             return _GumbelStraightThrough.apply(logits, codebook, *self._gumbel_inputs(logits))
         indices = argmax(logits)
         return codebook.index_select(0, indices), indices
+
+
+def codebook_diversity_loss(logits: torch.Tensor) -> torch.Tensor:
+    r"""wav2vec 2.0's codebook diversity loss of `(N, K)` logits: :math:`(K - \exp H(\bar p)) / K`, where
+    :math:`\bar p` is the softmax of the logits (no Gumbel noise, no temperature) averaged over all N rows and H its
+    entropy. It is 0 when the average softmax is uniform over the K codes and approaches 1 - 1/K when one code takes
+    it all, so minimising it spreads the probability mass, and with it the hard samples, over the codebook.
+
+    The term of wav2vec 2.0 (Baevski et al., NeurIPS 2020) as fairseq computes it, with one group:
+    `GumbelVectorQuantizer.forward`'s `prob_perplexity` (the exponentiated entropy of `avg_probs`, the batch mean of
+    the softmax) in `Wav2Vec2Model.get_extra_losses`' `(num_vars - prob_perplexity) / num_vars`. (The paper's Eq. 4
+    writes it with :math:`-H(\bar p)` instead of the perplexity; both are smallest for a uniform :math:`\bar p`.)
+    In float32, on the device, without a host synchronisation: the softmax through `log_softmax` (no overflow
+    whatever the logits), and :math:`\bar p` clamped to float32's smallest normal number inside the log, where
+    fairseq adds 1e-7 (a code without mass then adds exactly 0 to the entropy)."""
+    num_codes = logits.shape[-1]
+    mean_probs = torch.log_softmax(logits.float(), dim=-1).exp().mean(dim=0)  # (K,)
+    entropy = -(mean_probs * mean_probs.clamp_min(torch.finfo(torch.float32).tiny).log()).sum()
+    return (num_codes - entropy.exp()) / num_codes
 
 
 def _check_num_updates(num_updates) -> None:
@@ -339,6 +370,20 @@ def _check_weight(name: str, value: float) -> float:
     return float(value)
 
 
+def _check_diversity_weight(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"`diversity_weight` must be a finite number >= 0 (0 turns the term off), got {value!r}")
+    return float(value)
+
+
+def _check_feature_clip(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"`feature_clip` must be a finite number > 0, or None for no clipping, got {value!r}")
+    return float(value)
+
+
 class _PoincareBall:
     """What the hyperbolic quantizers share: the ball's curvature and projection margin (checked once), the map of
     Euclidean latents onto the ball, and the repr."""
@@ -388,6 +433,17 @@ class HyperVQ(_GumbelTemperature, _PoincareBall, VectorQuantizer):
         normal_init_scale (`float`, *optional*, defaults to 1.0): multiplies HNN++'s standard deviation of the
             normals, and with it the initial scale of the logits (`results/ABLATIONS.md`, rows `normals_x0.25`,
             `normals_x4`).
+        diversity_weight (`float`, *optional*, defaults to 0.0): weight of wav2vec 2.0's codebook diversity loss,
+            :math:`(K - \exp H(\bar p)) / K` with :math:`\bar p` the softmax of the logits averaged over the call's
+            latents (`codebook_diversity_loss`), added to `loss` in training only. 0, the paper's setting, turns it
+            off.
+        feature_clip (`float`, *optional*): feature clipping (Guo et al., "Clipped Hyperbolic Classifiers Are
+            Super-Hyperbolic Classifiers", CVPR 2022): each latent is rescaled to
+            :math:`\min(1, r / \|z\|)\, z` with this radius r before the map onto the ball, in training and eval
+            alike (the gradient is autograd's of that expression). With r below about :math:`3.1/\sqrt{c}` (the
+            float32 projection margin, :math:`\operatorname{atanh}(1 - \epsilon)/\sqrt{c}`) no latent reaches the
+            margin, whose clamp passes no radial gradient. `None`, the paper's setting, does not clip. The
+            commitment loss still compares the unclipped latent with its code.
 
     Choices where the paper is silent, each a documented decision:
 
@@ -429,12 +485,15 @@ class HyperVQ(_GumbelTemperature, _PoincareBall, VectorQuantizer):
         ball_eps: float | None = None,
         offset_init_scale: float = 1.0,
         normal_init_scale: float = 1.0,
+        diversity_weight: float = 0.0,
+        feature_clip: float | None = None,
     ):
         super().__init__(dim, codebook_size)
         self._init_ball(curvature, ball_eps, commitment_weight)
-        self._init_temperature(temperature)
+        self._init_temperature(temperature, diversity_weight)
         self.offset_init_scale = _check_weight("offset_init_scale", offset_init_scale)
         self.normal_init_scale = _check_normal_init_scale(normal_init_scale)
+        self.feature_clip = _check_feature_clip(feature_clip)
         self.normal_directions = nn.Parameter(torch.empty(codebook_size, dim, dtype=torch.float32))  # HNN++'s weight_v
         self.normal_scales = nn.Parameter(torch.empty(codebook_size, dtype=torch.float32))  # HNN++'s weight_g
         self.offsets = nn.Parameter(torch.empty(codebook_size, dtype=torch.float32))
@@ -473,12 +532,26 @@ class HyperVQ(_GumbelTemperature, _PoincareBall, VectorQuantizer):
         return logits.view(*z.shape[:-1], self.codebook_size)
 
     def _folded_mlr(self, z: torch.Tensor):
-        """The logits' matmul operands: `hyperbolic.fold_mlr` of `_to_ball(z)`, with the latents folded in one
-        step (`hyperbolic.fold_latents`: faster, and more accurate near the boundary)."""
+        """The logits' matmul operands: `hyperbolic.fold_mlr` of `_to_ball(z)` (of the clipped z with a
+        `feature_clip`), with the latents folded in one step (`hyperbolic.fold_latents`: faster, and more accurate
+        near the boundary)."""
         return (
-            fold_latents(z, c=self.curvature, eps=self.ball_eps),
+            fold_latents(self._clip_features(z), c=self.curvature, eps=self.ball_eps),
             *fold_hyperplanes(self.normals, self.offsets.float(), c=self.curvature),
         )
+
+    def _clip_features(self, z: torch.Tensor) -> torch.Tensor:
+        """`min(1, r / ||z||) * z` per row with r = `feature_clip`; `z` itself without one. Written as
+        `r / max(||z||, r)`: the factor is exactly 1 for short rows, and nothing divides by a tiny norm (whose
+        gradient would overflow for a zero latent)."""
+        if self.feature_clip is None:
+            return z
+        norms = torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+        return z * (self.feature_clip / norms.clamp_min(self.feature_clip))
+
+    def extra_repr(self) -> str:
+        extra = f", feature_clip={self.feature_clip}" if self.feature_clip is not None else ""
+        return super().extra_repr() + extra
 
     def _quantize(self, z):
         if self.training:  # the logits and the Gumbel draw fused: the values of `_logits` then `_pick_codes`
@@ -495,7 +568,9 @@ class HyperVQ(_GumbelTemperature, _PoincareBall, VectorQuantizer):
         loss = (
             self.commitment_weight * F.mse_loss(z, quantized.detach()) if self.commitment_weight else z.new_zeros(())
         )
-        return quantized, indices, loss, logits
+        # in training the logits are the fused function's output: the term's gradient reaches them as its
+        # `grad_logits`, and through the MLR's backward the latents and the hyperplanes
+        return quantized, indices, self._add_diversity_loss(loss, logits), logits
 
 
 class HyperEmbMatVQ(HyperVQ):
@@ -572,17 +647,24 @@ class GumbelVQ(_GumbelTemperature, VectorQuantizer):
         codebook_size (`int`): number of codes K (>= 2).
         temperature (`tuple[float, float, float]`, *optional*, defaults to `(2.0, 0.5, 0.999995)`):
             `(tau_max, tau_min, decay)`, as for `HyperVQ`.
+        diversity_weight (`float`, *optional*, defaults to 0.0): weight of wav2vec 2.0's codebook diversity loss
+            (`codebook_diversity_loss`), added to `loss` in training only, as for `HyperVQ`. 0 turns it off.
 
     As in fairseq's `GumbelVectorQuantizer` with one group and a one-layer projection: the
-    projection weight starts Normal(0, 1), its bias 0, the codebook Uniform[0, 1). There is no extra loss
-    (vq-wav2vec's Gumbel recipe has no diversity term), so `loss` is 0.
+    projection weight starts Normal(0, 1), its bias 0, the codebook Uniform[0, 1). By default there is no extra loss
+    (vq-wav2vec's Gumbel recipe has no diversity term; wav2vec 2.0 added it), so `loss` is 0.
     """
 
     def __init__(
-        self, dim: int, codebook_size: int, *, temperature: tuple[float, float, float] = (2.0, 0.5, 0.999995)
+        self,
+        dim: int,
+        codebook_size: int,
+        *,
+        temperature: tuple[float, float, float] = (2.0, 0.5, 0.999995),
+        diversity_weight: float = 0.0,
     ):
         super().__init__(dim, codebook_size)
-        self._init_temperature(temperature)
+        self._init_temperature(temperature, diversity_weight)
         self.projection_weight = nn.Parameter(torch.empty(codebook_size, dim, dtype=torch.float32))
         self.projection_bias = nn.Parameter(torch.empty(codebook_size, dtype=torch.float32))
         self.embedding = nn.Parameter(torch.empty(codebook_size, dim, dtype=torch.float32))
@@ -600,7 +682,7 @@ class GumbelVQ(_GumbelTemperature, VectorQuantizer):
     def _quantize(self, z):
         logits = torch.addmm(self.projection_bias.float(), z, self.projection_weight.float().T)  # (N, K)
         quantized, indices = self._pick_codes(logits, self.codebook)
-        return quantized, indices, z.new_zeros(()), logits
+        return quantized, indices, self._add_diversity_loss(z.new_zeros(()), logits), logits
 
 
 class HyperKmeansVQ(_PoincareBall, VectorQuantizer):
@@ -680,14 +762,22 @@ class QuantizerSpec:
 
 
 _KEYWORDS = {"gumbel_temperature": "temperature"}  # config field -> keyword, where the names differ
-_HYPERBOLIC_MLR = ("curvature", "gumbel_temperature", "offset_init_scale", "normal_init_scale", "commitment_weight")
+_HYPERBOLIC_MLR = (
+    "curvature",
+    "gumbel_temperature",
+    "offset_init_scale",
+    "normal_init_scale",
+    "commitment_weight",
+    "diversity_weight",
+    "feature_clip",
+)
 # The one table of quantizers: the config, the models, the scripts, the model card and the report read it.
 QUANTIZERS = {
     spec.name: spec
     for spec in (
         QuantizerSpec("hyperbolic", "HyperVQ", HyperVQ, _HYPERBOLIC_MLR),
         QuantizerSpec("kmeans", "KmeansVQ", KmeansVQ, ("commitment_weight",)),
-        QuantizerSpec("gumbel", "GumbelVQ", GumbelVQ, ("gumbel_temperature",)),
+        QuantizerSpec("gumbel", "GumbelVQ", GumbelVQ, ("gumbel_temperature", "diversity_weight")),
         QuantizerSpec("hyperbolic_kmeans", "HyperKmeansVQ", HyperKmeansVQ, ("curvature", "commitment_weight")),
         QuantizerSpec("hyperbolic_embedding", "HyperEmbMatVQ", HyperEmbMatVQ, _HYPERBOLIC_MLR),
     )
