@@ -262,7 +262,7 @@ def test_the_loop_stops_in_one_line_once_training_has_clearly_diverged(run_train
     """Without a GradScaler (fp32, bf16) a NaN gradient reaches the weights, as in any PyTorch loop, and every
     later loss is NaN: the loop stops once `DIVERGED_AFTER` updates in a row were, instead of training on."""
     monkeypatch.setattr(loop, "DIVERGED_AFTER", 3)
-    with pytest.raises(loop.TrainingDivergedError, match=r"NaN or inf in the last 3 updates \(update 4\)"):
+    with pytest.raises(loop.TrainingDivergedError, match=r"NaN or inf in the last 3 steps \(update 4\)"):
         _train_tiny(run_training_loop, overflowed_steps={2}, steps=10, grad_scaler=False)
 
 

@@ -21,7 +21,7 @@ from .checkpointing import resume, save_checkpoint
 
 logger = get_logger(__name__)
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)  # each process holds only a part of the weights
-# Updates in a row with a NaN or inf loss after which a run has clearly diverged. A GradScaler skips a few while it
+# Training steps (batches) in a row with a NaN or inf loss after which a run has clearly diverged. A GradScaler skips a few while it
 # finds its scale (fp16), and an overflow now and then is normal; a hundred in a row is not.
 DIVERGED_AFTER = 100
 
@@ -211,7 +211,7 @@ class EpochStatistics:
         in_a_row = accelerator.gather(self.consecutive_nonfinite.reshape(1)).max().item()
         if in_a_row >= DIVERGED_AFTER:
             raise TrainingDivergedError(
-                f"training diverged: the loss was NaN or inf in the last {in_a_row} updates (update {step}); lower "
+                f"training diverged: the loss was NaN or inf in the last {in_a_row} steps (update {step}); lower "
                 "--learning_rate, or resume from an earlier checkpoint with --resume_from_checkpoint"
             )
         return int(self.nonfinite.item())

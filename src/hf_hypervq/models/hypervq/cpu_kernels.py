@@ -6,8 +6,8 @@ work (`kernels.py`), but with SLEEF's log and exp, and it sums the gradient of t
 a strided loop. The loops below take one row at a time, in L1 cache, with Cephes' float32 polynomials for log and
 exp (the bits taken apart with integer ops, so that the loops vectorise; about 2e-7 relative error), and add blocks
 of 128 rows into column sums of their own, added up in block order (the same bits on any number of threads). At
-N = 32768, K = 512 that takes the forward from 88 to 40 ms and the backward from 47 to 17 ms on 2 cores
-(docs/performance.md#native-cpu-kernels).
+N = 32768, K = 512 that took the forward from 88 to 40 ms and the backward from 47 to 17 ms on 2 cores in 0.1
+(docs/performance.md#native-cpu-kernels has 0.2's cost of the fixed-order sums).
 
 The source is a string in this module, so that it travels with a model saved with its remote code. It is compiled
 into `$HF_HYPERVQ_CACHE` (default `~/.cache/hf_hypervq`; a folder of the user's in the temporary folder if that one
