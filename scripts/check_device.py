@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Check hf-hypervq on one device in one bounded command, and print one table: a row per check, ok / FAILED / n/a.
 
-    python scripts/check_device.py --device cuda --output device-check.md    # a GPU (at most --time_limit, 9 min)
+    python scripts/check_device.py --device cuda --output device-check.json  # a GPU (at most --time_limit, 9 min)
     python scripts/check_device.py --device mps                              # Apple silicon
-    python scripts/check_device.py --device cpu                              # about 5 minutes on 2 cores
+    python scripts/check_device.py --device cpu                              # about 3 minutes on 2 cores
     python scripts/check_device.py --device cpu --quick                      # what the tests run: under 2 minutes
 
 The checks, in this order, all on the named device:
