@@ -21,13 +21,13 @@ from .checkpointing import resume, save_checkpoint
 
 logger = get_logger(__name__)
 SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)  # each process holds only a part of the weights
-# Training steps (batches) in a row with a NaN or inf loss after which a run has clearly diverged. A GradScaler skips a few while it
-# finds its scale (fp16), and an overflow now and then is normal; a hundred in a row is not.
+# Training steps (batches) in a row with a NaN or inf loss after which a run has clearly diverged. A GradScaler
+# skips a few while it finds its scale (fp16), and an overflow now and then is normal; a hundred in a row is not.
 DIVERGED_AFTER = 100
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss stayed NaN or inf for `DIVERGED_AFTER` updates in a row; the scripts report it in one line."""
+    """The loss stayed NaN or inf for `DIVERGED_AFTER` steps in a row; the scripts report it in one line."""
 
 
 def total_updates(args, train_loader, accelerator: Accelerator) -> int:
@@ -131,7 +131,7 @@ def _train_epoch(
                 shown["train_perplexity"] = f"{outputs.perplexity.item():.1f}"
             nonfinite = epoch_stats.check_divergence(accelerator, completed_steps)
             if nonfinite:
-                shown["nonfinite_updates"] = str(nonfinite)
+                shown["nonfinite_steps"] = str(nonfinite)
             progress.set_postfix({**shown, **shown_eval})
             if args.with_tracking:
                 scalars = {f"train/{k}": float(v) for k, v in shown.items()}
@@ -176,7 +176,7 @@ def _keeping_global_rng(batches):
 
 class EpochStatistics:
     """The running training loss of an epoch, its batch count, the codes its steps used (the Gumbel samples, for
-    the MLR/Gumbel quantizers) and its updates with a NaN or inf loss, kept on the device so that adding to them costs
+    the MLR/Gumbel quantizers) and its steps with a NaN or inf loss, kept on the device so that adding to them costs
     no host sync. Saved in every checkpoint, so a resumed run knows where in which epoch it stopped (for a stream,
     there is no other way).
 
@@ -206,7 +206,7 @@ class EpochStatistics:
             self.code_counts += code_counts(tokens.detach(), self.codebook_size)
 
     def check_divergence(self, accelerator: Accelerator, step: int) -> int:
-        """The epoch's non-finite updates so far (on this process); raises `TrainingDivergedError` once any process
+        """The epoch's non-finite steps so far (on this process); raises `TrainingDivergedError` once any process
         has had `DIVERGED_AFTER` of them in a row. Every process calls it at the same steps (it gathers)."""
         in_a_row = accelerator.gather(self.consecutive_nonfinite.reshape(1)).max().item()
         if in_a_row >= DIVERGED_AFTER:
@@ -217,7 +217,7 @@ class EpochStatistics:
         return int(self.nonfinite.item())
 
     def summary(self, accelerator: Accelerator) -> dict:
-        """The epoch's training loss (over its finite steps), its count of updates with a NaN or inf loss and, for
+        """The epoch's training loss (over its finite steps), its count of steps with a NaN or inf loss and, for
         a tokenizer, its training-sample usage, summed over the processes; empty before the epoch's first batch."""
         if not self.count:
             return {}
