@@ -1,20 +1,32 @@
 """The experiment runner that `scripts/ablate.py` and `scripts/reproduce.py` share: one protocol for every quantizer.
 
-A *setting* (a dict, `DEFAULTS` overridden per row) fixes the quantizer, its options, the Gumbel temperature rule and
-the number of updates. `run_one(setting, seed)` trains the library's `HyperVQVAEModel` with it on scikit-learn's
-digits, in this process on preloaded tensors (the batches `scripts/train_vqvae.py` would see, without its start-up
-cost), then measures it and trains frozen-feature classifiers on its codes. Same model, data order, optimizer (AdamW,
+A *setting* (a dict, `DEFAULTS` overridden per row) fixes the data set, the quantizer, its options, the Gumbel
+temperature rule and the number of updates. `run_one(setting, seed)` trains the library's `HyperVQVAEModel` with it,
+in this process on preloaded tensors (the batches `scripts/train_vqvae.py` would see, without its start-up cost),
+then measures it and trains frozen-feature classifiers on its codes. Same model, data order, optimizer (AdamW,
 learning rate 1e-3, batch 128) and seeds for every setting; nothing is tuned per quantizer.
 
-The classifier protocols:
+The data sets (`DATASETS`), read through the library's data path (`load_image_dataset`):
 
-- `accuracy_fixed`: 200 updates at learning rate 1e-3 (hf-hypervq 0.1's report);
-- `accuracy` (early stopping): 20% of the training split (stratified, seeded) is held out for validation; for each
-  learning rate in {1e-3, 3e-3, 1e-2} the head trains until validation accuracy has not improved for 10 epochs (at
-  most 300), its best-validation weights are kept, and the learning rate with the best validation accuracy gives
-  the reported test accuracy. The test split never chooses anything.
+- `fashion_mnist`: Fashion-MNIST (Debian's `dataset-fashion-mnist`), 60,000 training and 10,000 test images, 28×28
+  centred on a 32×32 canvas by the image processor (an 8×8 token grid, as the paper's CIFAR runs);
+- `digits`: scikit-learn's digits, 1,437 training and 360 test images at 16×16 (a 4×4 grid).
 
-Each finished run is a JSON file named by a hash of its setting, its model sizes and `code_fingerprint()` (the code
+The classifier protocols, all on the frozen tokenizer's eval-mode quantized latents, all measured on the whole test
+split. The head learns from a fixed, seeded, class-stratified subset of the training split (`CLASSIFIER_IMAGES`: all
+of digits' 1,437, 6,250 of Fashion-MNIST's 60,000, to fit the budget), of which 20% is held out for validation:
+
+- `accuracy`: `scripts/train_classifier.py`'s defaults: features standardised per channel by a BatchNorm without
+  affine parameters (`classifier_normalize_features=True`), 20 epochs at a constant learning rate of 1e-3 (AdamW, no
+  weight decay, batch 128), on the 80%;
+- `accuracy_unnormalized`: the same without the BatchNorm (the paper's head; the script's default before 0.3);
+- `accuracy_early_stopping`: the paper's head with early stopping (hf-hypervq 0.2's study): for each learning rate
+  in {1e-3, 3e-3, 1e-2} the head trains on the 80% until validation accuracy has not improved for
+  `EARLY_STOPPING_PATIENCE` epochs (at most `MAX_EARLY_STOPPING_EPOCHS`), its best-validation weights are kept,
+  and the learning rate with the best validation accuracy gives the reported test accuracy. The test split never chooses anything.
+
+Each finished run is a JSON file (and, beside it, a PNG of its decoded codes: `decoded_codebook`) named by a hash of
+its setting, its model sizes and `code_fingerprint()` (the code
 that computes it), and by its seed. A rerun (or the other script) with the same setting on the same code reuses it,
 and an interrupted study resumes where it stopped; after a change to any of that code every run is recomputed, and
 runs of other code are never read back (their fingerprint is inside each file, with the package versions, and is
@@ -28,11 +40,13 @@ imports vector-quantize-pytorch (a dev dependency).
 """
 
 import ast
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -42,19 +56,21 @@ import sklearn
 import torch
 import torch.nn.functional as F
 import transformers
+from PIL import Image
 
 import hf_hypervq
 from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEForImageClassification, HyperVQVAEModel
 from hf_hypervq.models.hypervq.quantizers import QUANTIZER_TYPES, VectorQuantizer, decay_for_run
-from hf_hypervq.training.data import load_image_dataset
+from hf_hypervq.training.data import FASHION_MNIST, load_image_dataset
 from hf_hypervq.training.evaluation import cluster_scores, metric
-from hf_hypervq.training.metrics import logit_confidence, perturb
+from hf_hypervq.training.metrics import logit_confidence_per_row, perturb
 from hf_hypervq.training.outputs import write_text
 
 
 MODEL = {"hidden_size": 64, "residual_hidden_size": 32, "embedding_dim": 64}
 QUICK_MODEL = {"hidden_size": 16, "residual_hidden_size": 8, "embedding_dim": 16}
 DEFAULTS = {
+    "dataset": FASHION_MNIST,
     "quantizer": "hyperbolic",
     "codebook_size": 512,
     "commitment_weight": None,  # the quantizer's own default
@@ -62,12 +78,45 @@ DEFAULTS = {
     "offset_init_scale": 1.0,
     "normal_init_scale": 1.0,
     "curvature": 1.0,
-    "steps": 1500,
+    "diversity_weight": 0.0,
+    "feature_clip": None,
+    "steps": 2000,
 }
 TAU_MAX, TAU_MIN, PER_UPDATE_DECAY = 2.0, 0.5, 0.999995
 CLASSIFIER_LEARNING_RATES = (1e-3, 3e-3, 1e-2)
+CLASSIFIER_EPOCHS = 20  # scripts/train_classifier.py's default
+EARLY_STOPPING_PATIENCE, MAX_EARLY_STOPPING_EPOCHS = 5, 50
 BATCH_SIZE = 128
-IMAGE_SIZE = 16
+EVAL_CHUNK = 1000  # test images per forward pass: Fashion-MNIST's 10,000 at once would hold GBs of activations
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyData:
+    """How a data set enters the study: its image processor's resize and padding, and how many training images the
+    frozen-feature classifier learns from (None: all of them)."""
+
+    description: str
+    image_size: int
+    pad_to: int | None = None
+    classifier_images: int | None = None
+
+    def image_processor(self) -> HyperVQImageProcessor:
+        """The processor of the study's images: `image_size` pixels a side (centred on a `pad_to` canvas), mapped to
+        [-1, 1]."""
+        size = {"height": self.image_size, "width": self.image_size}
+        if self.pad_to is None:
+            return HyperVQImageProcessor(size=size)
+        return HyperVQImageProcessor(size=size, do_pad=True, pad_size={"height": self.pad_to, "width": self.pad_to})
+
+
+DATASETS = {
+    FASHION_MNIST: StudyData(
+        "Fashion-MNIST (60,000 training / 10,000 test images, 28×28 padded to 32×32, 8×8 tokens)",
+        image_size=28, pad_to=32, classifier_images=6_250,
+    ),
+    "digits": StudyData("scikit-learn's handwritten digits (1,437 training / 360 test images, 16×16, 4×4 tokens)",
+                        image_size=16),
+}  # fmt: skip
 ANCHOR, ANCHOR_PACKAGE = "vq_pytorch", "vector-quantize-pytorch"  # the reference row from outside the library
 STUDY_QUANTIZERS = (*QUANTIZER_TYPES, ANCHOR)  # what a setting's "quantizer" may name
 
@@ -172,27 +221,35 @@ def temperature_for(schedule: str, steps: int) -> list[float]:
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def image_processor() -> HyperVQImageProcessor:
-    """The processor of the study's images: `IMAGE_SIZE` pixels a side, mapped to [-1, 1]."""
-    return HyperVQImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+def _stratified_sample(labels: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """A seeded mask of `fraction` of each class's examples."""
+    chosen = torch.zeros(len(labels), dtype=torch.bool)
+    for label in labels.unique():
+        members = (labels == label).nonzero()[:, 0]
+        members = members[torch.randperm(len(members), generator=generator)]
+        chosen[members[: round(fraction * len(members))]] = True
+    return chosen
 
 
-def load_digits_tensors() -> dict:
-    """The digits' train and test splits as `[-1, 1]` tensors (the image processor's output), and a stratified,
-    seeded 20% validation split carved from the training split for the classifier's early stopping."""
-    processor = image_processor()
+@functools.cache
+def load_tensors(dataset: str) -> dict:
+    """A data set's train and test splits as `[-1, 1]` tensors (its image processor's output), read through the
+    library's data path, and the classifier's splits: a fixed, stratified subset of the training split
+    (`classifier_images`), divided 80/20 (stratified, seeded) into `classifier_train` and `validation`. Cached: a
+    worker process loads each data set once."""
+    spec = DATASETS[dataset]
+    processor = spec.image_processor()
     tensors = {}
     for split in ("train", "test"):
-        data = load_image_dataset(None, split=split, require_labels=True)
+        data = load_image_dataset(None if dataset == "digits" else dataset, split=split, require_labels=True)
         images = [image.convert("RGB") for image in data["image"]]
         tensors[split] = (processor(images=images, return_tensors="pt")["pixel_values"], torch.tensor(data["label"]))
     pixels, labels = tensors["train"]
     generator = torch.Generator().manual_seed(0)
-    validation = torch.zeros(len(labels), dtype=torch.bool)
-    for label in labels.unique():  # stratified: 20% of each class
-        members = (labels == label).nonzero()[:, 0]
-        members = members[torch.randperm(len(members), generator=generator)]
-        validation[members[: round(0.2 * len(members))]] = True
+    if spec.classifier_images is not None:
+        subset = _stratified_sample(labels, spec.classifier_images / len(labels), generator)
+        pixels, labels = pixels[subset], labels[subset]
+    validation = _stratified_sample(labels, 0.2, generator)
     tensors["classifier_train"] = (pixels[~validation], labels[~validation])
     tensors["validation"] = (pixels[validation], labels[validation])
     return tensors
@@ -261,6 +318,8 @@ def build_config(setting: dict, model_options: dict) -> HyperVQVAEConfig:
         curvature=setting["curvature"],
         offset_init_scale=setting["offset_init_scale"],
         normal_init_scale=setting["normal_init_scale"],
+        diversity_weight=setting["diversity_weight"],
+        feature_clip=setting["feature_clip"],
         gumbel_temperature=temperature_for(setting["schedule"], setting["steps"]),
         **model_options,
     )
@@ -318,38 +377,47 @@ def tokenizer_metrics(model, train_tokens, data) -> dict:
     """Test-split quality (MSE, eval-argmax usage, cluster scores on clean and perturbed inputs) and the mechanism
     numbers: training-sample perplexity, latent norms, code-vector norms, logit margin and max probability."""
     pixels = data["test"][0]
-    out = model(pixels)  # carries the latents, codes and logits too
     quantizer, config = model.quantizer, model.config
-    latents = out.latents.permute(0, 2, 3, 1).reshape(-1, config.embedding_dim)
+    reconstructions, latents, tokens, max_probabilities, margins = [], [], [], [], []
+    for chunk in pixels.split(EVAL_CHUNK):
+        out = model(chunk)  # carries the latents, codes and logits too
+        reconstructions.append(out.reconstruction)
+        latents.append(out.latents.permute(0, 2, 3, 1).reshape(-1, config.embedding_dim))
+        tokens.append(out.image_tokens)
+        if out.logits is not None:
+            for store, values in zip((max_probabilities, margins), logit_confidence_per_row(out.logits)):
+                store.append(values)
+    latents, tokens = torch.cat(latents), torch.cat(tokens)
     results = {
         "reconstruction_mse": metric("reconstruction").compute(
-            predictions=out.reconstruction.flatten(1).numpy(),
+            predictions=torch.cat(reconstructions).flatten(1).numpy(),
             references=pixels.flatten(1).numpy(),
             image_shape=tuple(pixels.shape[1:]),
             data_range=2.0,
         )["mse"],
-        **usage(out.image_tokens, config.codebook_size),
+        **usage(tokens, config.codebook_size),
         "train_perplexity": usage(train_tokens, config.codebook_size)["perplexity"],
         "latent_norm": latents.norm(dim=-1).mean().item(),
         "code_vector_norm": quantizer.codebook.norm(dim=-1).mean().item(),
-        "code_counts": torch.bincount(out.image_tokens.reshape(-1), minlength=config.codebook_size).tolist(),
+        "code_counts": torch.bincount(tokens.reshape(-1), minlength=config.codebook_size).tolist(),
     }
     if hasattr(quantizer, "curvature"):  # distance from the origin on the ball, in units of its radius
         ball = quantizer._to_ball(latents)
         results["ball_norm"] = (ball.norm(dim=-1) * quantizer.curvature**0.5).mean().item()
-    if out.logits is not None:
-        results.update(logit_confidence(out.logits))
-    results.update(cluster_scores(latents, out.image_tokens.reshape(-1), ""))
-    noisy = model.encode(perturb(pixels, torch.Generator().manual_seed(0)))
-    noisy_latents = noisy.latents.permute(0, 2, 3, 1).reshape(-1, config.embedding_dim)
-    results.update(cluster_scores(noisy_latents, noisy.image_tokens.reshape(-1), "noisy_"))
+    if max_probabilities:
+        results["mean_max_probability"] = torch.cat(max_probabilities).mean().item()
+        results["logit_margin"] = torch.cat(margins).mean().item()
+    results.update(cluster_scores(latents, tokens.reshape(-1), ""))
+    noisy = [model.encode(chunk) for chunk in perturb(pixels, torch.Generator().manual_seed(0)).split(EVAL_CHUNK)]
+    noisy_latents = torch.cat([n.latents.permute(0, 2, 3, 1).reshape(-1, config.embedding_dim) for n in noisy])
+    results.update(cluster_scores(noisy_latents, torch.cat([n.image_tokens.reshape(-1) for n in noisy]), "noisy_"))
     return results
 
 
 @torch.no_grad()
 def _features(model, pixels) -> torch.Tensor:
     """The classifier's input: the frozen tokenizer's eval-mode quantized latents (fixed, so computed once)."""
-    return torch.cat([model.encode(chunk).quantized_latents for chunk in pixels.split(512)])
+    return torch.cat([model.encode(chunk).quantized_latents for chunk in pixels.split(EVAL_CHUNK)])
 
 
 @torch.no_grad()
@@ -360,57 +428,66 @@ def _accuracy(head, features, labels) -> float:
     return accuracy
 
 
-def _train_head(head, features, labels, learning_rate, seed, *, max_updates=None, validation=None, patience=10):
-    """Train a classifier head on cached features: `max_updates` updates, or (with `validation`) until `patience`
-    epochs bring no better validation accuracy, keeping the best weights; returns that accuracy."""
+def _train_head(head, features, labels, learning_rate, seed, *, epochs, validation=None):
+    """Train a classifier head on cached features for `epochs` epochs, or (with `validation`) until `patience` epochs
+    bring no better validation accuracy (`EARLY_STOPPING_PATIENCE`), keeping the best weights; returns that
+    accuracy."""
     head.train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=0.0)
-    best, best_state, since_best, step = -1.0, None, 0, 0
-    for epoch in range(300):
+    best, best_state, since_best = -1.0, None, 0
+    for epoch in range(epochs):
         for index in batches(len(labels), seed, epoch):
             F.cross_entropy(head(features[index]), labels[index]).backward()
             optimizer.step()
             optimizer.zero_grad()
-            step += 1
-            if step == max_updates:
-                return None
         if validation is not None:
             accuracy = _accuracy(head, *validation)
             if accuracy > best:
                 best, best_state, since_best = accuracy, {k: v.clone() for k, v in head.state_dict().items()}, 0
-            elif (since_best := since_best + 1) >= patience:
+            elif (since_best := since_best + 1) >= EARLY_STOPPING_PATIENCE:
                 break
+    if validation is None:
+        return None
     head.load_state_dict(best_state)
     return best
 
 
 def classifier_metrics(model, seed: int, data: dict) -> dict:
-    """Test accuracy of frozen-feature classifiers on the tokenizer's codes, under both protocols."""
-    features = {split: (_features(model, pixels), labels) for split, (pixels, labels) in data.items()}
+    """Test accuracy of frozen-feature classifiers on the tokenizer's codes, under the three protocols (the module's
+    docstring)."""
+    features = {split: (_features(model, data[split][0]), data[split][1])
+                for split in ("classifier_train", "validation", "test")}  # fmt: skip
     options = {k: v for k, v in model.config.to_dict().items() if k not in ("id2label", "label2id")}
 
-    def new_head():
+    def new_head(normalize: bool) -> torch.nn.Module:
+        """The classifier's trainable part: `HyperVQVAEForImageClassification`'s, the same initial weights."""
         torch.manual_seed(seed)
-        return HyperVQVAEForImageClassification(HyperVQVAEConfig(**{**options, "num_labels": 10})).classifier
+        config = HyperVQVAEConfig(**{**options, "num_labels": 10, "classifier_normalize_features": normalize})
+        classifier = HyperVQVAEForImageClassification(config)
+        return torch.nn.Sequential(classifier.feature_norm, classifier.classifier)
 
-    head = new_head()
-    _train_head(head, *features["train"], 1e-3, seed, max_updates=200)
-    results = {"accuracy_fixed": _accuracy(head, *features["test"])}
+    results = {}
+    for normalize, key in ((True, "accuracy"), (False, "accuracy_unnormalized")):
+        head = new_head(normalize)
+        _train_head(head, *features["classifier_train"], 1e-3, seed, epochs=CLASSIFIER_EPOCHS)
+        results[key] = _accuracy(head, *features["test"])
     best = None
     for learning_rate in CLASSIFIER_LEARNING_RATES:
-        head = new_head()
-        validation = _train_head(
-            head, *features["classifier_train"], learning_rate, seed, validation=features["validation"]
-        )
+        head = new_head(False)
+        validation = _train_head(head, *features["classifier_train"], learning_rate, seed,
+                                 epochs=MAX_EARLY_STOPPING_EPOCHS, validation=features["validation"])  # fmt: skip
         if best is None or validation > best[0]:
             best = (validation, learning_rate, _accuracy(head, *features["test"]))
-    results.update(validation_accuracy=best[0], classifier_learning_rate=best[1], accuracy=best[2])
+    results.update(early_stopping_validation_accuracy=best[0], early_stopping_learning_rate=best[1],
+                   accuracy_early_stopping=best[2])  # fmt: skip
     return results
 
 
 def setting_of(overrides: dict, quick: bool = False) -> dict:
+    """`DEFAULTS` with `overrides`; `quick`: digits, 1/50 of the updates, K <= 64 (a smoke test)."""
     setting = {**DEFAULTS, **overrides}
     if quick:
+        setting["dataset"] = "digits"
         setting["steps"] = max(10, setting["steps"] // 50)
         setting["codebook_size"] = min(setting["codebook_size"], 64)
     return setting
@@ -428,32 +505,41 @@ def run_path(runs_dir, setting: dict, seed: int, quick: bool) -> Path:
 
 
 def measure(setting: dict, seed: int, quick: bool) -> dict:
-    """Train one setting × seed and measure it: the tokenizer's numbers, the classifiers', the wall time."""
+    """Train one setting × seed and measure it: the tokenizer's numbers, the classifiers', the compute time (this
+    process's CPU seconds: a paused or crowded machine does not inflate them)."""
     torch.set_num_threads(1)  # one thread per worker process: the small convolutions scale poorly across threads
-    data = load_digits_tensors()
-    started = time.time()
+    data = load_tensors(setting["dataset"])
+    started = time.process_time()
     model, train_tokens = train_tokenizer(setting, QUICK_MODEL if quick else MODEL, seed, data)
     result = tokenizer_metrics(model, train_tokens, data)
     result.update(classifier_metrics(model, seed, data))
-    result["wall_seconds"] = time.time() - started
+    result["compute_seconds"] = time.process_time() - started
+    result["decoded_codebook"] = codebook_strip(model)  # run_one stores it as a PNG, not in the JSON
     return result
 
 
-def decoded_codebook(setting: dict, seed: int, quick: bool) -> dict:
-    """Train one setting's tokenizer as `run_one` does (no classifiers, nothing stored) and return every code decoded
-    on its own as a 1×1 latent (the paper's Figure 5): `images`, K PIL images of f×f pixels, and `code_counts`, how
-    often the eval argmax picks each code on the test split (what the runs record as `code_counts`)."""
-    torch.set_num_threads(1)  # a worker of the study's pool, like `measure`
-    data = load_digits_tensors()
-    model, _ = train_tokenizer(setting, QUICK_MODEL if quick else MODEL, seed, data)
+def codebook_strip(model) -> Image.Image:
+    """Every code of a tokenizer decoded on its own as a 1×1 latent (the paper's Figure 5), side by side in code order:
+    one f × K·f picture, stored beside the run's JSON."""
     with torch.no_grad():
-        tokens = model.get_image_tokens(data["test"][0])
-        images = image_processor().postprocess_reconstruction(model.decode_codebook())
-    # PIL images and lists, not tensors: they come back from a worker process by plain pickling
-    return {
-        "images": images,
-        "code_counts": torch.bincount(tokens.reshape(-1), minlength=setting["codebook_size"]).tolist(),
-    }
+        codes = model.decode_codebook()  # (K, C, f, f)
+    strip = torch.cat(list(codes), dim=-1)[None]  # (1, C, f, K·f)
+    return HyperVQImageProcessor().postprocess_reconstruction(strip)[0]
+
+
+def decoded_codebook(runs_dir, setting: dict, seed: int, quick: bool) -> dict | None:
+    """A finished run's decoded codes (`codebook_strip`, cut into K pictures of f×f pixels) and `code_counts` (how often
+    the eval argmax picks each code on the test split), for `report.plot_decoded_codebooks`; None if the run has not
+    finished on this code."""
+    path = run_path(runs_dir, setting, seed, quick)
+    picture = path.with_suffix(".png")
+    if not (path.exists() and picture.exists()):
+        return None
+    counts = json.loads(path.read_text())["code_counts"]
+    with Image.open(picture) as strip:
+        size = strip.height
+        images = [strip.crop((i * size, 0, (i + 1) * size, size)) for i in range(strip.width // size)]
+    return {"images": images, "code_counts": counts}
 
 
 def run_one(setting: dict, seed: int, quick: bool, runs_dir) -> dict:
@@ -469,5 +555,9 @@ def run_one(setting: dict, seed: int, quick: bool, runs_dir) -> dict:
     result = {"seed": seed, "setting": setting, **measure(setting, seed, quick)}
     result.update(code_fingerprint=fingerprint, versions=package_versions())
     path.parent.mkdir(parents=True, exist_ok=True)
+    if (picture := result.pop("decoded_codebook", None)) is not None:  # first: the JSON marks a finished run
+        partial = path.with_name(f".partial-{path.stem}.png")
+        picture.save(partial, format="PNG")
+        os.replace(partial, path.with_suffix(".png"))
     write_text(path, json.dumps(result, indent=1))
     return result

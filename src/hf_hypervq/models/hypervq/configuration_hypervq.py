@@ -88,6 +88,11 @@ class HyperVQVAEConfig(PreTrainedConfig):
         classifier_hidden_size (`int`, *optional*, defaults to 128):
             Width of the frozen-feature classifier's head (conv 3×3 + ReLU, global average pool, two linear
             layers; docs/method.md#vq-vae-backbone); unused by the tokenizer.
+        classifier_normalize_features (`bool`, *optional*, defaults to `False`):
+            The frozen-feature classifier: put a BatchNorm without affine parameters (as MAE's linear probe does)
+            between the frozen features and the head, so that the head does not depend on the scale of the code
+            vectors, which differs by a factor of 50 between quantizers. `False` is the paper's head;
+            `scripts/train_classifier.py` turns it on by default.
 
     Example:
 
@@ -116,6 +121,7 @@ class HyperVQVAEConfig(PreTrainedConfig):
     diversity_weight: float | int = 0.0
     feature_clip: float | int | None = None
     classifier_hidden_size: int = 128
+    classifier_normalize_features: bool = False
 
     def __post_init__(self, **kwargs):
         _check_quantizer_fields(self)

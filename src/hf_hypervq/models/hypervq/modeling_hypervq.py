@@ -475,8 +475,9 @@ class HyperVQVAEModel(HyperVQVAEPreTrainedModel):
 
 class HyperVQVAEForImageClassification(HyperVQVAEPreTrainedModel):
     """The paper's frozen-feature classifier (§4.3.2): the quantized latents of a trained tokenizer feed a light
-    head (conv 3×3 + ReLU, global average pool, linear + ReLU, linear). The tokenizer stays frozen and in eval mode;
-    only the head trains.
+    head (conv 3×3 + ReLU, global average pool, linear + ReLU, linear), optionally behind a BatchNorm without affine
+    parameters (`config.classifier_normalize_features`). The tokenizer stays frozen and in eval mode; only the head
+    trains.
 
     `HyperVQVAEForImageClassification.from_pretrained(tokenizer_dir, num_labels=...)` loads a tokenizer's weights,
     freezes them and initialises the head. The whole tokenizer (decoder included) is kept, so a classifier
@@ -487,6 +488,13 @@ class HyperVQVAEForImageClassification(HyperVQVAEPreTrainedModel):
         super().__init__(config)
         self.hypervq = HyperVQVAEModel(config)
         hidden = config.classifier_hidden_size
+        # Per-channel standardisation of the frozen features (running statistics at eval time): code vectors have
+        # norm ~0.1 in HyperVQ and ~5 in GumbelVQ, and a head trained with one learning rate is not fair to both.
+        self.feature_norm = (
+            nn.BatchNorm2d(config.embedding_dim, eps=1e-6, affine=False)  # MAE's eps: HyperVQ's variances are ~1e-4
+            if config.classifier_normalize_features
+            else nn.Identity()
+        )
         self.classifier = nn.Sequential(
             nn.Conv2d(config.embedding_dim, hidden, 3, padding=1),
             nn.ReLU(),
@@ -532,7 +540,7 @@ class HyperVQVAEForImageClassification(HyperVQVAEPreTrainedModel):
             check_ids(labels, "labels", self.config.num_labels, len(pixel_values))
         with torch.no_grad():
             features = self.hypervq.encode(pixel_values).quantized_latents  # (B, D, h, w)
-        logits = self.classifier(features)
+        logits = self.classifier(self.feature_norm(features))
         loss = None if labels is None else self.loss_function(labels, logits, self.config)
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits)
 
