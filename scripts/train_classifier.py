@@ -6,8 +6,11 @@
         --label_column fine_label --output_dir outputs/cifar100-classifier
 
 The tokenizer's encoder and quantizer stay frozen (and in eval mode); only the head (conv 3×3 + ReLU, global average
-pool, two linear layers) trains, with cross-entropy. Images are preprocessed with the tokenizer's own image
-processor. The output folder holds the classifier (`AutoModelForImageClassification.from_pretrained(output_dir)`;
+pool, two linear layers) trains, with cross-entropy. By default a BatchNorm without affine parameters standardises
+each channel of the frozen features before the head (`classifier_normalize_features`, as MAE's linear probe does):
+the code vectors' scale differs about 50-fold between quantizers, and the paper's head trained at one learning rate
+favours the large ones (`results/REPORT.md`, "Classifier protocols"); `--no-normalize_features` gives the paper's
+head. Images are preprocessed with the tokenizer's own image processor. The output folder holds the classifier (`AutoModelForImageClassification.from_pretrained(output_dir)`;
 it also loads as the tokenizer with `AutoModel`), `eval_results.json` (top-1 accuracy) and `all_results.json`.
 """
 
@@ -31,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--classifier_hidden_size", type=int, default=None, help="head width (default: the tokenizer config's, 128)"
     )
+    parser.add_argument(
+        "--normalize_features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="standardise the frozen features per channel before the head (default: on; off: the paper's head)",
+    )
     add_common_arguments(parser, learning_rate=1e-3, epochs=20, batch_size=128)
     return parser
 
@@ -53,7 +62,9 @@ def main(argv=None):
         names = label_names(train_data)
         if names is None:
             raise DataError("the label column is not a ClassLabel feature, so the class names are unknown")
-        head = {} if args.classifier_hidden_size is None else {"classifier_hidden_size": args.classifier_hidden_size}
+        head = {"classifier_normalize_features": args.normalize_features}
+        if args.classifier_hidden_size is not None:
+            head["classifier_hidden_size"] = args.classifier_hidden_size
         model = HyperVQVAEForImageClassification.from_pretrained(
             args.tokenizer,
             num_labels=len(names),

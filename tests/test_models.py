@@ -513,6 +513,37 @@ def test_classifier_checkpoint_round_trip_and_loads_as_a_tokenizer(tokenizer_dir
     assert torch.equal(as_tokenizer.get_image_tokens(x), model.hypervq.get_image_tokens(x))
 
 
+def test_classifier_normalized_features_make_the_head_blind_to_their_scale(tokenizer_dir, tmp_path):
+    """`classifier_normalize_features`: the head's input is standardised per channel, so the same head gives the same
+    logits on features 20 times smaller (HyperVQ's code vectors are 50 times smaller than GumbelVQ's); its running statistics are
+    learned in training, used in eval, saved and loaded."""
+    model = HyperVQVAEForImageClassification.from_pretrained(
+        tokenizer_dir, num_labels=3, classifier_normalize_features=True, **LABELS
+    )
+    assert isinstance(model.feature_norm, torch.nn.BatchNorm2d) and not list(model.feature_norm.parameters())
+    features = torch.randn(8, model.config.embedding_dim, 4, 4) * 3 + 1
+    model.train()
+    logits = model.classifier(model.feature_norm(features))
+    torch.testing.assert_close(model.classifier(model.feature_norm(features / 20)), logits, rtol=1e-4, atol=1e-4)
+    model.feature_norm.running_mean.fill_(0.5)  # as after training on such features
+    model.feature_norm.running_var.fill_(4.0)
+    model.eval()
+    x = images()
+    with torch.no_grad():
+        expected = model(x).logits
+        torch.testing.assert_close(
+            expected, model.classifier((model.hypervq.encode(x).quantized_latents - 0.5) / (4.0 + 1e-6) ** 0.5)
+        )
+    save_tokenizer(model, tmp_path / "classifier")
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "classifier").eval()
+    assert loaded.config.classifier_normalize_features
+    assert torch.equal(loaded.feature_norm.running_var, model.feature_norm.running_var)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, expected)
+    plain = HyperVQVAEForImageClassification.from_pretrained(tokenizer_dir, num_labels=3, **LABELS)
+    assert isinstance(plain.feature_norm, torch.nn.Identity)  # the paper's head, the model's default
+
+
 # ---- VQ-SA ----
 
 

@@ -136,6 +136,9 @@ def test_classifier_and_evaluate_scripts(tokenizer_dir, tmp_path):
     )  # fmt: skip
     model = AutoModelForImageClassification.from_pretrained(output)
     assert model.config.id2label[3] == "3" and not any(p.requires_grad for p in model.hypervq.parameters())
+    # the default head standardises the features with statistics learned in training, saved with the model
+    assert model.config.classifier_normalize_features and int(model.feature_norm.num_batches_tracked) == 10
+    assert model.feature_norm.running_var.ne(1).all()
     tokenizer_weights = load_file(tokenizer_dir / "model.safetensors")
     for name, value in model.hypervq.state_dict().items():  # the tokenizer really stayed frozen
         assert torch.equal(value, tokenizer_weights[name]), name

@@ -1,10 +1,12 @@
 """The reproduction report of `scripts/reproduce.py`: aggregation over seeds, the paper's claims checked one by one,
 plots, and the markdown."""
 
+import dataclasses
 import math
 import statistics
 
 import matplotlib
+from scipy import stats
 
 
 matplotlib.use("Agg")
@@ -26,36 +28,36 @@ ANCHORS = {"vq_pytorch": "VectorQuantize (anchor)"}
 QUANTIZER_NAMES = {**PAPER_QUANTIZERS, **ANCHORS}  # the report's row names, in the tables' order
 
 
-# Paper values quoted next to ours (CIFAR-100 / MNIST; hypervq-paper.txt Tables 1, 3, 4, 5, 7).
-PAPER = {
-    "perplexity_k512": {"hyperbolic": 220.22, "gumbel": 169.59, "kmeans": 58.09},
-    "accuracy_k512": {"hyperbolic": 31.59, "kmeans": 30.04, "hyperbolic_embedding": 28.28, "gumbel": 25.99,
-                      "hyperbolic_kmeans": 22.42},
-    "cluster": {"hyperbolic": (0.565, 0.553, 0.564, 0.560), "kmeans": (0.487, 0.732, 0.310, 0.915)},
-}  # fmt: skip
+# The comparison's rows besides the quantizers' own: the three Gumbel quantizers with wav2vec 2.0's diversity term
+# (`diversity_weight`), which the paper does not mention; each maps to the row without it.
+DIVERSITY_ROWS = {f"{q}+diversity": q for q in ("hyperbolic", "gumbel", "hyperbolic_embedding")}
+ROW_NAMES = {**QUANTIZER_NAMES, **{row: f"{PAPER_QUANTIZERS[q]} + diversity" for row, q in DIVERSITY_ROWS.items()}}
 TOKENIZER_METRICS = ("reconstruction_mse", "perplexity", "codes_used", "silhouette", "davies_bouldin",
                      "noisy_silhouette", "noisy_davies_bouldin")  # fmt: skip
+# The frozen-feature classifier's protocols (`scripts/study.py`): train_classifier.py's defaults first
+ACCURACIES = {
+    "accuracy": "normalised features, 20 epochs (train_classifier.py)",
+    "accuracy_unnormalized": "the paper's head, 20 epochs",
+    "accuracy_early_stopping": "the paper's head, early stopping, learning rate chosen on validation",
+}
+CONFIDENCE = 0.95  # of the paired intervals behind every verdict
 
 
 def aggregate(runs: list[dict]) -> dict:
-    """`{(quantizer, K): {metric: (mean, std, n)}}` over the seeds of each grid cell."""
+    """`{(row, K): {metric: (mean, std, n)}}` over the seeds of each grid cell."""
     cells: dict = {}
     for run in runs:
-        cells.setdefault((run["quantizer"], run["codebook_size"]), []).append(run)
+        cells.setdefault((run["row"], run["codebook_size"]), []).append(run)
     table = {}
     for key, group in cells.items():
         metrics = {}
-        for name in (*TOKENIZER_METRICS, "accuracy", "wall_seconds"):
+        for name in (*TOKENIZER_METRICS, *ACCURACIES, "compute_seconds"):
             values = [r[name] for r in group if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
             if values:
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
                 metrics[name] = (statistics.fmean(values), std, len(values))
         table[key] = metrics
     return table
-
-
-def _mean(table, quantizer, k, metric):
-    return table.get((quantizer, k), {}).get(metric, (math.nan,))[0]
 
 
 def _fmt(cell, digits=3):
@@ -65,105 +67,221 @@ def _fmt(cell, digits=3):
     return f"{mean:.{digits}g} ± {std:.2g}" if n > 1 else f"{mean:.{digits}g}"
 
 
-def _verdict(outcome: bool | str, *values: float) -> str:
-    """The verdict "holds" / "does not hold" (or `outcome` itself, when it is one), unless a compared number is
-    missing or not finite: then "not measurable". `max`, `sorted` and `<` would otherwise rank a NaN (a cell without
-    runs, a failed run, a quantizer that used a single code and so has no cluster scores) as if it were a number."""
-    if any(not math.isfinite(v) for v in values):
+@dataclasses.dataclass(frozen=True)
+class Paired:
+    """The mean over seeds of a per-seed difference `a - b` (or ratio `a / b`) of two rows trained with the same seeds,
+    and its `CONFIDENCE` Student-t interval; `n` pairs. One pair gives an infinite interval, none a NaN mean."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    ratio: bool = False
+
+    def text(self, scale: float = 1.0, digits: int = 2, unit: str = "") -> str:
+        if self.n == 0 or not math.isfinite(self.mean):
+            return "not measured"
+        if self.ratio:
+            mean, interval = f"{self.mean:.{digits}f}×", f"[{self.low:.{digits}f}, {self.high:.{digits}f}]"
+        else:
+            m, lo, hi = (scale * v for v in (self.mean, self.low, self.high))
+            mean, interval = f"{m:+.{digits}f}{unit}", f"[{lo:+.{digits}f}, {hi:+.{digits}f}]"
+        return f"{mean} (1 seed: no interval)" if self.n == 1 else f"{mean} {interval} ({self.n} seeds)"
+
+
+def paired(runs: list[dict], row_a: str, row_b: str, metric: str, k: int, *, ratio: bool = False) -> Paired:
+    """`row_a` against `row_b` on `metric` at codebook size `k`, paired by seed (`Paired`)."""
+
+    def by_seed(row):
+        return {r["seed"]: r.get(metric) for r in runs if r["row"] == row and r["codebook_size"] == k}
+
+    a, b = by_seed(row_a), by_seed(row_b)
+    values = []
+    for seed in sorted(a.keys() & b.keys()):
+        x, y = a[seed], b[seed]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (x, y)) or (ratio and y == 0):
+            return Paired(math.nan, math.nan, math.nan, 0, ratio)  # a failed run: nothing to decide from
+        values.append(x / y if ratio else x - y)
+    if not values:
+        return Paired(math.nan, math.nan, math.nan, 0, ratio)
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return Paired(mean, -math.inf, math.inf, 1, ratio)
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return Paired(mean, mean - half, mean + half, len(values), ratio)
+
+
+def decide(difference: Paired, claimed: str, threshold: float = 0.0) -> str:
+    """The verdict on "the paired quantity is `claimed` ("above" / "below") `threshold`": holds when its interval lies
+    wholly on the claimed side, does not hold when wholly on the other, inconclusive when it straddles the threshold;
+    "not measurable" when a run is missing or failed."""
+    if difference.n == 0 or not math.isfinite(difference.mean):
         return "not measurable"
-    if isinstance(outcome, str):
-        return outcome
-    return "holds" if outcome else "does not hold"
+    above, below = difference.low > threshold, difference.high < threshold
+    if claimed == "above":
+        return "holds" if above else "does not hold" if below else "inconclusive"
+    if claimed == "below":
+        return "holds" if below else "does not hold" if above else "inconclusive"
+    raise ValueError(f"`claimed` must be 'above' or 'below', got {claimed!r}")
 
 
-def check_claims(table: dict, codebook_sizes: list[int], scatter: dict | None) -> list[tuple[str, str, str]]:
-    """(claim, verdict, evidence) for each claim of the paper, decided from the measured means."""
+def combine(verdicts: list[str]) -> str:
+    """One verdict for a claim made of several comparisons: it does not hold if one of them does not, it holds if all
+    do; else it cannot be measured (a comparison lacks runs) or is inconclusive."""
+    for verdict in ("does not hold", "not measurable", "inconclusive"):
+        if verdict in verdicts:
+            return verdict
+    return "holds"
+
+
+METRIC_NAMES = {"reconstruction_mse": "MSE", "accuracy": "accuracy", "perplexity": "perplexity",
+                "silhouette": "silhouette", "davies_bouldin": "Davies-Bouldin", "noisy_silhouette": "noisy silhouette"}  # fmt: skip
+
+
+def _compare(runs, k, a, b, metric, claimed, *, scale=1.0, unit="", ratio=False, threshold=0.0, digits=2):
+    difference = paired(runs, a, b, metric, k, ratio=ratio)
+    sign = "/" if ratio else "−"
+    text = f"{METRIC_NAMES[metric]}, {ROW_NAMES[a]} {sign} {ROW_NAMES[b]}: {difference.text(scale, digits, unit)}"
+    return decide(difference, claimed, threshold), text
+
+
+def check_claims(runs: list[dict], k: int, scatter: dict | None = None) -> list[tuple[str, str, str]]:
+    """(claim, verdict, evidence) for each claim of the paper at codebook size `k`, each decided from intervals on
+    differences paired by seed (`paired`, `decide`). `scatter` adds the dimension-3, K = 16 cluster claims of one
+    tokenizer per quantizer (`{quantizer: metrics}`): one seed, so never more than inconclusive."""
     claims = []
-    big = max(codebook_sizes)
-    name = PAPER_QUANTIZERS  # the anchor row is context, never part of a verdict
 
-    ratios = {k: _mean(table, "hyperbolic", k, "reconstruction_mse") / _mean(table, "kmeans", k, "reconstruction_mse")
-              for k in codebook_sizes}  # fmt: skip
-    holds = all(r <= 1.1 for r in ratios.values())
-    claims.append((
-        "HyperVQ reconstructs about as well as KmeansVQ (Table 1)",
-        _verdict(holds, *ratios.values()),
-        "HyperVQ / KmeansVQ reconstruction MSE: " + ", ".join(f"K={k}: {r:.2f}×" for k, r in ratios.items())
-        + " (\"about as well\" taken as at most 1.1×)",
-    ))  # fmt: skip
+    def claim(text, comparisons, note=""):
+        claims.append((text, combine([v for v, _ in comparisons]), "; ".join(t for _, t in comparisons) + note))
 
-    for k in codebook_sizes:
-        accuracies = {q: _mean(table, q, k, "accuracy") for q in ("hyperbolic", "kmeans", "gumbel")}
-        best = max(accuracies, key=accuracies.get)
-        claims.append((
-            f"HyperVQ gives the best frozen-feature accuracy among KmeansVQ, GumbelVQ, HyperVQ (Table 3), K={k}",
-            _verdict(best == "hyperbolic", *accuracies.values()),
-            ", ".join(f"{name[q]} {100 * a:.1f}%" for q, a in accuracies.items()),
-        ))  # fmt: skip
-
-    perplexities = {q: _mean(table, q, big, "perplexity") for q in ("hyperbolic", "gumbel", "kmeans")}
-    order = sorted(perplexities, key=perplexities.get, reverse=True)
-    claims.append((
-        f"HyperVQ has the highest codebook perplexity, then GumbelVQ, then KmeansVQ (Table 4: 220 / 170 / 58), K={big}",
-        _verdict("holds" if order == ["hyperbolic", "gumbel", "kmeans"] else ("partly holds" if order[0] == "hyperbolic" else "does not hold"), *perplexities.values()),
-        ", ".join(f"{name[q]} {p:.1f}" for q, p in perplexities.items()),
-    ))  # fmt: skip
-
-    grid = {q: {m: v[0] for m, v in table.get((q, big), {}).items()} for q in ("hyperbolic", "kmeans")}
-    sources = [(f"grid, K={big}", grid)] + ([("latent dim 3, K=16 (the paper's setting)", scatter)] if scatter else [])
-    for label, cells in sources:
-        h, km = (cells.get(q, {}) for q in ("hyperbolic", "kmeans"))
-        get = lambda cell, metric: cell.get(metric, math.nan)  # noqa: E731
-        compact = get(h, "silhouette") > get(km, "silhouette") and get(h, "davies_bouldin") < get(km, "davies_bouldin")
-        claims.append((
-            f"HyperVQ's clusters are more compact than KmeansVQ's: higher silhouette, lower Davies-Bouldin (Table 5), {label}",
-            _verdict(compact, *(get(c, m) for c in (h, km) for m in ("silhouette", "davies_bouldin"))),
-            f"silhouette {get(h, 'silhouette'):.3f} vs {get(km, 'silhouette'):.3f}; Davies-Bouldin "
-            f"{get(h, 'davies_bouldin'):.3g} vs {get(km, 'davies_bouldin'):.3g} (paper: 0.565 vs 0.487; 0.553 vs 0.732)",
-        ))  # fmt: skip
-        claims.append((
-            f"HyperVQ's clusters stay more compact under noise (Table 5), {label}",
-            _verdict(get(h, "noisy_silhouette") > get(km, "noisy_silhouette"), get(h, "noisy_silhouette"), get(km, "noisy_silhouette")),
-            f"noisy silhouette {get(h, 'noisy_silhouette'):.3f} vs {get(km, 'noisy_silhouette'):.3f} (paper: 0.564 vs 0.310)",
-        ))  # fmt: skip
-
-    accuracies = {q: _mean(table, q, big, "accuracy") for q in name}
-    ranking = sorted(accuracies, key=accuracies.get, reverse=True)
-    anchors = "".join(f"; {anchor}: {100 * accuracy:.1f}%" for anchor, accuracy in
-                      ((ANCHORS[q], _mean(table, q, big, "accuracy")) for q in ANCHORS) if math.isfinite(accuracy))  # fmt: skip
-    claims.append((
-        f"Ablation: HyperVQ is above HyperEmbMatVQ, KmeansVQ, GumbelVQ and HyperKmeansVQ (Table 7), K={big}",
-        _verdict(ranking[0] == "hyperbolic", *accuracies.values()),
-        "ranking by accuracy: " + " > ".join(f"{name[q]} {100 * accuracies[q]:.1f}%" for q in ranking)
-        + " (paper: HyperVQ 31.6 > KmeansVQ 30.0 > HyperEmbMatVQ 28.3 > GumbelVQ 26.0 > HyperKmeansVQ 22.4)" + anchors,
-    ))  # fmt: skip
+    h = "hyperbolic"
+    claim(f"HyperVQ reconstructs about as well as KmeansVQ (Table 1), K={k}",
+          [_compare(runs, k, h, "kmeans", "reconstruction_mse", "below", ratio=True, threshold=1.1)],
+          " (\"about as well\": the MSE ratio at most 1.1×)")  # fmt: skip
+    points = {"scale": 100, "unit": " points", "digits": 1}
+    claim(f"HyperVQ's codes give a better frozen-feature classifier than KmeansVQ's and GumbelVQ's (Table 3), K={k}",
+          [_compare(runs, k, h, q, "accuracy", "above", **points) for q in ("kmeans", "gumbel")])  # fmt: skip
+    claim(f"HyperVQ has the highest codebook perplexity, then GumbelVQ, then KmeansVQ (Table 4: 220 / 170 / 58), K={k}",
+          [_compare(runs, k, a, b, "perplexity", "above", digits=1) for a, b in ((h, "gumbel"), ("gumbel", "kmeans"))])  # fmt: skip
+    claim(f"HyperVQ's clusters are more compact than KmeansVQ's: higher silhouette, lower Davies-Bouldin (Table 5), K={k}",
+          [_compare(runs, k, h, "kmeans", "silhouette", "above", digits=3),
+           _compare(runs, k, h, "kmeans", "davies_bouldin", "below", digits=3)],
+          " (paper: 0.565 vs 0.487; 0.553 vs 0.732)")  # fmt: skip
+    claim(f"HyperVQ's clusters stay more compact under noise (Table 5), K={k}",
+          [_compare(runs, k, h, "kmeans", "noisy_silhouette", "above", digits=3)], " (paper: 0.564 vs 0.310)")  # fmt: skip
+    if scatter:
+        cells = [{"row": q, "codebook_size": 16, "seed": 0, **metrics} for q, metrics in scatter.items()]
+        claim("HyperVQ's clusters are more compact than KmeansVQ's, latent dimension 3, K=16 (Table 5's setting)",
+              [_compare(cells, 16, h, "kmeans", "silhouette", "above", digits=3),
+               _compare(cells, 16, h, "kmeans", "davies_bouldin", "below", digits=3),
+               _compare(cells, 16, h, "kmeans", "noisy_silhouette", "above", digits=3)])  # fmt: skip
+    table = aggregate(runs)
+    anchors = "".join(f"; context, {name}: {100 * table[(q, k)]['accuracy'][0]:.1f}%" for q, name in ANCHORS.items()
+                      if "accuracy" in table.get((q, k), {}))  # fmt: skip
+    claim(f"Ablation: HyperVQ's codes classify better than HyperEmbMatVQ's, KmeansVQ's, GumbelVQ's and "
+          f"HyperKmeansVQ's (Table 7), K={k}",
+          [_compare(runs, k, h, q, "accuracy", "above", **points)
+           for q in ("hyperbolic_embedding", "kmeans", "gumbel", "hyperbolic_kmeans")],
+          " (paper: HyperVQ 31.6 > KmeansVQ 30.0 > HyperEmbMatVQ 28.3 > GumbelVQ 26.0 > HyperKmeansVQ 22.4)"
+          + anchors)  # fmt: skip
     return claims
 
 
-def plot_metric_vs_k(table: dict, metric: str, ylabel: str, path, scale: float = 1.0) -> None:
-    figure, axis = plt.subplots(figsize=(5, 3.4), dpi=120)
-    for quantizer in QUANTIZER_NAMES:
-        points = sorted((k, cell[metric]) for (q, k), cell in table.items() if q == quantizer and metric in cell)
-        if points:
-            ks = [k for k, _ in points]
-            means = [scale * m for _, (m, _, _) in points]
-            stds = [scale * s for _, (_, s, _) in points]
-            axis.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=QUANTIZER_NAMES[quantizer])
-    axis.set_xscale("log", base=2)
-    axis.set_xlabel("codebook size K")
-    axis.set_ylabel(ylabel)
-    axis.legend(fontsize=7)
+def diversity_table(runs: list[dict], k: int) -> str:
+    """Each Gumbel quantizer with the diversity term against itself without, paired by seed: what the term buys in
+    usage and costs in MSE and accuracy, and whether it "wins on usage without losing MSE or accuracy beyond the
+    noise": yes when the codes used rise (interval above 0) and neither the MSE ratio's interval lies above 1 nor
+    the accuracy difference's below 0; no when the usage does not rise or either loss is beyond the noise; else
+    inconclusive."""
+    lines = ["| quantizer | codes used (share), with − without | MSE, with / without | accuracy, with − without | "
+             "wins on usage, no loss beyond the noise |", "|---|---|---|---|---|"]  # fmt: skip
+    for row, base in DIVERSITY_ROWS.items():
+        usage = paired(runs, row, base, "codes_used", k)
+        mse = paired(runs, row, base, "reconstruction_mse", k, ratio=True)
+        accuracy = paired(runs, row, base, "accuracy", k)
+        if usage.n == 0:
+            continue
+        loses = decide(usage, "above") == "does not hold" or mse.low > 1 or accuracy.high < 0
+        wins = decide(usage, "above") == "holds" and mse.low <= 1 and accuracy.high >= 0
+        verdict = ("not measurable" if min(mse.n, accuracy.n) == 0 else "no" if loses else "yes" if wins
+                   else "inconclusive")  # fmt: skip
+        lines.append(f"| {PAPER_QUANTIZERS[base]} | {usage.text(digits=2)} | {mse.text()} | "
+                     f"{accuracy.text(100, 1, ' points')} | {verdict} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def protocol_table(runs: list[dict], k: int) -> str:
+    """Frozen-feature accuracy of every row under each classifier protocol (mean ± std), and HyperVQ − KmeansVQ
+    under each, paired by seed."""
+    table = aggregate(runs)
+    lines = ["| row | " + " | ".join(ACCURACIES.values()) + " |", "|---|" + "---|" * len(ACCURACIES)]
+    for row, name in ROW_NAMES.items():
+        cell = table.get((row, k))
+        if cell:
+            values = [cell.get(key) for key in ACCURACIES]
+            lines.append(f"| {name} | " + " | ".join(_fmt(v and (100 * v[0], 100 * v[1], v[2]), 3) for v in values)
+                         + " |")  # fmt: skip
+    differences = [paired(runs, "hyperbolic", "kmeans", key, k).text(100, 1, " points") for key in ACCURACIES]
+    lines.append("| HyperVQ − KmeansVQ, paired | " + " | ".join(differences) + " |")
+    return "\n".join(lines)
+
+
+def budget_table(runs: list[dict], k: int, rows=("hyperbolic", "kmeans")) -> str:
+    """The budget curve in numbers: each row's MSE, eval perplexity and accuracy (mean ± std) at each number of
+    updates (`run["setting"]["steps"]`), and HyperVQ − KmeansVQ at each, paired by seed."""
+    steps = sorted({r["setting"]["steps"] for r in runs})
+    lines = ["| updates | " + " | ".join(f"{ROW_NAMES[q]} MSE | {ROW_NAMES[q]} perplexity | {ROW_NAMES[q]} accuracy (%)"
+                                         for q in rows) + " | accuracy, HyperVQ − KmeansVQ | MSE, HyperVQ / KmeansVQ |",
+             "|---|" + "---|" * (3 * len(rows) + 2)]  # fmt: skip
+    for n in steps:
+        at = [r for r in runs if r["setting"]["steps"] == n]
+        table = aggregate(at)
+        cells = []
+        for q in rows:
+            cell = table.get((q, k), {})
+            accuracy = cell.get("accuracy")
+            cells += [_fmt(cell.get("reconstruction_mse")), _fmt(cell.get("perplexity")),
+                      _fmt(accuracy and (100 * accuracy[0], 100 * accuracy[1], accuracy[2]))]  # fmt: skip
+        cells += [paired(at, rows[0], rows[1], "accuracy", k).text(100, 1, " points"),
+                  paired(at, rows[0], rows[1], "reconstruction_mse", k, ratio=True).text()]  # fmt: skip
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_budget(runs: list[dict], k: int, path, rows=("hyperbolic", "kmeans")) -> None:
+    """MSE, eval perplexity and accuracy against the number of updates, mean ± std over seeds, one line per row."""
+    metrics = (("reconstruction_mse", "test MSE", 1), ("perplexity", "eval perplexity", 1),
+               ("accuracy", "accuracy (%)", 100))  # fmt: skip
+    figure, axes = plt.subplots(1, len(metrics), figsize=(11, 3.2), dpi=120)
+    for axis, (metric, label, scale) in zip(axes, metrics):
+        for q in rows:
+            points = []
+            for n in sorted({r["setting"]["steps"] for r in runs}):
+                cell = aggregate([r for r in runs if r["setting"]["steps"] == n]).get((q, k), {}).get(metric)
+                if cell:
+                    points.append((n, scale * cell[0], scale * cell[1]))
+            if points:
+                axis.errorbar(*zip(*points), marker="o", capsize=3, label=ROW_NAMES[q])
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("tokenizer updates")
+        axis.set_ylabel(label)
+    axes[0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
 
 
-def plot_usage_histograms(code_counts: dict[str, list[int]], path) -> None:
-    """One panel per quantizer: the share of tokens per code, codes sorted by frequency."""
-    figure, axes = plt.subplots(1, len(code_counts), figsize=(3 * len(code_counts), 2.6), dpi=120, sharey=True)
-    for axis, (quantizer, counts) in zip(axes, code_counts.items()):
-        draw_codebook_usage(axis, counts, f"{QUANTIZER_NAMES[quantizer]}:")
-    axes[0].set_ylabel("share of tokens")
+def plot_usage_histograms(code_counts: dict[str, list[int]], path, columns: int = 3) -> None:
+    """One panel per row, `columns` to a line: the share of tokens per code, codes sorted by frequency."""
+    lines = math.ceil(len(code_counts) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(3 * columns, 2.6 * lines), dpi=120, sharey=True,
+                                squeeze=False)  # fmt: skip
+    for axis, (row, counts) in zip(axes.flat, code_counts.items()):
+        draw_codebook_usage(axis, counts, f"{ROW_NAMES.get(row, row)}:")
+    for axis in list(axes.flat)[len(code_counts) :]:
+        axis.set_axis_off()
+    for axis in axes[:, 0]:
+        axis.set_ylabel("share of tokens")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -190,7 +308,7 @@ def plot_decoded_codebooks(codebooks: dict[str, tuple[list[Image.Image], list[in
                  for i in codes_by_usage(counts)]  # fmt: skip
         grids.append(image_grid([tiles[i : i + columns] for i in range(0, len(tiles), columns)], pad=1))
         used = sum(1 for count in counts if count)
-        titles.append(f"{QUANTIZER_NAMES.get(quantizer, quantizer)}: {used}/{len(counts)} codes used, most used first")
+        titles.append(f"{ROW_NAMES.get(quantizer, quantizer)}: {used}/{len(counts)} codes used, most used first")
     width = 8.0
     heights = [width * grid.height / grid.width for grid in grids]
     figure, axes = plt.subplots(len(grids), 1, figsize=(width, sum(heights) + 0.35 * len(grids)), dpi=120,
@@ -248,91 +366,33 @@ def plot_embedding_scatter(panels: list[tuple[str, torch.Tensor, torch.Tensor, t
 
 
 def results_table(table: dict, codebook_sizes: list[int]) -> str:
-    header = "| quantizer | K | reconstruction MSE ↓ | accuracy (%) ↑ | perplexity ↑ | codes used | silhouette ↑ | Davies-Bouldin ↓ | noisy silhouette ↑ |"
+    header = ("| row | K | reconstruction MSE ↓ | accuracy (%) ↑ | perplexity ↑ | codes used | silhouette ↑ | "
+              "Davies-Bouldin ↓ | noisy silhouette ↑ |")  # fmt: skip
     lines = [header, "|" + "---|" * 9]
     for k in codebook_sizes:
-        for quantizer in QUANTIZER_NAMES:
-            cell = table.get((quantizer, k))
+        for row, name in ROW_NAMES.items():
+            cell = table.get((row, k))
             if not cell:
                 continue
             accuracy = cell.get("accuracy")
             accuracy = (100 * accuracy[0], 100 * accuracy[1], accuracy[2]) if accuracy else None
             lines.append(
-                f"| {QUANTIZER_NAMES[quantizer]} | {k} | {_fmt(cell.get('reconstruction_mse'))} | {_fmt(accuracy)} | "
+                f"| {name} | {k} | {_fmt(cell.get('reconstruction_mse'))} | {_fmt(accuracy)} | "
                 f"{_fmt(cell.get('perplexity'))} | {_fmt(cell.get('codes_used'), 2)} | {_fmt(cell.get('silhouette'), 2)} | "
                 f"{_fmt(cell.get('davies_bouldin'), 3)} | {_fmt(cell.get('noisy_silhouette'), 2)} |"
             )
     return "\n".join(lines)
 
 
-def write_report(
-    path,
-    *,
-    table,
-    codebook_sizes,
-    claims,
-    setup: str,
-    commands: list[str],
-    scatter_text: str,
-    mechanism: str = "",
-    codebooks_text: str = "",
-) -> None:
-    """Write `REPORT.md`; `mechanism` is a markdown table of the numbers that explain the results (optional),
-    `codebooks_text` the caption of `codebooks.png` (`plot_decoded_codebooks`; without it, no such section)."""
-    verdicts = "\n".join(f"| {claim} | **{verdict}** | {evidence} |" for claim, verdict, evidence in claims)
-    codebooks = (
-        f"\n## Decoded codes (the paper's Figure 5)\n\n{codebooks_text}\n\n![every code decoded on its own](codebooks.png)\n"
-        if codebooks_text
-        else ""
-    )
-    write_text(
-        path,
-        f"""# Does HyperVQ reproduce? (generated by `scripts/reproduce.py`)
+def claims_table(claims: list[tuple[str, str, str]]) -> str:
+    rows = "\n".join(f"| {claim} | **{verdict}** | {evidence} |" for claim, verdict, evidence in claims)
+    return f"| claim | verdict | evidence (ours): mean difference [{CONFIDENCE:.0%} interval] |\n|---|---|---|\n{rows}"
 
-{setup}
 
-## Main table (mean ± standard deviation over seeds)
-
-{results_table(table, codebook_sizes)}
-
-![reconstruction MSE against K](mse_vs_k.png) ![accuracy against K](accuracy_vs_k.png)
-
-![codebook usage](codebook_usage.png)
-
-## The paper's claims, one by one
-
-| claim | verdict | evidence (ours) |
-|---|---|---|
-{verdicts}
-
-- A verdict compares means over seeds; no significance test is made, so read it with the standard deviations.
-- What explains the numbers is in the next section: where a claim fails, look at its quantizer's training-sample
-  against eval perplexity, its latents' place on the ball and how decided its logits are.
-- These runs are small (the setup above); the paper trains on CIFAR-100 and ImageNet for hundreds of epochs. A claim
-  that does not hold here may still hold at the paper's scale, and the reverse.
-
-## Mechanism (means over seeds)
-
-*Train-sample perplexity* is of the codes the training steps used in their last epoch (Gumbel samples for the MLR
-and Gumbel quantizers), *eval perplexity* of the argmax codes on the test split; *latent norm on the ball* is the mean
-√c‖x‖ (0 at the centre, 1 at the boundary); *mean max prob* is the mean largest softmax probability of the eval
-logits; *dead codes* are never chosen on the test split. The last column is the old fixed-length classifier protocol,
-for comparison with the early-stopped one of the main table.
-
-{mechanism}
-
-## Cluster pictures (latent dimension 3, K = 16)
-
-{scatter_text}
-
-![embedding scatter](embedding_scatter.png)
-{codebooks}
-## Commands
-
-The report, as it was made (every run's setting is in `results.json`):
-
-```bash
-{chr(10).join(commands)}
-```
-""",
-    )
+def write_report(path, *, title: str, setup: str, sections: list[tuple[str, str]], commands: list[str]) -> None:
+    """Write a markdown report: `title`, the `setup` paragraph, each `(heading, body)` section, and the commands that
+    made it."""
+    body = "".join(f"## {heading}\n\n{text.strip()}\n\n" for heading, text in sections)
+    command_lines = "\n".join(commands)
+    write_text(path, f"# {title}\n\n{setup}\n\n{body}## Commands\n\nThe report, as it was made (every run's "
+                     f"setting is in `results.json`):\n\n```bash\n{command_lines}\n```\n")  # fmt: skip
