@@ -18,6 +18,7 @@ from hf_hypervq import (
     HyperVQSAConfig,
     HyperVQSAForImageClassification,
     HyperVQVAEConfig,
+    HyperVQVAEForImageClassification,
     HyperVQVAEModel,
 )
 from hf_hypervq.training.hub import PublishError, build_model_card, push_to_hub
@@ -70,6 +71,23 @@ def test_tokenizer_card_shows_the_collapse_diagnostics(tmp_path):
     text = str(build_model_card(folder, "org/hypervq-tiny"))
     assert "(8 dead codes, never chosen)" in text and "a perplexity of 11.5" in text
     assert "mean largest code probability on that split is 0.61" in text
+
+
+def test_cards_say_which_options_beyond_the_paper_a_model_was_trained_with(tmp_path):
+    paper = str(build_model_card(saved_tokenizer(tmp_path / "paper"), "org/hypervq-tiny"))
+    assert "**Options beyond the paper**: none: the quantizer is trained as the paper describes it" in paper
+    folder = saved_tokenizer(tmp_path / "options")
+    HyperVQVAEModel(HyperVQVAEConfig(**TINY, diversity_weight=0.1, feature_clip=1.0)).save_pretrained(folder)
+    text = str(build_model_card(folder, "org/hypervq-tiny"))
+    assert ("**Options beyond the paper**: wav2vec 2.0's codebook diversity loss, weight 0.1 (`diversity_weight`); "
+            "feature clipping at radius 1.0 before the map onto the ball (`feature_clip`).") in text  # fmt: skip
+
+    classifier = HyperVQVAEForImageClassification(HyperVQVAEConfig(**TINY, num_labels=3))
+    for normalize, expected in ((True, "**Head**: a BatchNorm without affine parameters standardises"),
+                                (False, "**Head**: the paper's head: conv 3×3")):  # fmt: skip
+        classifier.config.classifier_normalize_features = normalize
+        classifier.save_pretrained(tmp_path / f"classifier-{normalize}")
+        assert expected in str(build_model_card(tmp_path / f"classifier-{normalize}", "org/hypervq-classifier"))
 
 
 def test_vqsa_card_names_its_base_model_and_robustness(tmp_path):
