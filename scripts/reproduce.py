@@ -243,7 +243,7 @@ def main(argv=None):
         decoded = decoded_codebook(runs_dir, setting, args.seeds[0], args.quick)
         if decoded is not None:
             codebooks[row] = (decoded["images"], decoded["code_counts"])
-    plot_decoded_codebooks(codebooks, output_dir / "codebooks.png")
+    plot_decoded_codebooks(codebooks, output_dir / "codebooks.png", columns=min(64, k))  # K = 512: 8 lines a panel
     curve = budget_runs + [r for r in runs if r["row"] in BUDGET_ROWS and r["codebook_size"] == k]
     plot_budget(curve, k, output_dir / "budget.png")
 
