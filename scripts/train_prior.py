@@ -4,10 +4,12 @@
     python scripts/train_prior.py --tokenizer outputs/tokenizer --output_dir outputs/prior     # digits, minutes
     accelerate launch scripts/train_prior.py --tokenizer outputs/imagenet --dataset ILSVRC/imagenet-1k \\
         --image_size 128 --num_layers 15 --class_conditional --output_dir outputs/imagenet-prior
+    python scripts/train_prior.py --token_dataset outputs/digits-tokens --output_dir outputs/prior   # tokenized once
 
-The data set is tokenized once, up front, with the frozen tokenizer (spread over the processes and gathered); the
-prior then learns each token given the tokens before it (cross-entropy, raster order), optionally conditioned on the
-image's class. The output folder gets the prior (`AutoModel.from_pretrained(output_dir)`; it records its tokenizer,
+The data set is tokenized once, up front, with the frozen tokenizer (spread over the processes and gathered), or read
+from a token dataset that `scripts/tokenize_dataset.py` made (`--token_dataset`, a folder or Hub id: --tokenizer must
+be the tokenizer that made its tokens, and is that one when left out); the prior then learns each token given the
+tokens before it (cross-entropy, raster order), optionally conditioned on the image's class. The output folder gets the prior (`AutoModel.from_pretrained(output_dir)`; it records its tokenizer,
 a local folder as its absolute path),
 `samples.png` (images decoded from sampled token grids), `eval_results.json` (held-out nats and bits per token) and
 `all_results.json`. Then `scripts/sample.py --prior OUTPUT_DIR` samples more and measures FID/IS.
@@ -26,11 +28,21 @@ from hf_hypervq.training.generation import load_tokenizer, recorded_tokenizer, s
 from hf_hypervq.training.loop import make_scheduler, total_updates, train
 from hf_hypervq.training.outputs import push_if_asked, save_figure, save_model, write_results
 from hf_hypervq.training.plots import save_sample_grid
+from hf_hypervq.training.token_datasets import check_tokenizer, load_token_dataset, token_grids, token_splits
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", required=True, help="a trained tokenizer: a folder or a Hub id")
+    parser.add_argument(
+        "--tokenizer", default=None,
+        help="a trained tokenizer: a folder or a Hub id (with --token_dataset: checked against the one that made "
+        "the tokens; default: that one)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--token_dataset", default=None,
+        help="train on a token dataset made by scripts/tokenize_dataset.py (a folder or a Hub dataset id) instead "
+        "of tokenizing --dataset",
+    )  # fmt: skip
     parser.add_argument("--hidden_size", type=int, default=64, help="channels of the gated layers (default: 64)")
     parser.add_argument("--num_layers", type=int, default=15, help="gated layers (default: 15, as in the paper)")
     parser.add_argument("--head_hidden_size", type=int, default=256, help="width of the output head (default: 256)")
@@ -47,7 +59,37 @@ def parse_args(argv=None):
     check_common_arguments(args, parser)
     if args.streaming:
         parser.error("--streaming is not supported: the prior trains on the tokens of the whole data set")
+    if args.token_dataset is None and args.tokenizer is None:
+        parser.error("--tokenizer is required (or --token_dataset, whose tokens a tokenizer made already)")
+    if args.token_dataset is not None:
+        given = [f"--{name}" for name in ("dataset", "dataset_config", "image_column", "label_column")
+                 if getattr(args, name) is not None]  # fmt: skip
+        if given:
+            parser.error(f"{given[0]} cannot be combined with --token_dataset: the tokens come from it")
     return args
+
+
+def read_token_dataset(args, accelerator):
+    """The tokenizer, its image processor, the training and evaluation tokens and labels, and the label names, from
+    --token_dataset; --tokenizer must be the tokenizer that made the tokens (when left out, that one is loaded)."""
+    with accelerator.main_process_first():  # downloaded and cached once
+        data, metadata = load_token_dataset(args.token_dataset)
+    made_by = metadata["tokenizer"]["name_or_path"]
+    if args.tokenizer:
+        tokenizer, processor = load_tokenizer(args.tokenizer)
+        check_tokenizer(metadata, tokenizer, args.tokenizer, args.token_dataset)
+    else:
+        args.tokenizer = made_by  # recorded by the prior and in the results
+        try:
+            tokenizer, processor = load_tokenizer(made_by, "the token dataset's tokenizer")
+        except (OSError, ValueError) as error:  # e.g. a folder on the machine that made the tokens
+            raise DataError(f"{error}; pass --tokenizer, the tokenizer that made them") from None
+    train_data, eval_data = token_splits(data, args, args.token_dataset)
+    names = label_names(train_data) if args.class_conditional else None
+    if args.class_conditional and names is None:
+        raise DataError(f"--class_conditional needs a ClassLabel label column, which {args.token_dataset} has not")
+    args.dataset = args.token_dataset  # what the results and the card say the prior was evaluated on
+    return tokenizer, processor, token_grids(train_data, metadata), token_grids(eval_data, metadata), names
 
 
 def main(argv=None):
@@ -55,15 +97,20 @@ def main(argv=None):
     with reported_errors():
         check_pretrained_source(args.tokenizer, "--tokenizer")
         accelerator = make_accelerator(args)
-        tokenizer, processor = load_tokenizer(args.tokenizer)  # one line for a prior's folder, or a missing Hub id
-        tokenizer.to(accelerator.device)
-        with accelerator.main_process_first():
-            train_data, eval_data = load_splits(args, require_labels=args.class_conditional)
-        names = label_names(train_data) if args.class_conditional else None
-        if args.class_conditional and names is None:
-            raise DataError("--class_conditional needs a ClassLabel label column")
-        train_tokens, train_labels = tokenize_split(train_data, tokenizer, processor, accelerator, args)
-        eval_tokens, eval_labels = tokenize_split(eval_data, tokenizer, processor, accelerator, args)
+        if args.token_dataset:
+            tokenizer, processor, train_split, eval_split, names = read_token_dataset(args, accelerator)
+            (train_tokens, train_labels), (eval_tokens, eval_labels) = train_split, eval_split
+            tokenizer.to(accelerator.device)
+        else:
+            tokenizer, processor = load_tokenizer(args.tokenizer)  # one line for a prior's folder, or a missing Hub id
+            tokenizer.to(accelerator.device)
+            with accelerator.main_process_first():
+                train_data, eval_data = load_splits(args, require_labels=args.class_conditional)
+            names = label_names(train_data) if args.class_conditional else None
+            if args.class_conditional and names is None:
+                raise DataError("--class_conditional needs a ClassLabel label column")
+            train_tokens, train_labels = tokenize_split(train_data, tokenizer, processor, accelerator, args)
+            eval_tokens, eval_labels = tokenize_split(eval_data, tokenizer, processor, accelerator, args)
         config = HyperVQPriorConfig(
             codebook_size=tokenizer.config.codebook_size,
             hidden_size=args.hidden_size,

@@ -8,9 +8,9 @@ repos, commit files (regular and Git LFS) and download them again, on 127.0.0.1 
     ...
     hub.stop()
 
-Model and space repos are supported (`/api/{models,spaces}/...` and the `spaces/` URL prefix): the library pushes
-models, and its `evaluate` metrics as Spaces; dataset repos, which it never writes, are left out. Every commit stores a full file snapshot, so old revisions stay readable and branch heads
-move atomically. File contents live in `<root>/blobs/<sha256>`, repo metadata in `<root>/state.json`, so a new
+Model, space and dataset repos are supported (`/api/{models,spaces,datasets}/...` and the `spaces/` and `datasets/`
+URL prefixes): the library pushes models, its `evaluate` metrics as Spaces, and token datasets. Every commit stores a
+full file snapshot, so old revisions stay readable and branch heads move atomically. File contents live in `<root>/blobs/<sha256>`, repo metadata in `<root>/state.json`, so a new
 `LocalHub` on the same folder serves the same repos.
 
 Not implemented: Xet (clients must run with `HF_HUB_DISABLE_XET=1`), multipart LFS, pagination, discussions,
@@ -48,7 +48,7 @@ WHOAMI = {
     "orgs": [{"type": "org", "name": "org"}],
     "auth": {"type": "access_token", "accessToken": {"displayName": "dummy", "role": "write"}},
 }
-URL_PREFIX = {"model": "", "space": "spaces/"}
+URL_PREFIX = {"model": "", "space": "spaces/", "dataset": "datasets/"}
 # Files committed as LFS whatever their size (besides files over `lfs_threshold` and files with NUL bytes).
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".npy", ".npz", ".pkl", ".zip")
 GITATTRIBUTES = b"".join(b"*%s filter=lfs diff=lfs merge=lfs -text\n" % s.encode() for s in LFS_SUFFIXES)
@@ -285,14 +285,14 @@ def _listing(files: dict, path: str, recursive: bool) -> list[str] | None:
 
 
 # Routes: (methods, regex on the still-quoted URL path, handler method). Groups are unquoted before the call.
-_API = r"/api/(models|spaces)/([^/]+/[^/]+)"  # -> kind (plural), repo_id
-_GIT = r"/(?:(spaces)/)?([^/]+/[^/]+?)"  # -> URL prefix, repo_id
+_API = r"/api/(models|spaces|datasets)/([^/]+/[^/]+)"  # -> kind (plural), repo_id
+_GIT = r"/(?:(spaces|datasets)/)?([^/]+/[^/]+?)"  # -> URL prefix, repo_id
 ROUTES = [
     ("GET", r"/api/whoami-v2", "whoami"),
     ("POST", r"/api/repos/create", "create_repo"),
     ("DELETE", r"/api/repos/delete", "delete_repo"),
     ("POST", r"/api/validate-yaml", "validate_yaml"),
-    ("GET", r"/api/(models|spaces)", "list_repos"),
+    ("GET", r"/api/(models|spaces|datasets)", "list_repos"),
     ("GET", _API + r"(?:/revision/(.+))?", "repo_info"),
     ("GET", _API + r"/tree/([^/]+)(?:/(.*))?", "tree"),
     ("POST", _API + r"/paths-info/([^/]+)", "paths_info"),

@@ -1,5 +1,6 @@
 """Publishing to the Hub: a model card generated from a template and the run's result files, and the model folder
-pushed in one commit (`create_repo` + `upload_folder`).
+pushed in one commit (`create_repo` + `upload_folder`); a token dataset the same way, with a dataset card generated
+from its `tokenization.json` (`push_token_dataset`).
 
 Numbers in a card are read from `eval_results.json` / `all_results.json`, never typed. The templates (one per model
 kind) ship inside the package, `hf_hypervq/model_cards/` (the checkout's `model_cards/` links there), so publishing
@@ -11,12 +12,23 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    DatasetCard,
+    DatasetCardData,
+    EvalResult,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+)
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ..models.hypervq.quantizers import QUANTIZERS
+from .data import DataError
 from .evaluation import protocol_line
+from .token_datasets import DATA_DIR, METADATA_FILE, PROCESSOR_SETTINGS, read_metadata, shard_path
 
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "model_cards"
@@ -223,3 +235,89 @@ def push_failed(repo_id: str, error: Exception) -> PublishError:
     """A failed request to the Hub (HTTP error, refused connection, timeout) as one line."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return PublishError(f"pushing to {repo_id} failed: {reason}")
+
+
+def build_dataset_card(folder, repo_id: str, template_dir=TEMPLATES_DIR) -> DatasetCard:
+    """The dataset card of a token dataset folder, from `template_dir/token_dataset.md` and its `tokenization.json`:
+    the tokenizer and how the tokens were made, each split's codebook usage, and how to decode the tokens."""
+    try:
+        metadata = read_metadata(folder)
+    except DataError as error:
+        raise PublishError(str(error)) from None
+    tokenizer, source = metadata["tokenizer"], metadata["source"]["dataset"]
+    spec = QUANTIZERS.get(tokenizer.get("quantizer_type"))
+    quantizer = spec.paper_name if spec else tokenizer.get("quantizer_type")
+    splits = sorted(metadata["splits"], key=lambda split: split != "train")  # train first, as load_dataset lists them
+    files = [{"split": split, "path": f"{DATA_DIR}/{split}-*"} for split in splits]
+    card_data = DatasetCardData(
+        pretty_name=repo_id.split("/")[-1],
+        tags=["hf-hypervq", "image-tokens", "vector-quantization", *([quantizer.lower()] if quantizer else [])],
+        source_datasets=[source] if _is_hub_id(source) else None,
+        configs=[{"config_name": "default", "data_files": files}],  # which files hold which split, for load_dataset
+    )
+    processor = metadata["processor"]
+    return DatasetCard.from_template(
+        card_data,
+        template_path=Path(template_dir) / "token_dataset.md",
+        repo_id=repo_id,
+        pretty_name=repo_id.split("/")[-1],
+        metadata=metadata,
+        tokenizer=tokenizer,
+        tokenizer_is_hub=_is_hub_id(tokenizer["name_or_path"]),
+        quantizer=quantizer,
+        processor={k: processor[k] for k in PROCESSOR_SETTINGS if processor.get(k) not in (None, False)},
+        has_labels=_has_labels(folder, metadata),
+        split_order=splits,
+    )
+
+
+def _has_labels(folder, metadata: dict) -> bool:
+    import pyarrow.parquet as pq
+
+    split, shards = next(iter(metadata["splits"].items()))
+    return "label" in pq.read_schema(shard_path(folder, split, 0, shards["num_shards"])).names
+
+
+def push_token_dataset(
+    folder,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    template_dir=TEMPLATES_DIR,
+) -> str:
+    """Push a token dataset folder (its Parquet shards and `tokenization.json`) with a generated `README.md` dataset
+    card to the Hub dataset repository `repo_id`, in one commit; returns its URL. Shards of an earlier push that this
+    one does not have are deleted in the same commit. Everything is checked before the first request."""
+    check_repo_id(repo_id)
+    card = build_dataset_card(folder, repo_id, template_dir)
+    metadata = read_metadata(folder)
+    files = [shard_path(folder, split, index, s["num_shards"])
+             for split, s in metadata["splits"].items() for index in range(s["num_shards"])]  # fmt: skip
+    missing = [path for path in files if not path.is_file()]
+    if missing:
+        raise PublishError(f"{folder} is damaged: {missing[0]} is missing")
+    uploads = {f"{DATA_DIR}/{path.name}": str(path) for path in files}
+    uploads[METADATA_FILE] = str(Path(folder) / METADATA_FILE)
+    api = HfApi(token=token)
+    try:
+        repo_url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_url.repo_id, branch=revision, repo_type="dataset", exist_ok=True)
+        there = api.list_repo_files(repo_url.repo_id, repo_type="dataset", revision=revision)
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=path) for name, path in uploads.items()]
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
+        operations += [CommitOperationDelete(path_in_repo=name) for name in there
+                       if name.startswith(f"{DATA_DIR}/") and name not in uploads]  # fmt: skip
+        commit = api.create_commit(
+            repo_url.repo_id,
+            operations,
+            commit_message=commit_message or f"Upload {repo_id.split('/')[-1]} with hf-hypervq",
+            repo_type="dataset",
+            revision=revision,
+        )
+    except Exception as error:  # HTTP errors, refused connections, timeouts: one clear line
+        raise push_failed(repo_id, error) from None
+    return commit.commit_url

@@ -1,0 +1,405 @@
+"""Token datasets: an image data set tokenized once by a frozen tokenizer and kept as a `datasets` data set, so that
+token models (the prior, or any MaskGIT- or LlamaGen-style model) train on it many times without the tokenizer.
+
+A token dataset is a folder laid out as a Hub dataset repository, which is what `hub.push_token_dataset` uploads:
+
+    data/train-00000-of-00015.parquet ...  one Parquet file per shard: `input_ids`, the token grid flattened row-major
+                                           in the smallest unsigned integer type that holds K, and `label` when the
+                                           source has one
+    tokenization.json                      how the tokens were made: the tokenizer (where from, its revision, the
+                                           SHA-256 of its weights), image size, grid, K, the image processor, the
+                                           source, and each split's codebook usage
+
+so `datasets.load_dataset(folder_or_repo_id)` reads it anywhere, and `load_token_dataset` adds `tokenization.json`.
+`tokenization.json` is written last: a folder without it is unfinished, and rerunning the same tokenization resumes
+it, keeping the shards that are done (their files are renamed into place only when complete).
+"""
+
+import contextlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset, List, Value
+from datasets.fingerprint import Hasher
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError
+from tqdm.auto import tqdm
+
+from ..metrics.codebook_usage.codebook_usage import usage_from_counts
+from .data import DataError
+from .generation import recorded_tokenizer, weights_sha256
+
+
+METADATA_FILE = "tokenization.json"
+PARTIAL_METADATA_FILE = ".partial-tokenization.json"  # what an unfinished run is doing, for its resume
+DATA_DIR = "data"
+FORMAT = "hf-hypervq token dataset"
+FORMAT_VERSION = 1
+DEFAULT_SHARD_SIZE = 10_000
+# The split names datasets accepts (and that can name a file).
+SPLIT_NAME = re.compile(r"\w+(\.\w+)*")
+# The image processor settings the dataset card shows (the whole processor is in tokenization.json).
+PROCESSOR_SETTINGS = ("size", "resample", "do_center_crop", "crop_size", "do_pad", "pad_size", "do_convert_rgb",
+                      "image_mean", "image_std")  # fmt: skip
+
+
+def token_dtype(codebook_size: int) -> str:
+    """The smallest unsigned integer type that holds K: the ids are 0 to K - 1, and K itself fits too, so a token
+    model can use it as an extra (mask or start) token without a cast."""
+    for dtype in ("uint8", "uint16", "uint32"):
+        if codebook_size <= np.iinfo(dtype).max:
+            return dtype
+    raise ValueError(f"a codebook of {codebook_size} codes does not fit 32-bit token ids")
+
+
+def shard_path(folder, split: str, index: int, count: int) -> Path:
+    """Where shard `index` of `count` of a split goes: datasets' own naming, which it reads as that split."""
+    return Path(folder) / DATA_DIR / f"{split}-{index:05d}-of-{count:05d}.parquet"
+
+
+def tokenizer_record(name_or_path, tokenizer) -> dict:
+    """How a token dataset records its tokenizer: where it came from (a local folder as its absolute path, a Hub id
+    as given, with the commit it was loaded at), the SHA-256 of its weights (which identifies it anywhere), its
+    quantizer and downsampling factor, and its own evaluation when its folder or repository has `eval_results.json`."""
+    from .evaluation import protocol_line
+
+    folder = Path(name_or_path).expanduser()
+    revision, evaluation = None, {}
+    if folder.is_dir():
+        results_file = folder / "eval_results.json"
+    else:  # the snapshot transformers loaded it from: .../snapshots/<commit>/config.json
+        cached = try_to_load_from_cache(str(name_or_path), "config.json")
+        revision = Path(cached).parent.name if isinstance(cached, str) else None
+        try:
+            results_file = Path(hf_hub_download(str(name_or_path), "eval_results.json", revision=revision))
+        except Exception:  # offline, not published with it, ...: the card then goes without
+            results_file = None
+    if results_file is not None and results_file.is_file():
+        with contextlib.suppress(ValueError):
+            results = json.loads(results_file.read_text())
+            keys = ("reconstruction_mse", "psnr", "perplexity", "codes_used")
+            evaluation = {k: results[k] for k in keys if isinstance(results.get(k), (int, float))}
+            if isinstance(results.get("protocol"), dict):
+                evaluation["protocol"] = protocol_line(results["protocol"])
+    return {
+        "name_or_path": recorded_tokenizer(name_or_path),
+        "revision": revision,
+        "weights_sha256": weights_sha256(tokenizer),
+        "quantizer_type": tokenizer.config.quantizer_type,
+        "downsampling_factor": tokenizer.config.downsampling_factor,
+        "evaluation": evaluation or None,
+    }
+
+
+class TokenizeBatch:
+    """`datasets.map(batched=True)`'s function: a batch of `image`s -> `input_ids`, each image's token grid from the
+    tokenizer in eval mode (the quantizer's argmax, no noise), flattened row-major, as `dtype`."""
+
+    def __init__(self, tokenizer, processor, grid: tuple, dtype: str, progress=None):
+        self.tokenizer, self.processor, self.grid, self.dtype = tokenizer.eval(), processor, tuple(grid), dtype
+        self.progress, self.count = progress, 0
+
+    def __call__(self, batch: dict) -> dict:
+        tokens = self.tokens(batch["image"])
+        if tuple(tokens.shape[1:]) != self.grid:
+            raise DataError(
+                f"an image gave a {'×'.join(map(str, tokens.shape[1:]))} token grid where the first gave "
+                f"{'×'.join(map(str, self.grid))}: the processor must bring every image to one size (--image_size)"
+            )
+        self.count += len(tokens)
+        if self.progress is not None:
+            self.progress.update(len(tokens))
+        return {"input_ids": tokens.flatten(1).cpu().numpy().astype(self.dtype)}
+
+    def pixel_values(self, images) -> torch.Tensor:
+        """PIL images as the tokenizer's input `(B, C, H, W)`, on its device."""
+        images = [image.convert("RGB") if self.processor.do_convert_rgb else image for image in images]
+        return self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.tokenizer.device)
+
+    @torch.no_grad()
+    def tokens(self, images) -> torch.Tensor:
+        """The token grids `(B, h, w)` of PIL images, as `get_image_tokens` gives them."""
+        return self.tokenizer.get_image_tokens(self.pixel_values(images))
+
+
+def _first_image(data, split: str):
+    try:
+        return next(iter(data))["image"] if isinstance(data, IterableDataset) else data[0]["image"]
+    except (StopIteration, IndexError):
+        raise DataError(f"split {split!r} has no images") from None
+
+
+def _num_shards(data, shard_size: int) -> int:
+    # A stream is cut where its source is (its files): a stream cannot be sliced without reading what comes before.
+    return data.num_shards if isinstance(data, IterableDataset) else math.ceil(len(data) / shard_size)
+
+
+def _shard(data, index: int, count: int, shard_size: int):
+    if isinstance(data, IterableDataset):
+        return data.shard(count, index)  # contiguous: the stream's own order, shard after shard
+    return data.select(range(index * shard_size, index * shard_size + _shard_rows(data, index, shard_size)))
+
+
+def _shard_rows(data, index: int, shard_size: int) -> int | None:
+    return None if isinstance(data, IterableDataset) else min(shard_size, len(data) - index * shard_size)
+
+
+@contextlib.contextmanager
+def _datasets_progress_bars_off():
+    """One progress bar for the whole tokenization instead of datasets' per shard."""
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+def _resumable(metadata: dict) -> dict:
+    """What a resumed run must share with the one it resumes: everything but the outcome and the command."""
+    kept = {k: v for k, v in metadata.items() if k not in ("splits", "command")}
+    return {**kept, "splits": {split: {"num_shards": s["num_shards"]} for split, s in metadata["splits"].items()}}
+
+
+def _check_resumable(folder: Path, settings: dict) -> None:
+    for name in (METADATA_FILE, PARTIAL_METADATA_FILE):
+        if (folder / name).is_file():
+            try:
+                before = _resumable(json.loads((folder / name).read_text()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise DataError(f"{folder / name} is damaged: delete the folder to start over") from None
+            different = [key for key in {**settings, **before} if before.get(key) != settings.get(key)]
+            if different:
+                raise DataError(
+                    f"--output_dir {folder} holds tokens made differently ({', '.join(sorted(different))} differ): "
+                    "choose another folder, or delete this one to start over"
+                )
+            return
+
+
+def write_token_dataset(
+    splits: dict, tokenizer, processor, output_dir, accelerator, *, record: dict, source: dict, batch_size: int = 256,
+    shard_size: int = DEFAULT_SHARD_SIZE, command: str | None = None,
+) -> dict:  # fmt: skip
+    """Tokenize each split of `splits` (`{name: Dataset or IterableDataset}` with an `image` column, and `label` when
+    there is one) into the token dataset folder `output_dir`; returns its metadata (`tokenization.json`).
+
+    Each split is cut into shards (`shard_size` images; a stream where its source files are) that the processes
+    take in turn, so several processes write exactly what one would. A shard is tokenized with `datasets.map`
+    (batched, in `batch_size`s, cached by datasets like any map) and written under a temporary name, then renamed:
+    a rerun skips the shards that are there. `record` is `tokenizer_record(...)`, `source` says where the images came
+    from; both go into `tokenization.json` with the image size, the grid, K and each split's codebook usage."""
+    folder = Path(output_dir)
+    first_split = next(iter(splits))
+    probe = TokenizeBatch(tokenizer, processor, (), "int64")  # the first image gives the image size and the grid
+    pixel_values = probe.pixel_values([_first_image(splits[first_split], first_split)])
+    with torch.no_grad():
+        grid = tuple(tokenizer.get_image_tokens(pixel_values).shape[1:])  # (h, w)
+    codebook_size = tokenizer.config.codebook_size
+    image_size, factor = list(pixel_values.shape[2:]), tokenizer.config.downsampling_factor
+    if any(size % factor for size in image_size):
+        raise DataError(
+            f"the images are {image_size[0]}×{image_size[1]} after processing, not a multiple of the tokenizer's "
+            f"downsampling factor {factor}: pass --image_size"
+        )
+    dtype = token_dtype(codebook_size)
+    counts = {split: _num_shards(data, shard_size) for split, data in splits.items()}
+    empty = [split for split, count in counts.items() if count == 0]
+    if empty:
+        raise DataError(f"split {empty[0]!r} has no images")
+    streaming = any(isinstance(data, IterableDataset) for data in splits.values())
+    settings = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tokenizer": record,
+        "codebook_size": codebook_size,
+        "image_size": image_size,
+        "grid": list(grid),
+        "dtype": dtype,
+        "processor": json.loads(processor.to_json_string()),
+        "source": source,
+        "shard_size": None if streaming else shard_size,
+        "splits": {split: {"num_shards": count} for split, count in counts.items()},
+    }
+    _check_resumable(folder, settings)  # on every process, before any writes
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json(folder / PARTIAL_METADATA_FILE, settings)
+    (folder / DATA_DIR).mkdir(parents=True, exist_ok=True)
+
+    mine = [(split, index) for split, count in counts.items() for index in range(count)]
+    mine = mine[accelerator.process_index :: accelerator.num_processes]
+    total = None if streaming else sum(_shard_rows(splits[split], index, shard_size) for split, index in mine)
+    with (
+        _datasets_progress_bars_off(),
+        tqdm(total=total, unit="images", desc="tokenizing", disable=not accelerator.is_local_main_process) as bar,
+    ):
+        for split, index in mine:
+            path = shard_path(folder, split, index, counts[split])
+            data = splits[split]
+            if path.exists():  # done by an earlier, interrupted run
+                bar.update(_shard_rows(data, index, shard_size) or 0)
+                continue
+            label = (data.features or {}).get("label")
+            features = Features({"input_ids": List(Value(dtype), length=math.prod(grid))})
+            if "label" in (data.column_names or []):
+                features["label"] = label if isinstance(label, (ClassLabel, Value)) else Value("int64")
+            tokenize = TokenizeBatch(tokenizer, processor, grid, dtype, progress=bar)
+            shard = _shard(data, index, counts[split], shard_size)
+            mapping = dict(batched=True, batch_size=batch_size, remove_columns=["image"], features=features)
+            if not streaming:  # datasets' cache key: the images and what makes tokens of them, not the model object
+                key = [shard._fingerprint, record["weights_sha256"], settings["processor"], dtype, batch_size]
+                mapping["new_fingerprint"] = Hasher.hash(key)
+            tokens = shard.map(tokenize, **mapping)
+            partial = path.with_name(f".partial-{path.name}.{os.getpid()}")
+            tokens.to_parquet(str(partial))
+            if not streaming:  # a map datasets found in its cache did not call `tokenize`
+                bar.update(len(tokens) - tokenize.count)
+            os.replace(partial, path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        metadata = {**settings, "splits": {split: split_usage(folder, split, counts[split], codebook_size)
+                                           for split in counts}}  # fmt: skip
+        metadata["command"] = command
+        _write_json(folder / METADATA_FILE, metadata)  # last: the folder is complete
+        (folder / PARTIAL_METADATA_FILE).unlink(missing_ok=True)
+        for stale in (folder / DATA_DIR).glob(".partial-*"):  # temporary shards of an interrupted run
+            stale.unlink()
+    accelerator.wait_for_everyone()
+    return read_metadata(folder)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from .outputs import write_json  # (outputs imports hub, which imports this module)
+
+    write_json(path, data)
+
+
+def split_usage(folder, split: str, count: int, codebook_size: int) -> dict:
+    """A split's images, tokens and codebook usage (perplexity, codes used, dead codes), from its shards."""
+    import pyarrow.parquet as pq
+
+    counts, images = np.zeros(codebook_size, dtype=np.int64), 0
+    for index in range(count):
+        column = pq.read_table(shard_path(folder, split, index, count), columns=["input_ids"]).column("input_ids")
+        ids = column.combine_chunks().flatten().to_numpy()
+        counts += np.bincount(ids, minlength=codebook_size)
+        images += len(column)
+    return {"num_shards": count, "num_images": images, "num_tokens": int(counts.sum()), **usage_from_counts(counts)}
+
+
+def read_metadata(folder) -> dict:
+    """`tokenization.json` of a token dataset folder, or `DataError` saying why the folder is not (yet) one."""
+    folder = Path(folder)
+    if not (folder / METADATA_FILE).is_file():
+        if (folder / PARTIAL_METADATA_FILE).is_file():
+            raise DataError(
+                f"{folder} is an unfinished token dataset: rerun the tokenize_dataset.py command to finish it"
+            )
+        raise DataError(f"{folder} is not a token dataset: it has no {METADATA_FILE} (scripts/tokenize_dataset.py writes one)")  # fmt: skip
+    try:
+        metadata = json.loads((folder / METADATA_FILE).read_text())
+    except ValueError as error:
+        raise DataError(f"{folder / METADATA_FILE} is damaged (not JSON: {error})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise DataError(f"{folder / METADATA_FILE} does not describe an hf-hypervq token dataset")
+    return metadata
+
+
+def load_token_dataset(name_or_path) -> tuple[DatasetDict, dict]:
+    """A token dataset (a folder or a Hub dataset id) as a `DatasetDict` of its splits, and its metadata
+    (`tokenization.json`). Any problem is a `DataError` of one line."""
+    folder = Path(name_or_path).expanduser()
+    text = str(name_or_path)
+    try:
+        if folder.is_dir():
+            metadata = read_metadata(folder)
+        elif text.startswith(("/", ".", "~")) or text.count("/") != 1:
+            raise DataError(f"--token_dataset {name_or_path}: no such folder")
+        else:
+            try:
+                metadata = read_metadata(Path(hf_hub_download(text, METADATA_FILE, repo_type="dataset")).parent)
+            except EntryNotFoundError:
+                raise DataError(
+                    f"{name_or_path} is not a token dataset: it has no {METADATA_FILE} (scripts/tokenize_dataset.py "
+                    "writes one)"
+                ) from None
+        data = datasets.load_dataset(str(folder) if folder.is_dir() else text)
+    except DataError:
+        raise
+    except Exception as error:  # the Hub's and datasets' many errors: not found, offline, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"cannot load token dataset {name_or_path!r}: {reason}") from None
+    return data, metadata
+
+
+def check_tokenizer(metadata: dict, tokenizer, name, token_dataset) -> None:
+    """`DataError` unless `tokenizer` (loaded from `name`) is the one that made the tokens of `token_dataset`: the
+    same K, the same grid at the tokens' image size, the same weights."""
+    made_by = metadata["tokenizer"]
+    where = (
+        f"--tokenizer {name} is not the tokenizer that made the tokens of {token_dataset} ({made_by['name_or_path']})"
+    )
+    config = tokenizer.config
+    if config.codebook_size != metadata["codebook_size"]:
+        raise DataError(f"{where}: it has K={config.codebook_size} codes, the tokens K={metadata['codebook_size']}")
+    grid = [size // config.downsampling_factor for size in metadata["image_size"]]
+    if grid != metadata["grid"]:
+        height, width = metadata["image_size"]
+        raise DataError(
+            f"{where}: it turns {height}×{width} images into {grid[0]}×{grid[1]} token grids, the tokens are "
+            f"{metadata['grid'][0]}×{metadata['grid'][1]}"
+        )
+    sha256 = weights_sha256(tokenizer)
+    if sha256 != made_by["weights_sha256"]:
+        raise DataError(
+            f"{where}: its weights differ (SHA-256 {sha256[:12]}…, the tokens' {made_by['weights_sha256'][:12]}…)"
+        )
+
+
+def token_splits(data: DatasetDict, args, name) -> tuple[Dataset, Dataset]:
+    """The training and evaluation splits of a token dataset that the training flags ask for (--train_split,
+    --eval_split or test, else validation, --validation_split_percentage, --max_train_samples, --max_eval_samples);
+    sets `args.eval_split` to the split used, as `data.load_splits` does for images."""
+    if args.train_split not in data:
+        raise DataError(f"split {args.train_split!r} is not in token dataset {name} (splits: {list(data)})")
+    train = data[args.train_split]
+    if args.validation_split_percentage:
+        label = "label" if isinstance(train.features.get("label"), ClassLabel) else None
+        try:
+            parts = train.train_test_split(
+                test_size=args.validation_split_percentage / 100, seed=args.seed, stratify_by_column=label
+            )
+        except ValueError:  # too few examples of a class to stratify
+            parts = train.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+        train, evaluation = parts["train"], parts["test"]
+        args.eval_split = f"{args.train_split} ({args.validation_split_percentage}% held out, seed {args.seed})"
+    else:
+        wanted = [args.eval_split] if args.eval_split is not None else ["test", "validation"]
+        found = next((split for split in wanted if split in data), None)
+        if found is None:
+            raise DataError(
+                f"token dataset {name} has no {' or '.join(map(repr, wanted))} split (splits: {list(data)}): pass "
+                "--eval_split or --validation_split_percentage"
+            )
+        evaluation, args.eval_split = data[found], found
+    if args.max_train_samples:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples:
+        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
+    return train, evaluation
+
+
+def token_grids(split: Dataset, metadata: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A split's token grids `(N, h, w)` as int64 (the ids of `get_image_tokens`) and its labels `(N,)`, or None."""
+    rows = split.with_format("numpy")[:]
+    ids = np.asarray(rows["input_ids"]).reshape(len(split), *metadata["grid"])
+    labels = torch.as_tensor(np.asarray(rows["label"]), dtype=torch.long) if "label" in rows else None
+    return torch.from_numpy(ids.astype(np.int64)), labels

@@ -1,0 +1,346 @@
+"""Token datasets: scripts/tokenize_dataset.py on one and two processes, resumed, pushed to the local Hub server and
+loaded back with `datasets`, priors trained from them, and the tokenizer check."""
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import LocalHub
+from huggingface_hub import DatasetCard
+from safetensors.torch import load_file
+
+from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
+from hf_hypervq.training.data import DataError, load_image_dataset
+from hf_hypervq.training.evaluation import metric
+from hf_hypervq.training.hub import build_dataset_card
+from hf_hypervq.training.token_datasets import check_tokenizer, load_token_dataset, token_dtype, token_grids
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+TINY = dict(hidden_size=16, residual_hidden_size=8, embedding_dim=8, codebook_size=16, num_residual_layers=1)
+# The digits at 8×8 pixels: 2×2 grids of K = 16 codes; shards of 100 images, so the train split has 15, the test 4.
+SHARDS = ["--shard_size", "100"]
+TINY_PRIOR = ["--num_layers", "2", "--hidden_size", "8", "--head_hidden_size", "16", "--num_sample_images", "4"]
+
+
+def run(command, env=ENV, cwd=None, check=True, timeout=300):
+    result = subprocess.run(list(map(str, command)), env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def tokenize(*args, **kwargs):
+    return run([sys.executable, SCRIPTS / "tokenize_dataset.py", *args], **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_tokenizer(folder, seed=0, **config):
+    """A tiny KmeansVQ tokenizer whose codes are 16 latents of digits, so that the digits use many codes (a tokenizer
+    fresh from its initialisation gives every image the same token)."""
+    torch.manual_seed(seed)
+    model = HyperVQVAEModel(HyperVQVAEConfig(quantizer_type="kmeans", **{**TINY, **config})).eval()
+    processor = HyperVQImageProcessor(size={"height": 8, "width": 8})
+    images = load_image_dataset(None, split="train")[:64]["image"]
+    with torch.no_grad():
+        latents = model.encode(
+            processor(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+        )
+        vectors = latents.latents.permute(0, 2, 3, 1).reshape(-1, model.config.embedding_dim)
+        chosen = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(seed))[
+            : model.config.codebook_size
+        ]
+        model.quantizer.embedding.copy_(vectors[chosen])
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def token_dataset(tokenizer_dir, tmp_path_factory):
+    """The digits' train and test splits tokenized by one process."""
+    output = tmp_path_factory.mktemp("tokens")
+    result = tokenize("--tokenizer", tokenizer_dir, "--output_dir", output, *SHARDS)
+    assert "tokenizing with 1 process(es)" in result.stdout
+    return output
+
+
+def metadata_of(folder) -> dict:
+    metadata = json.loads((Path(folder) / "tokenization.json").read_text())
+    metadata.pop("command")  # names the output folder
+    return metadata
+
+
+def shard_files(folder) -> dict:
+    return {path.name: path.read_bytes() for path in sorted((Path(folder) / "data").iterdir())}
+
+
+def test_help_documents_every_flag():
+    spec = importlib.util.spec_from_file_location("tokenize_dataset", SCRIPTS / "tokenize_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    actions = [action for action in module.build_parser()._actions if action.help != "==SUPPRESS=="]
+    assert all(action.help for action in actions) and len(actions) > 15
+
+
+def test_token_ids_take_the_smallest_type_that_holds_k():
+    assert [token_dtype(k) for k in (16, 255, 256, 65535, 65536)] == ["uint8", "uint8", "uint16", "uint16", "uint32"]
+
+
+def test_one_and_two_processes_write_the_same_token_dataset(token_dataset, tokenizer_dir, tmp_path):
+    two = tmp_path / "two"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", free_port(), SCRIPTS / "tokenize_dataset.py", "--cpu",
+        "--tokenizer", tokenizer_dir, "--output_dir", two, *SHARDS,
+    ]  # fmt: skip
+    result = run(command, env={**ENV, "ACCELERATE_USE_CPU": "1"}, timeout=600)
+    assert "tokenizing with 2 process(es)" in result.stdout
+    files = shard_files(token_dataset)
+    assert len(files) == 15 + 4 and "train-00014-of-00015.parquet" in files and "test-00003-of-00004.parquet" in files
+    assert shard_files(two) == files  # byte for byte, so row for row
+    assert metadata_of(two) == metadata_of(token_dataset)
+
+    data, metadata = load_token_dataset(token_dataset)
+    assert {split: len(rows) for split, rows in data.items()} == {"train": 1437, "test": 360}
+    assert str(data["train"].features["input_ids"]) == "List(Value('uint8'), length=4)"
+    assert data["train"].features["label"].names == [str(d) for d in range(10)]
+    assert metadata["codebook_size"] == 16 and metadata["grid"] == [2, 2] and metadata["image_size"] == [8, 8]
+    assert metadata["tokenizer"]["name_or_path"] == str(tokenizer_dir.resolve())
+    assert metadata["tokenizer"]["revision"] is None and len(metadata["tokenizer"]["weights_sha256"]) == 64
+    for split, rows in data.items():  # each split's usage, as the codebook_usage metric computes it
+        ids = rows.with_format("numpy")[:]["input_ids"].ravel()
+        usage = metric("codebook_usage").compute(predictions=ids, codebook_size=16)
+        recorded = metadata["splits"][split]
+        assert recorded["perplexity"] == pytest.approx(usage["perplexity"]) and recorded["perplexity"] > 4
+        assert (recorded["codes_used"], recorded["dead_codes"]) == (usage["codes_used"], usage["dead_codes"])
+        assert recorded["num_tokens"] == usage["num_tokens"] == 4 * len(rows)
+
+
+def test_the_tokens_are_those_of_get_image_tokens(token_dataset, tokenizer_dir):
+    data, metadata = load_token_dataset(token_dataset)
+    tokens, labels = token_grids(data["test"], metadata)
+    images = load_image_dataset(None, split="test")
+    tokenizer = HyperVQVAEModel.from_pretrained(tokenizer_dir).eval()
+    processor = HyperVQImageProcessor.from_pretrained(tokenizer_dir)
+    pixel_values = processor(images=[image.convert("RGB") for image in images["image"]], return_tensors="pt")
+    with torch.no_grad():
+        expected = tokenizer.get_image_tokens(pixel_values["pixel_values"])
+        reconstruction = tokenizer(pixel_values["pixel_values"]).reconstruction
+        decoded = tokenizer.decode_tokens(tokens)
+    assert tokens.dtype == torch.long and tokens.shape == (360, 2, 2)
+    assert torch.equal(tokens, expected) and len(expected.unique()) > 8
+    assert torch.equal(labels, torch.tensor(images["label"]))
+    torch.testing.assert_close(decoded, reconstruction)  # the images the tokens stand for
+
+
+def test_an_interrupted_run_resumes_without_redoing_finished_shards(token_dataset, tokenizer_dir, tmp_path):
+    folder = tmp_path / "tokens"
+    shutil.copytree(token_dataset, folder)
+    # what a run killed in the middle leaves: its settings under their temporary name, some shards not yet there,
+    # and a shard being written
+    os.replace(folder / "tokenization.json", folder / ".partial-tokenization.json")
+    removed = ["train-00003-of-00015.parquet", "train-00007-of-00015.parquet", "test-00002-of-00004.parquet"]
+    for name in removed:
+        (folder / "data" / name).unlink()
+    (folder / "data" / ".partial-train-00003-of-00015.parquet.4242").write_bytes(b"half a shard")
+    with pytest.raises(DataError, match="unfinished token dataset: rerun"):
+        load_token_dataset(folder)
+    kept = {path.name: path.stat() for path in (folder / "data").glob("*.parquet")}
+    tokenize("--tokenizer", tokenizer_dir, "--output_dir", folder, *SHARDS)
+    for name, before in kept.items():  # not written again
+        after = (folder / "data" / name).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name
+    assert shard_files(folder) == shard_files(token_dataset)  # the removed ones are back, and the half one gone
+    assert metadata_of(folder) == metadata_of(token_dataset)
+    assert not (folder / ".partial-tokenization.json").exists()
+
+    # a finished folder holds these tokens only: other settings are refused before anything is written
+    refused = tokenize(
+        "--tokenizer", tokenizer_dir, "--output_dir", folder, *SHARDS, "--image_size", "16", check=False
+    )
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --output_dir {folder} holds tokens made differently (") and "image_size" in last
+    assert shard_files(folder) == shard_files(token_dataset)
+
+
+def test_a_stream_gives_the_same_rows(token_dataset, tokenizer_dir, tmp_path):
+    tokenize("--tokenizer", tokenizer_dir, "--output_dir", tmp_path, "--streaming", "--split", "test")
+    assert sorted(path.name for path in (tmp_path / "data").iterdir()) == ["test-00000-of-00001.parquet"]
+    streamed, metadata = load_token_dataset(tmp_path)
+    assert metadata["source"]["streaming"] and metadata["shard_size"] is None
+    downloaded = load_token_dataset(token_dataset)[0]["test"]
+    assert streamed["test"].features == downloaded.features and streamed["test"][:] == downloaded[:]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no tokenizer", "the folder has no config.json, so it holds no saved model"),
+        ("no images", "has no image column among ['label', 'text']; pass --image_column"),
+        ("no such split", "split 'validation' is not in scikit-learn digits (splits: ['train', 'test'])"),
+    ],
+)
+def test_bad_input_is_one_line(case, message, tokenizer_dir, tmp_path):
+    from datasets import Dataset
+
+    args = ["--tokenizer", tokenizer_dir, "--output_dir", tmp_path / "out"]
+    if case == "no tokenizer":
+        (tmp_path / "empty").mkdir()
+        args[1] = tmp_path / "empty"
+    elif case == "no images":
+        Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}).to_parquet(tmp_path / "text.parquet")
+        args += ["--dataset", tmp_path / "text.parquet", "--split", "train"]
+    else:
+        args += ["--split", "train", "validation"]
+    result = tokenize(*args, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / "data").exists()
+
+
+def test_train_a_prior_from_a_token_dataset_folder(token_dataset, tokenizer_dir, tmp_path):
+    """Without --tokenizer, the one that made the tokens is used (for the prior's samples and its record); the prior
+    is the one that tokenizing the images in the run gives."""
+    output, direct = tmp_path / "prior", tmp_path / "direct"
+    args = ["--max_train_steps", "3", "--class_conditional", *TINY_PRIOR]
+    run([sys.executable, SCRIPTS / "train_prior.py", "--token_dataset", token_dataset, "--output_dir", output, *args])
+    run([sys.executable, SCRIPTS / "train_prior.py", "--tokenizer", tokenizer_dir, "--output_dir", direct, *args])
+    weights = load_file(direct / "model.safetensors")
+    assert all(torch.equal(load_file(output / "model.safetensors")[name], value) for name, value in weights.items())
+    config = json.loads((output / "config.json").read_text())
+    assert (config["codebook_size"], config["grid_size"], config["num_classes"]) == (16, [2, 2], 10)
+    assert config["tokenizer_name_or_path"] == str(tokenizer_dir.resolve())
+    results = json.loads((output / "eval_results.json").read_text())
+    assert results["dataset"] == str(token_dataset) and results["split"] == "test"
+    assert results["num_eval_samples"] == 360 and results["bits_per_token"] > 0
+    assert (output / "samples.png").exists()
+
+
+def test_a_mismatched_tokenizer_is_refused(token_dataset, tokenizer_dir, tmp_path):
+    _, metadata = load_token_dataset(token_dataset)
+    check_tokenizer(metadata, HyperVQVAEModel.from_pretrained(tokenizer_dir), "tok", "tokens")  # the same: accepted
+    others = {
+        "K=32 codes, the tokens K=16": HyperVQVAEModel(HyperVQVAEConfig(**{**TINY, "codebook_size": 32})),
+        "into 4×4 token grids, the tokens are 2×2": HyperVQVAEModel(HyperVQVAEConfig(**TINY, num_downsamples=1)),
+        "its weights differ": HyperVQVAEModel.from_pretrained(make_tokenizer(tmp_path / "other", seed=1)),
+    }
+    for message, tokenizer in others.items():
+        with pytest.raises(DataError, match=re.escape(message)):
+            check_tokenizer(metadata, tokenizer, "other", "tokens")
+    result = run([sys.executable, SCRIPTS / "train_prior.py", "--token_dataset", token_dataset, "--tokenizer",
+                  tmp_path / "other", "--output_dir", tmp_path / "prior", *TINY_PRIOR], check=False)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --tokenizer {tmp_path / 'other'} is not the tokenizer that made the tokens of")
+    assert "its weights differ" in last and not (tmp_path / "prior" / "config.json").exists()
+
+    # without --tokenizer, a recorded one that is not on this machine is one line saying to pass it
+    moved = tmp_path / "moved"
+    shutil.copytree(token_dataset, moved)
+    metadata = json.loads((moved / "tokenization.json").read_text())
+    metadata["tokenizer"]["name_or_path"] = str(tmp_path / "elsewhere")
+    (moved / "tokenization.json").write_text(json.dumps(metadata))
+    result = run([sys.executable, SCRIPTS / "train_prior.py", "--token_dataset", moved, "--output_dir",
+                  tmp_path / "prior", *TINY_PRIOR], check=False)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the token dataset's tokenizer {tmp_path / 'elsewhere'}: no such folder; pass --tokenizer, the "
+        "tokenizer that made them"
+    )
+
+
+def test_the_dataset_card_says_which_tokenizer_how_and_how_much(token_dataset):
+    card = build_dataset_card(token_dataset, "org/digits-tokens")
+    metadata = json.loads((token_dataset / "tokenization.json").read_text())
+    data = card.data.to_dict()
+    assert data["configs"] == [{"config_name": "default", "data_files": [
+        {"split": "train", "path": "data/train-*"}, {"split": "test", "path": "data/test-*"}]}]  # fmt: skip
+    assert {"hf-hypervq", "image-tokens", "kmeansvq"} <= set(data["tags"])
+    text = str(card)
+    assert f"`{metadata['tokenizer']['weights_sha256']}`" in text and "| codebook size K | 16 |" in text
+    train = metadata["splits"]["train"]
+    assert f"| train | 1437 | 5748 | {train['perplexity']:.1f} | 16 of 16 (100.0%) | 0 |" in text
+    assert "eval mode under `torch.no_grad`" in text and "| size | {'height': 8, 'width': 8} |" in text
+    assert 'load_dataset("org/digits-tokens", split="train")' in text and ".view(-1, 2, 2)" in text
+    assert "tokenizer.decode_tokens(tokens)" in text and "--token_dataset org/digits-tokens" in text
+    card.save(token_dataset.parent / "card.md")
+    assert DatasetCard.load(token_dataset.parent / "card.md").data.to_dict() == data
+
+
+def test_push_load_in_a_fresh_process_and_train_a_prior_from_the_hub(token_dataset, tokenizer_dir, tmp_path):
+    folder = tmp_path / "tokens"
+    shutil.copytree(token_dataset, folder)
+    with LocalHub(tmp_path / "hub", lfs_threshold=1024) as hub:
+        env = hub.client_env(tmp_path / "hf_home", base=ENV)
+        # the tokens are all there: rerunning the command only pushes them
+        tokenize("--tokenizer", tokenizer_dir, "--output_dir", folder, *SHARDS, "--push_to_hub", "--repo_id",
+                 "org/digits-tokens", env=env)  # fmt: skip
+        assert shard_files(folder) == shard_files(token_dataset)
+        files = set(hub.snapshot("dataset", "org/digits-tokens", "main")[1])
+        assert files == {
+            ".gitattributes",
+            "README.md",
+            "tokenization.json",
+            *(f"data/{n}" for n in shard_files(folder)),
+        }
+        commits = [r for r in hub.requests if r[0] == "POST" and "/commit/" in r[1]]
+        assert len(commits) == 1  # one commit for the whole data set
+
+        load = (
+            "import json; from datasets import load_dataset; data = load_dataset('org/digits-tokens'); "
+            "print(json.dumps({split: rows[:] for split, rows in data.items()}))"
+        )
+        fresh = run([sys.executable, "-c", load], env={**env, "HF_HOME": str(tmp_path / "fresh")}, cwd=tmp_path)
+        local = load_token_dataset(token_dataset)[0]
+        assert json.loads(fresh.stdout.strip().splitlines()[-1]) == {split: rows[:] for split, rows in local.items()}
+
+        output = tmp_path / "prior"
+        run([sys.executable, SCRIPTS / "train_prior.py", "--token_dataset", "org/digits-tokens", "--tokenizer",
+             tokenizer_dir, "--output_dir", output, "--max_train_steps", "2", *TINY_PRIOR], env=env)  # fmt: skip
+    config = json.loads((output / "config.json").read_text())
+    assert (config["codebook_size"], config["grid_size"]) == (16, [2, 2])
+    results = json.loads((output / "all_results.json").read_text())
+    assert results["dataset"] == "org/digits-tokens" and results["num_eval_samples"] == 360
+
+
+def test_the_readme_commands_run(tmp_path):
+    """The README's token dataset commands, as written, against the local Hub server, with a tiny tokenizer standing
+    in for the main job's `outputs/tokenizer`."""
+    section = (ROOT / "README.md").read_text().split("## Token datasets")[1].split("\n## ")[0]
+    block = re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)[0]
+    commands = [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert [command[:2] for command in commands] == [
+        ["python", "scripts/tokenize_dataset.py"], ["python", "-c"], ["python", "scripts/train_prior.py"]
+    ]  # fmt: skip
+    (tmp_path / "scripts").symlink_to(SCRIPTS)
+    make_tokenizer(tmp_path / commands[0][commands[0].index("--tokenizer") + 1])
+    with LocalHub(tmp_path / "hub") as hub:
+        env = hub.client_env(tmp_path / "hf_home", base=ENV)
+        outputs = [run([sys.executable, *command[1:]], env=env, cwd=tmp_path).stdout for command in commands]
+    assert "pushed to" in outputs[0] and "num_rows: 1437" in outputs[1]
+    prior = tmp_path / commands[2][commands[2].index("--output_dir") + 1]
+    assert json.loads((prior / "config.json").read_text())["grid_size"] == [2, 2]
