@@ -108,6 +108,28 @@ def test_validation_split_is_stratified_and_disjoint_from_the_classifier_trainin
     assert any(torch.equal(held_out[0], row) for row in pixels)
 
 
+def test_the_fashion_mnist_study_data():
+    """What `load_tensors("fashion_mnist")` does to Fashion-MNIST, on a few of its images (the whole set takes a
+    minute and gigabytes): 28×28 grey centred on a 32×32 black canvas in [-1, 1], and a fixed classifier subset of
+    6,250 images, 20% of each class held out for validation."""
+    from hf_hypervq.training.data import load_image_dataset
+
+    images = load_image_dataset("fashion_mnist", split="test").select(range(4))["image"]
+    pixels = study.DATASETS["fashion_mnist"].image_processor()(
+        images=[image.convert("RGB") for image in images], return_tensors="pt"
+    )["pixel_values"]
+    assert pixels.shape == (4, 3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
+    assert (pixels[:, :, :2] == -1).all() and (pixels[:, :, :, -2:] == -1).all()  # the black frame
+    assert (pixels[:, :, 2:30, 2:30] > -1).any()
+
+    labels = torch.arange(60_000) % 10  # Fashion-MNIST's 6,000 images a class
+    generator = torch.Generator().manual_seed(0)
+    subset = study._stratified_sample(labels, study.DATASETS["fashion_mnist"].classifier_images / 60_000, generator)
+    assert subset.sum() == 6_250 and all(subset[labels == c].sum() == 625 for c in range(10))
+    validation = study._stratified_sample(labels[subset], 0.2, generator)
+    assert validation.sum() == 1_250 and all(validation[labels[subset] == c].sum() == 125 for c in range(10))
+
+
 def test_temperature_rules():
     assert study.temperature_for("per_update", 1500) == [2.0, 0.5, 0.999995]
     tau_max, tau_min, decay = study.temperature_for("run_length", 1500)
