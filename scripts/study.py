@@ -13,21 +13,22 @@ The data sets (`DATASETS`), read through the library's data path (`load_image_da
 - `digits`: scikit-learn's digits, 1,437 training and 360 test images at 16×16 (a 4×4 grid).
 
 The classifier protocols, all on the frozen tokenizer's eval-mode quantized latents, all measured on the whole test
-split. The head learns from a fixed, seeded, class-stratified subset of the training split (`CLASSIFIER_IMAGES`: all
-of digits' 1,437, 6,250 of Fashion-MNIST's 60,000, to fit the budget), of which 20% is held out for validation:
+split. The head learns from a fixed, seeded, class-stratified subset of the training split (`classifier_images` in
+`DATASETS`: all of digits' 1,437, 6,250 of Fashion-MNIST's 60,000, to fit the budget), of which 20% is held out for
+validation:
 
 - `accuracy`: `scripts/train_classifier.py`'s defaults: features standardised per channel by a BatchNorm without
   affine parameters (`classifier_normalize_features=True`), 20 epochs at a constant learning rate of 1e-3 (AdamW, no
   weight decay, batch 128), on the 80%;
-- `accuracy_unnormalized`: the same without the BatchNorm (the paper's head; the script's default before 0.3);
+- `accuracy_unnormalized`: the same without the BatchNorm (the paper's head, the script's default until this study);
 - `accuracy_early_stopping`: the paper's head with early stopping (hf-hypervq 0.2's study): for each learning rate
   in {1e-3, 3e-3, 1e-2} the head trains on the 80% until validation accuracy has not improved for
   `EARLY_STOPPING_PATIENCE` epochs (at most `MAX_EARLY_STOPPING_EPOCHS`), its best-validation weights are kept,
-  and the learning rate with the best validation accuracy gives the reported test accuracy. The test split never chooses anything.
+  and the learning rate with the best validation accuracy gives the reported test accuracy. The test split never
+  chooses anything.
 
 Each finished run is a JSON file (and, beside it, a PNG of its decoded codes: `decoded_codebook`) named by a hash of
-its setting, its model sizes and `code_fingerprint()` (the code
-that computes it), and by its seed. A rerun (or the other script) with the same setting on the same code reuses it,
+its setting, its model sizes and `code_fingerprint()` (the code that computes it), and by its seed. A rerun (or the other script) with the same setting on the same code reuses it,
 and an interrupted study resumes where it stopped; after a change to any of that code every run is recomputed, and
 runs of other code are never read back (their fingerprint is inside each file, with the package versions, and is
 checked too). The code that counts is `FINGERPRINT_SOURCES` and this file; a run of the anchor row (below) is also
