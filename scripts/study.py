@@ -430,9 +430,9 @@ def _accuracy(head, features, labels) -> float:
 
 
 def _train_head(head, features, labels, learning_rate, seed, *, epochs, validation=None):
-    """Train a classifier head on cached features for `epochs` epochs, or (with `validation`) until `patience` epochs
-    bring no better validation accuracy (`EARLY_STOPPING_PATIENCE`), keeping the best weights; returns that
-    accuracy."""
+    """Train a classifier head on cached features for `epochs` epochs, or (with `validation`) until
+    `EARLY_STOPPING_PATIENCE` epochs bring no better validation accuracy (at most `epochs`), keeping the best weights;
+    returns that accuracy."""
     head.train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=0.0)
     best, best_state, since_best = -1.0, None, 0
