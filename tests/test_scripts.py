@@ -144,6 +144,8 @@ def test_classifier_and_evaluate_scripts(tokenizer_dir, tmp_path):
         assert torch.equal(value, tokenizer_weights[name]), name
     accuracy = json.loads((output / "eval_results.json").read_text())["accuracy"]
     assert 0 <= accuracy <= 1
+    # the classifier's outputs carry no tokens: its log shows no training-code usage rather than a made-up 1 and 0
+    assert not {"train_perplexity", "train_codes_used"} & set(json.loads((output / "all_results.json").read_text()))
     assert pipeline("image-classification", model=str(output), trust_remote_code=False)(
         str(ROOT / "tests" / "data" / "digit.png")
     )[0]["label"] in {str(d) for d in range(10)}

@@ -226,7 +226,9 @@ class EpochStatistics:
         loss_sum = accelerator.reduce(self.loss_sum.clone(), reduction="sum").item()
         summary = {"train_loss": loss_sum / finite_steps if finite_steps else math.nan, "nonfinite_steps": nonfinite}
         if self.codebook_size:
-            summary.update(_train_usage(accelerator.reduce(self.code_counts, reduction="sum").cpu()))
+            counts = accelerator.reduce(self.code_counts, reduction="sum").cpu()
+            if counts.any():  # models whose outputs carry no tokens (the classifier, the prior) have nothing to show
+                summary.update(_train_usage(counts))
         return summary
 
     def state_dict(self) -> dict:
