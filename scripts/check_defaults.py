@@ -14,7 +14,9 @@ finished (`eval_results.json`). Writes `OUTPUT_DIR/DEFAULTS-<dataset>.md` and `d
 """
 
 import argparse
+import importlib.metadata
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from hf_hypervq.training.outputs import write_text
 
 SCRIPTS = Path(__file__).resolve().parent
 QUANTIZERS = ("hyperbolic", "kmeans")
+VERSIONS = ("hf-hypervq", "torch", "transformers", "accelerate", "datasets")  # recorded in the report
 TARGETS = {"codes_used": 0.9, "mse_ratio": 1.1, "accuracy_gap": 0.01}  # HyperVQ against KmeansVQ
 
 
@@ -96,6 +99,8 @@ def report(dataset: str, runs: list[dict], command: str) -> str:
     lines = [f"# The defaults, as a user meets them: {dataset}", "",
              f"Made by `{command}`: `scripts/train_vqvae.py`, then `scripts/train_classifier.py` on its codes, "
              "each with its defaults (the extra flags in the command apply to both quantizers alike).", "",
+             "Versions: " + ", ".join(f"{name} {importlib.metadata.version(name)}" for name in VERSIONS)
+             + f", Python {platform.python_version()}.", "",
              "| quantizer | seed | test MSE | codes used | eval perplexity | accuracy (%) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(runs, key=lambda r: (r["quantizer"], r["seed"])):
         lines.append(f"| {r['quantizer']} | {r['seed']} | {r['reconstruction_mse']:.4f} | {r['codes_used']:.2f} | "
