@@ -9,8 +9,9 @@
 The targets: HyperVQ uses at least 90% of its codes, with a test MSE at most 1.1× KmeansVQ's and a frozen-feature
 accuracy at most 1 point below KmeansVQ's. Only what the two scripts do by default is measured: `--tokenizer_args` and
 `--classifier_args` pass the same extra flags to both quantizers' runs (to fit a CPU budget), nothing per quantizer.
-Each run is a real subprocess of the script a user runs; its output folder is kept and a rerun reuses every run that
-finished (`eval_results.json`). Writes `OUTPUT_DIR/DEFAULTS-<dataset>.md` and `defaults-<dataset>.json`.
+Each run is a real subprocess of the script a user runs; its output folder is kept, a rerun reuses every run that
+finished (`eval_results.json`) and resumes an interrupted one from its last epoch's checkpoint. Writes
+`OUTPUT_DIR/DEFAULTS-<dataset>.md` and `defaults-<dataset>.json`.
 """
 
 import argparse
@@ -57,10 +58,13 @@ def split_extra(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
 
 
 def run(script: str, args: list[str], output_dir: Path) -> dict:
-    """Run one training script unless its output folder already holds a finished run; its final evaluation."""
+    """Run one training script unless its output folder already holds a finished run; its final evaluation. Runs
+    save a checkpoint every epoch and resume from the newest, so an interrupted check loses at most an epoch (a
+    resumed run ends with the weights of an uninterrupted one)."""
     results = output_dir / "eval_results.json"
     if not results.exists():
-        command = [sys.executable, str(SCRIPTS / script), "--output_dir", str(output_dir), *args]
+        resumable = ["--checkpointing_steps", "epoch", "--resume_from_checkpoint", "latest"]
+        command = [sys.executable, str(SCRIPTS / script), "--output_dir", str(output_dir), *resumable, *args]
         print(" ".join(command[1:]), flush=True)
         subprocess.run(command, check=True)
     return json.loads(results.read_text())

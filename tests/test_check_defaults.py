@@ -63,3 +63,9 @@ def test_the_real_scripts_run_and_a_rerun_reuses_them(tmp_path):
     again = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert again.returncode == 0 and "train_vqvae.py" not in again.stdout  # every run reused
     assert json.loads((tmp_path / "defaults-digits.json").read_text()) == measured
+    # a run cut off after its last checkpoint resumes from it (a fresh start would refuse the folder's checkpoints)
+    (tmp_path / "digits" / "kmeans-seed0" / "classifier" / "eval_results.json").unlink()
+    resumed = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("train_classifier.py") == 1 and "resumed from" in resumed.stderr
+    assert json.loads((tmp_path / "defaults-digits.json").read_text()) == measured
