@@ -33,9 +33,10 @@ from study import ANCHOR, DATASETS, DEFAULTS, MODEL, QUICK_MODEL, provenance, ru
 
 from hf_hypervq.training.data import FASHION_MNIST
 from hf_hypervq.training.outputs import write_text
-from hf_hypervq.training.report import paired
+from hf_hypervq.training.report import diversity_table, paired
 
 
+DIVERSITY_WEIGHTS = (0.03, 0.1, 0.3)  # HyperVQ's sweep; the other Gumbel quantizers get the first two
 # Each row: what it tests, and how it differs from DEFAULTS.
 ROWS = {
     "defaults": ("the library's defaults", {}),
@@ -57,6 +58,14 @@ ROWS = {
     "diversity_0.03": ("wav2vec 2.0's diversity term, weight 0.03", {"diversity_weight": 0.03}),
     "diversity_0.1": ("wav2vec 2.0's diversity term, weight 0.1", {"diversity_weight": 0.1}),
     "diversity_0.3": ("wav2vec 2.0's diversity term, weight 0.3", {"diversity_weight": 0.3}),
+    **{
+        f"{quantizer}_diversity_{weight}": (
+            f"reference: {name} with the diversity term, weight {weight}",
+            {"quantizer": quantizer, "diversity_weight": weight},
+        )
+        for quantizer, name in (("gumbel", "GumbelVQ"), ("hyperbolic_embedding", "HyperEmbMatVQ"))
+        for weight in DIVERSITY_WEIGHTS[:2]
+    },
     "clip_1": ("feature clipping at radius 1 before the map onto the ball (Guo et al.)", {"feature_clip": 1.0}),
     "kmeans": ("reference: KmeansVQ (VQ-VAE), its defaults", {"quantizer": "kmeans"}),
     "gumbel": ("reference: GumbelVQ (vq-wav2vec), the same schedule rule", {"quantizer": "gumbel"}),
@@ -76,7 +85,19 @@ ROWS = {
 # The rows run by default: the choices that moved the digits study most, and the other quantizers for reference
 DEFAULT_ROWS = ["defaults", "per_update", "offsets_0", "offsets_x8", "normals_x0.25", "normals_x4", "steps_1000",
                 "steps_4000", "diversity_0.03", "diversity_0.1", "diversity_0.3", "kmeans", "gumbel",
-                "hyperbolic_embedding", "vq_pytorch"]  # fmt: skip
+                "gumbel_diversity_0.03", "gumbel_diversity_0.1", "hyperbolic_embedding",
+                "hyperbolic_embedding_diversity_0.03", "hyperbolic_embedding_diversity_0.1", "vq_pytorch"]  # fmt: skip
+# A diversity weight may become the training scripts' default only if it wins for all three Gumbel quantizers alike:
+# (label, the row with the term, the row without)
+DIVERSITY_COMPARISONS = [
+    (f"{name}, weight {weight}", f"{prefix}{weight}", base)
+    for name, prefix, base, weights in (
+        ("HyperVQ", "diversity_", "defaults", DIVERSITY_WEIGHTS),
+        ("GumbelVQ", "gumbel_diversity_", "gumbel", DIVERSITY_WEIGHTS[:2]),
+        ("HyperEmbMatVQ", "hyperbolic_embedding_diversity_", "hyperbolic_embedding", DIVERSITY_WEIGHTS[:2]),
+    )
+    for weight in weights
+]
 COLUMNS = [  # (key, header, digits)
     ("reconstruction_mse", "test MSE ↓", 4),
     ("accuracy", "accuracy (%) ↑", 1),
@@ -154,6 +175,19 @@ def write_report(results: list, rows: list, args, path: Path) -> None:
             else:
                 cells.append(f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}")
         lines.append(f"| `{name}` | {ROWS[name][0]} | " + " | ".join(versus + cells) + " |")
+    diversity = diversity_table(results, results[0]["codebook_size"], DIVERSITY_COMPARISONS)
+    if len(diversity.splitlines()) > 2:
+        lines += [
+            "",
+            "## The diversity weight, for every Gumbel quantizer",
+            "",
+            "Each row with wav2vec 2.0's diversity term against the same quantizer without it, paired by seed. "
+            '"Wins": more codes used (the interval above 0) and neither MSE (the ratio\'s interval above 1) nor '
+            "accuracy (the difference's interval below 0) worse beyond the noise. The training scripts turn a weight "
+            "on by default only where it wins for all three alike.",
+            "",
+            diversity,
+        ]
     lines += [
         "",
         "## Best HyperVQ row per quality column (means; the reference rows of other quantizers excluded)",

@@ -81,11 +81,15 @@ def test_quick_reproduction_writes_the_report(tmp_path):
 
 
 def test_quick_ablation_writes_every_row(tmp_path):
-    rows = ("defaults", "beta_0.25", "kmeans", "vq_pytorch")
+    rows = ("defaults", "beta_0.25", "diversity_0.1", "kmeans", "vq_pytorch")
     _run("ablate.py", "--quick", "--seeds", "0", "--rows", *rows, "--output_dir", tmp_path)
     table = (tmp_path / "ABLATIONS.md").read_text()
     for row in rows:
         assert f"| `{row}` |" in table
+    # the diversity section pairs each weight with its quantizer's row without it; one seed decides nothing
+    diversity = table.split("## The diversity weight, for every Gumbel quantizer")[1]
+    assert "| HyperVQ, weight 0.1 |" in diversity and "| inconclusive |" in diversity
+    assert "GumbelVQ, weight" not in diversity  # its rows did not run
     rows = {r["row"]: r for r in json.loads((tmp_path / "ablations.json").read_text())}
     assert rows["beta_0.25"]["setting"]["commitment_weight"] == 0.25
     assert rows["defaults"]["setting"]["commitment_weight"] is None
@@ -343,6 +347,8 @@ def test_the_diversity_and_protocol_tables_pair_by_seed():
     assert "| HyperVQ | +0.74 [" in table and table.splitlines()[2].endswith("| yes |")
     assert table.splitlines()[3].startswith("| GumbelVQ |") and table.splitlines()[3].endswith("| no |")
     assert "HyperEmbMatVQ" not in table  # no runs with the term: no row
+    chosen = diversity_table(runs, 512, [("GumbelVQ at 0.1", "gumbel+diversity", "gumbel"), ("none", "x", "y")])
+    assert chosen.splitlines()[2].startswith("| GumbelVQ at 0.1 |") and len(chosen.splitlines()) == 3
     for run in runs:
         run.update(accuracy_unnormalized=run["accuracy"] / 2, accuracy_early_stopping=math.nan)
     protocols = protocol_table(runs, 512)

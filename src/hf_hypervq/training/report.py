@@ -187,15 +187,18 @@ def check_claims(runs: list[dict], k: int, scatter: dict | None = None) -> list[
     return claims
 
 
-def diversity_table(runs: list[dict], k: int) -> str:
+def diversity_table(runs: list[dict], k: int, comparisons=None) -> str:
     """Each Gumbel quantizer with the diversity term against itself without, paired by seed: what the term buys in
     usage and costs in MSE and accuracy, and whether it "wins on usage without losing MSE or accuracy beyond the
     noise": yes when the codes used rise (interval above 0) and neither the MSE ratio's interval lies above 1 nor
     the accuracy difference's below 0; no when the usage does not rise or either loss is beyond the noise; else
-    inconclusive."""
+    inconclusive. `comparisons`: `(label, row with the term, row without)` triples, by default the rows of
+    `DIVERSITY_ROWS`; a comparison without runs gets no line."""
+    if comparisons is None:
+        comparisons = [(PAPER_QUANTIZERS[base], row, base) for row, base in DIVERSITY_ROWS.items()]
     lines = ["| quantizer | codes used (share), with − without | MSE, with / without | accuracy, with − without | "
              "wins on usage, no loss beyond the noise |", "|---|---|---|---|---|"]  # fmt: skip
-    for row, base in DIVERSITY_ROWS.items():
+    for label, row, base in comparisons:
         usage = paired(runs, row, base, "codes_used", k)
         mse = paired(runs, row, base, "reconstruction_mse", k, ratio=True)
         accuracy = paired(runs, row, base, "accuracy", k)
@@ -205,7 +208,7 @@ def diversity_table(runs: list[dict], k: int) -> str:
         wins = decide(usage, "above") == "holds" and mse.low <= 1 and accuracy.high >= 0
         verdict = ("not measurable" if min(mse.n, accuracy.n) == 0 else "no" if loses else "yes" if wins
                    else "inconclusive")  # fmt: skip
-        lines.append(f"| {PAPER_QUANTIZERS[base]} | {usage.text(digits=2)} | {mse.text()} | "
+        lines.append(f"| {label} | {usage.text(digits=2)} | {mse.text()} | "
                      f"{accuracy.text(100, 1, ' points')} | {verdict} |")  # fmt: skip
     return "\n".join(lines)
 
