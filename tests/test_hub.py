@@ -310,3 +310,4 @@ def test_the_committed_example_card_shows_each_metric_with_its_protocol():
         "| PSNR (dB) | 24.72 |" in text and "| SSIM | 0.8075 |" in text and "**Protocol**: scikit-learn/digits" in text
     )
     assert "Each image becomes 16 tokens (4×4, downsampling factor" in text
+    assert "**Options beyond the paper**: none" in text  # the main job trains the quantizer as the paper does
