@@ -281,7 +281,7 @@ def test_check_claims_on_synthetic_runs():
 
 
 def test_paired_intervals_decide_only_what_the_seeds_can_tell():
-    from hf_hypervq.training.report import combine, decide, paired
+    from hf_hypervq.training.report import Paired, combine, decide, paired
 
     def runs(a: list, b: list) -> list[dict]:
         return [{"row": row, "codebook_size": 8, "seed": seed, "accuracy": value}
@@ -302,6 +302,9 @@ def test_paired_intervals_decide_only_what_the_seeds_can_tell():
     assert one.n == 1 and decide(one, "above") == "inconclusive"  # one seed is never evidence
     ratio = paired(runs([2.0, 2.2, 2.4], [1.0, 1.1, 1.2]), "a", "b", "accuracy", 8, ratio=True)
     assert ratio.mean == pytest.approx(2.0) and decide(ratio, "below", threshold=1.1) == "does not hold"
+    # a bound that rounds onto "no difference" gets the digits that show on which side it lies
+    assert Paired(1.06, 1.0036, 1.11, 3, ratio=True).text() == "1.06× [1.004, 1.11] (3 seeds)"
+    assert Paired(0.02, -0.0004, 0.06, 3).text(100, 1, " points") == "+2.0 points [-0.04, +6.0] (3 seeds)"
     assert combine(["holds", "inconclusive"]) == "inconclusive"
     assert combine(["holds", "does not hold", "not measurable"]) == "does not hold"
     assert combine(["holds", "holds"]) == "holds"

@@ -82,11 +82,23 @@ class Paired:
         if self.n == 0 or not math.isfinite(self.mean):
             return "not measured"
         if self.ratio:
-            mean, interval = f"{self.mean:.{digits}f}×", f"[{self.low:.{digits}f}, {self.high:.{digits}f}]"
+            mean = f"{self.mean:.{digits}f}×"
+            lo, hi = (_bound(v, digits, 1.0, "") for v in (self.low, self.high))
         else:
             m, lo, hi = (scale * v for v in (self.mean, self.low, self.high))
-            mean, interval = f"{m:+.{digits}f}{unit}", f"[{lo:+.{digits}f}, {hi:+.{digits}f}]"
-        return f"{mean} (1 seed: no interval)" if self.n == 1 else f"{mean} {interval} ({self.n} seeds)"
+            mean = f"{m:+.{digits}f}{unit}"
+            lo, hi = (_bound(v, digits, 0.0, "+") for v in (lo, hi))
+        return f"{mean} (1 seed: no interval)" if self.n == 1 else f"{mean} [{lo}, {hi}] ({self.n} seeds)"
+
+
+def _bound(value: float, digits: int, no_difference: float, sign: str) -> str:
+    """An interval bound with up to two more digits where `digits` would round it onto `no_difference`: the verdict
+    turns on which side of it the bound lies, and "[1.00, 1.11]" cannot show that 1.004 is above 1."""
+    for extra in range(3):
+        text = f"{value:{sign}.{digits + extra}f}"
+        if value == no_difference or float(text) != no_difference:
+            break
+    return text
 
 
 def paired(runs: list[dict], row_a: str, row_b: str, metric: str, k: int, *, ratio: bool = False) -> Paired:
