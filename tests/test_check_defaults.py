@@ -1,4 +1,4 @@
-"""`scripts/check_defaults.py`: the library's targets measured through the scripts a user runs, with their defaults."""
+"""`study/check_defaults.py`: the library's targets measured through the scripts a user runs, with their defaults."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "study"))
 
 import check_defaults  # noqa: E402
 
@@ -47,7 +47,7 @@ def test_extra_flags_go_to_both_quantizers_runs_alike():
 def test_the_real_scripts_run_and_a_rerun_reuses_them(tmp_path):
     tiny = ["--hidden_size", "16", "--residual_hidden_size", "8", "--embedding_dim", "8", "--codebook_size", "16",
             "--max_train_steps", "4", "--max_train_samples", "256"]  # fmt: skip
-    command = [sys.executable, str(ROOT / "scripts" / "check_defaults.py"), "--seeds", "0", "--output_dir", tmp_path,
+    command = [sys.executable, str(ROOT / "study" / "check_defaults.py"), "--seeds", "0", "--output_dir", tmp_path,
                "--tokenizer_args", *tiny, "--classifier_args", "--max_train_steps", "3", "--max_train_samples", "256"]  # fmt: skip
     first = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""scripts/check_device.py: the whole check, run for real on the CPU (--quick), and how it reports what fails."""
+"""tools/check_device.py: the whole check, run for real on the CPU (--quick), and how it reports what fails."""
 
 import ast
 import importlib.util
@@ -14,7 +14,7 @@ import torch
 
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "scripts"
+TOOLS = ROOT / "tools"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 ROWS = [
     "reference HyperVQ",
@@ -33,8 +33,8 @@ ROWS = [
 
 @pytest.fixture
 def check_device(monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPTS))  # it imports the benchmarks' shared `benchmarking` module
-    spec = importlib.util.spec_from_file_location("check_device", SCRIPTS / "check_device.py")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports the benchmarks' shared `benchmarking` module
+    spec = importlib.util.spec_from_file_location("check_device", TOOLS / "check_device.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -42,7 +42,7 @@ def check_device(monkeypatch):
 
 def run_check(*args, timeout=600):
     return subprocess.run(
-        [sys.executable, str(SCRIPTS / "check_device.py"), *map(str, args)],
+        [sys.executable, str(TOOLS / "check_device.py"), *map(str, args)],
         env=ENV,
         capture_output=True,
         text=True,

@@ -1,5 +1,5 @@
 """Codebook collapse is the known failure of MLR quantizers: a short training on real data must keep many codes in
-use, and the defaults chosen by `scripts/ablate.py` must keep their measured advantage."""
+use, and the defaults chosen by `study/ablate.py` must keep their measured advantage."""
 
 import statistics
 
@@ -65,7 +65,7 @@ def mean_ball_norm(quantizer, seed=0):
 
 
 def test_no_commitment_default_keeps_latents_off_the_flat_centre():
-    """A commitment term (`scripts/ablate.py --rows beta_0.25`) pulls the latents towards the ball's centre, where the
+    """A commitment term (`study/ablate.py --rows beta_0.25`) pulls the latents towards the ball's centre, where the
     MLR logits are flat, and reconstruction suffers. Measured here with seeds 0-2: mean ball norm 0.99, 0.97, 0.97
     and MSE 0.0226, 0.0150, 0.0140 without it, against 0.53-0.54 and 0.0199, 0.0161, 0.0158 with it. The norms
     differ in every run; the MSE is compared by the median, as one run in three can be a poor draw of the Gumbel

@@ -1,13 +1,11 @@
 """The transformers models: tokenizer, frozen-feature classifier, VQ-SA head, image processor, Auto classes, pipelines."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,9 +160,8 @@ def test_diversity_weight_and_feature_clip_survive_save_and_load(quantizer_type,
 
 
 def test_train_vqvae_flags_set_diversity_weight_and_feature_clip(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("train_vqvae", Path(__file__).parents[1] / "scripts/train_vqvae.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from hf_hypervq.commands import train_vqvae as script
+
     args = script.parse_args(["--output_dir", str(tmp_path), "--diversity_weight", "0.1", "--feature_clip", "2.5"])
     config = script.build_config(args, num_updates=10)
     assert (config.diversity_weight, config.feature_clip) == (0.1, 2.5)

@@ -25,7 +25,7 @@ def quantizer_cls(request):
 @pytest.fixture
 def device():
     """Where the tests that hold a quantizer to its reference formula run: HF_HYPERVQ_TEST_DEVICE, default cpu
-    (scripts/check_device.py runs them on a GPU this way)."""
+    (tools/check_device.py runs them on a GPU this way)."""
     return os.environ.get("HF_HYPERVQ_TEST_DEVICE", "cpu")
 
 

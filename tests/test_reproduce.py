@@ -1,5 +1,5 @@
-"""`scripts/reproduce.py --quick` and `scripts/ablate.py --quick`: the whole study pipeline, end to end, in minutes;
-and the shared protocol's pieces (`scripts/study.py`) on their own."""
+"""`study/reproduce.py --quick` and `study/ablate.py --quick`: the whole study pipeline, end to end, in minutes;
+and the shared protocol's pieces (`hf_hypervq.training.study`) on their own."""
 
 import importlib.metadata
 import json
@@ -15,17 +15,15 @@ import torch
 from PIL import Image
 
 import hf_hypervq
+from hf_hypervq.training import study
 from hf_hypervq.training.report import ACCURACIES
 
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import study  # noqa: E402
 
 
 def _run(script, *args, timeout=1200):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
+    result = subprocess.run([sys.executable, str(ROOT / "study" / script), *map(str, args)],
                             capture_output=True, text=True, timeout=timeout, cwd=ROOT)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return result

@@ -3,7 +3,7 @@
 `ModelTesterMixin` (transformers' tests/test_modeling_common.py) and `ConfigTester` (tests/test_configuration_common.py)
 check the `PreTrainedModel` / `PreTrainedConfig` contract: save and load, initialisation on the meta device, missing
 and mismatched weights, dtypes, batching, training, determinism. They are not in transformers' wheel:
-`python scripts/fetch_transformers_tests.py` takes them from the sdist of the installed version and writes them into
+`python tools/fetch_transformers_tests.py` takes them from the sdist of the installed version and writes them into
 `transformers_tests/` (ignored by git), which this module imports.
 
 One test class per model class and quantizer type (`HyperVQVAEModel_hyperbolic_Test`, ...), on tiny configs. The
@@ -32,7 +32,7 @@ from hf_hypervq import (
 
 
 ROOT = Path(__file__).resolve().parents[1]
-FETCH = "python scripts/fetch_transformers_tests.py"
+FETCH = "python tools/fetch_transformers_tests.py"
 
 
 def fetch_error() -> str | None:

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from accelerate.logging import get_logger
 from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
@@ -321,3 +322,10 @@ def push_token_dataset(
     except Exception as error:  # HTTP errors, refused connections, timeouts: one clear line
         raise push_failed(repo_id, error) from None
     return commit.commit_url
+
+
+def push_if_asked(args) -> None:
+    """With --push_to_hub: push a training script's output folder with a generated model card (`push_to_hub`)."""
+    if args.push_to_hub:
+        url = push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private)
+        get_logger(__name__).info(f"pushed to {url}", main_process_only=True)

@@ -11,12 +11,6 @@ import sys
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.logging import get_logger
-
-from .hub import push_to_hub
-
-
-logger = get_logger(__name__)
 
 
 # Below this much free space, a failed write is reported as a full disk.
@@ -90,13 +84,6 @@ def write_results(args, results: dict) -> None:
     write_json(
         Path(args.output_dir) / "all_results.json", {**source, **results, "command": command, "args": vars(args)}
     )
-
-
-def push_if_asked(args) -> None:
-    """With --push_to_hub: push the output folder with a generated model card (`hub.push_to_hub`)."""
-    if args.push_to_hub:
-        url = push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private)
-        logger.info(f"pushed to {url}", main_process_only=True)
 
 
 def save_figure(save, path) -> None:

@@ -1,4 +1,4 @@
-"""The reproduction report of `scripts/reproduce.py`: aggregation over seeds, the paper's claims checked one by one,
+"""The reproduction report of `study/reproduce.py`: aggregation over seeds, the paper's claims checked one by one,
 plots, and the markdown."""
 
 import dataclasses
@@ -22,7 +22,7 @@ from .plots import draw_codebook_usage, image_grid  # noqa: E402
 
 
 PAPER_QUANTIZERS = {name: spec.paper_name for name, spec in QUANTIZERS.items()}  # the paper's claims are about these
-# Reference rows from outside the library, in the same VQ-VAE: `scripts/study.py` adapts them (the library does not
+# Reference rows from outside the library, in the same VQ-VAE: `hf_hypervq.training.study` adapts them (the library does not
 # depend on their packages). `vq_pytorch` is vector-quantize-pytorch's `VectorQuantize`, the one practitioners use.
 ANCHORS = {"vq_pytorch": "VectorQuantize (anchor)"}
 QUANTIZER_NAMES = {**PAPER_QUANTIZERS, **ANCHORS}  # the report's row names, in the tables' order
@@ -34,7 +34,7 @@ DIVERSITY_ROWS = {f"{q}+diversity": q for q in ("hyperbolic", "gumbel", "hyperbo
 ROW_NAMES = {**QUANTIZER_NAMES, **{row: f"{PAPER_QUANTIZERS[q]} + diversity" for row, q in DIVERSITY_ROWS.items()}}
 TOKENIZER_METRICS = ("reconstruction_mse", "perplexity", "codes_used", "silhouette", "davies_bouldin",
                      "noisy_silhouette", "noisy_davies_bouldin")  # fmt: skip
-# The frozen-feature classifier's protocols (`scripts/study.py`): train_classifier.py's defaults first
+# The frozen-feature classifier's protocols (`hf_hypervq.training.study`): train_classifier.py's defaults first
 ACCURACIES = {
     "accuracy": "normalised features, 20 epochs (train_classifier.py)",
     "accuracy_unnormalized": "the paper's head, 20 epochs",

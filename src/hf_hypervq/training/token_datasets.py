@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..metrics.codebook_usage.codebook_usage import usage_from_counts
 from .data import DataError
 from .generation import recorded_tokenizer, weights_sha256
+from .outputs import write_json
 
 
 METADATA_FILE = "tokenization.json"
@@ -231,7 +232,7 @@ def write_token_dataset(
     _check_resumable(folder, settings)  # on every process, before any writes
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_json(folder / PARTIAL_METADATA_FILE, settings)
+        write_json(folder / PARTIAL_METADATA_FILE, settings)
     (folder / DATA_DIR).mkdir(parents=True, exist_ok=True)
 
     mine = [(split, index) for split, count in counts.items() for index in range(count)]
@@ -268,18 +269,12 @@ def write_token_dataset(
         metadata = {**settings, "splits": {split: split_usage(folder, split, counts[split], codebook_size)
                                            for split in counts}}  # fmt: skip
         metadata["command"] = command
-        _write_json(folder / METADATA_FILE, metadata)  # last: the folder is complete
+        write_json(folder / METADATA_FILE, metadata)  # last: the folder is complete
         (folder / PARTIAL_METADATA_FILE).unlink(missing_ok=True)
         for stale in (folder / DATA_DIR).glob(".partial-*"):  # temporary shards of an interrupted run
             stale.unlink()
     accelerator.wait_for_everyone()
     return read_metadata(folder)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    from .outputs import write_json  # (outputs imports hub, which imports this module)
-
-    write_json(path, data)
 
 
 def split_usage(folder, split: str, count: int, codebook_size: int) -> dict:

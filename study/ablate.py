@@ -1,25 +1,25 @@
 #!/usr/bin/env python
 """The study behind HyperVQ's defaults: which choices decide its quality, and why.
 
-    python scripts/ablate.py                      # the default rows on Fashion-MNIST, ~4 hours on 2 CPU cores
-    python scripts/ablate.py --rows defaults beta_0.25 --seeds 0   # a few rows
-    python scripts/ablate.py --dataset digits     # the same rows on scikit-learn's digits
-    python scripts/ablate.py --quick              # a smoke test of the pipeline (CI)
+    python study/ablate.py                        # the default rows on Fashion-MNIST, ~4 hours on 2 CPU cores
+    python study/ablate.py --rows defaults beta_0.25 --seeds 0     # a few rows
+    python study/ablate.py --dataset digits       # the same rows on scikit-learn's digits
+    python study/ablate.py --quick                # a smoke test of the pipeline (CI)
 
 Each row changes one choice against the library's defaults (HyperVQ, K = 512, 2000 updates, the `run_length`
 temperature rule) and trains a tokenizer per seed, then frozen-feature classifiers on its codes under three protocols
-(`scripts/study.py` has the protocol, shared with `scripts/reproduce.py`). Next to the quality numbers (test MSE,
+(`hf_hypervq.training.study` has the protocol, shared with `study/reproduce.py`). Next to the quality numbers (test MSE,
 accuracy, eval perplexity, codes used) stand each row's differences from the defaults, paired by seed with a 95%
 interval, and the numbers that explain them: the perplexity of the training-time samples against the eval argmax,
 the mean latent norm on the ball, the top-1 − top-2 logit margin, the mean max softmax probability, and the dead
 codes. `DEFAULT_ROWS` are the choices that moved the results most; the other rows stay available with `--rows`.
 
 The reference rows run other quantizers under the same protocol: KmeansVQ, GumbelVQ, HyperEmbMatVQ and the anchor
-practitioners use, vector-quantize-pytorch's `VectorQuantize` (`scripts/study.py`, `VectorQuantizeAnchor`).
+practitioners use, vector-quantize-pytorch's `VectorQuantize` (`hf_hypervq.training.study`, `VectorQuantizeAnchor`).
 
 Writes `results/ABLATIONS.md` (mean ± std over seeds) and `results/ablations.json`. Runs are kept in
 `results/runs/` and reused by a rerun (and by `reproduce.py` where the settings agree) as long as the code that
-computes them is unchanged (`scripts/study.py`, `code_fingerprint`).
+computes them is unchanged (`hf_hypervq.training.study`, `code_fingerprint`).
 """
 
 import argparse
@@ -29,11 +29,10 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from study import ANCHOR, DATASETS, DEFAULTS, MODEL, QUICK_MODEL, provenance, run_one, setting_of
-
 from hf_hypervq.training.data import FASHION_MNIST
 from hf_hypervq.training.outputs import write_text
 from hf_hypervq.training.report import diversity_table, paired
+from hf_hypervq.training.study import ANCHOR, DATASETS, DEFAULTS, MODEL, QUICK_MODEL, provenance, run_one, setting_of
 
 
 DIVERSITY_WEIGHTS = (0.03, 0.1, 0.3)  # HyperVQ's sweep; the other Gumbel quantizers get the first two
@@ -123,7 +122,7 @@ def write_report(results: list, rows: list, args, path: Path) -> None:
     lines = [
         "# HyperVQ ablations: what decides its quality",
         "",
-        "Made by `python scripts/ablate.py"
+        "Made by `python study/ablate.py"
         + (" --quick" if quick else "")
         + ("" if quick or dataset == FASHION_MNIST else f" --dataset {dataset}")
         + "`"
@@ -133,11 +132,11 @@ def write_report(results: list, rows: list, args, path: Path) -> None:
         f"batch 128, seeds {args.seeds}; mean ± std over seeds. Defaults: `{json.dumps(DEFAULTS)}`; each row changes "
         "what its description says and nothing else. Gumbel temperature rules: `run_length` decays from 2 to 0.5 "
         "over the run (`decay_for_run`), `per_update` is vq-wav2vec's 0.999995 per update. The classifier "
-        "protocols are in `scripts/study.py`'s docstring: *accuracy* is `scripts/train_classifier.py`'s default "
+        "protocols are in `hf_hypervq.training.study`'s docstring: *accuracy* is `scripts/train_classifier.py`'s default "
         "(features standardised per channel, 20 epochs), *the paper's head* the same without the standardisation, "
         "*early stopping* the paper's head with its learning rate and stopping epoch chosen on a validation split "
         "carved from the training split, never on the test split. "
-        f"The runs' code and versions: {provenance(results)} (`scripts/study.py`, `code_fingerprint`). "
+        f"The runs' code and versions: {provenance(results)} (`hf_hypervq.training.study`, `code_fingerprint`). "
         f"The {len(results)} runs took {compute_hours:.1f} CPU hours.",
         "",
         "*vs defaults*: the row minus the defaults (MSE: the row over the defaults), paired by seed: the mean and its "

@@ -1,4 +1,4 @@
-"""The experiment runner that `scripts/ablate.py` and `scripts/reproduce.py` share: one protocol for every quantizer.
+"""The experiment runner that `study/ablate.py` and `study/reproduce.py` share: one protocol for every quantizer.
 
 A *setting* (a dict, `DEFAULTS` overridden per row) fixes the data set, the quantizer, its options, the Gumbel
 temperature rule and the number of updates. `run_one(setting, seed)` trains the library's `HyperVQVAEModel` with it,
@@ -31,7 +31,7 @@ Each finished run is a JSON file (and, beside it, a PNG of its decoded codes: `d
 its setting, its model sizes and `code_fingerprint()` (the code that computes it), and by its seed. A rerun (or the other script) with the same setting on the same code reuses it,
 and an interrupted study resumes where it stopped; after a change to any of that code every run is recomputed, and
 runs of other code are never read back (their fingerprint is inside each file, with the package versions, and is
-checked too). The code that counts is `FINGERPRINT_SOURCES` and this file; a run of the anchor row (below) is also
+checked too). The code that counts is `FINGERPRINT_SOURCES`, this module among them; a run of the anchor row (below) is also
 keyed by the version of vector-quantize-pytorch, whose code is not in this repository.
 
 Besides the library's five quantizers, a setting may name `ANCHOR` (`"vq_pytorch"`): vector-quantize-pytorch's
@@ -122,9 +122,8 @@ ANCHOR, ANCHOR_PACKAGE = "vq_pytorch", "vector-quantize-pytorch"  # the referenc
 STUDY_QUANTIZERS = (*QUANTIZER_TYPES, ANCHOR)  # what a setting's "quantizer" may name
 
 
-# The library code a study run's numbers come from, besides this file (its protocol constants, training loop and
-# measurements): a change to any of it changes `code_fingerprint()`, and with it every run's file name. Paths are
-# relative to the `hf_hypervq` package.
+# The library code a study run's numbers come from, this module included: a change to any of it changes
+# `code_fingerprint()`, and with it every run's file name. Paths are relative to the `hf_hypervq` package.
 FINGERPRINT_SOURCES = (
     "models/hypervq/quantizers.py",  # the five quantizers, their losses and temperature rule
     "models/hypervq/kernels.py",  # the fused kernels and their eager twins
@@ -141,6 +140,7 @@ FINGERPRINT_SOURCES = (
     "metrics/codebook_usage/codebook_usage.py",
     "metrics/reconstruction/reconstruction.py",
     "metrics/cluster_quality/cluster_quality.py",
+    "training/study.py",  # this module: the protocol constants, the training loop and the measurements
 )
 
 
@@ -162,11 +162,11 @@ def _code_of(path: Path) -> str:
 
 @functools.cache
 def code_fingerprint() -> str:
-    """SHA-256 (16 hex digits) of the code of `FINGERPRINT_SOURCES` and of this file: what a study run's numbers
+    """SHA-256 (16 hex digits) of the code of `FINGERPRINT_SOURCES` (this module among them): what a study run's numbers
     depend on besides its setting. (`ast`'s rendering of a file may change with the Python version; a run is then
     recomputed, never wrongly reused.)"""
     package = Path(hf_hypervq.__file__).resolve().parent
-    files = [(name, package / name) for name in FINGERPRINT_SOURCES] + [("scripts/study.py", Path(__file__).resolve())]
+    files = [(name, package / name) for name in FINGERPRINT_SOURCES]
     digest = hashlib.sha256()
     for name, path in files:
         digest.update(f"{name}\0{_code_of(path)}\0".encode())

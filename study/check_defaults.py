@@ -2,8 +2,8 @@
 """The library's own targets, measured the way a user meets them: `scripts/train_vqvae.py`, then
 `scripts/train_classifier.py` on its codes, each with its defaults, for HyperVQ and for KmeansVQ.
 
-    python scripts/check_defaults.py --dataset digits --seeds 0 1 2          # ~1 hour on 2 CPU cores
-    python scripts/check_defaults.py --dataset fashion_mnist --seeds 0 \\
+    python study/check_defaults.py --dataset digits --seeds 0 1 2            # ~1 hour on 2 CPU cores
+    python study/check_defaults.py --dataset fashion_mnist --seeds 0 \\
         --tokenizer_args --max_train_steps 2000 --classifier_args --max_train_samples 10000
 
 The targets: HyperVQ uses at least 90% of its codes, with a test MSE at most 1.1× KmeansVQ's and a frozen-feature
@@ -26,7 +26,7 @@ from pathlib import Path
 from hf_hypervq.training.outputs import write_text
 
 
-SCRIPTS = Path(__file__).resolve().parent
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"  # the commands a user runs
 QUANTIZERS = ("hyperbolic", "kmeans")
 VERSIONS = ("hf-hypervq", "torch", "transformers", "accelerate", "datasets")  # recorded in the report
 TARGETS = {"codes_used": 0.9, "mse_ratio": 1.1, "accuracy_gap": 0.01}  # HyperVQ against KmeansVQ
@@ -124,7 +124,7 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     runs = [measure(args.dataset, seed, q, output_dir, tokenizer_args, classifier_args)
             for seed in args.seeds for q in QUANTIZERS]  # fmt: skip
-    command = "python scripts/check_defaults.py " + " ".join(argv)
+    command = "python study/check_defaults.py " + " ".join(argv)
     name = args.dataset.replace("/", "_")
     write_text(output_dir / f"DEFAULTS-{name}.md", report(args.dataset, runs, command.strip()))
     write_text(output_dir / f"defaults-{name}.json", json.dumps(runs, indent=1))

@@ -5,8 +5,8 @@ transformers tests every model it ships with two mixins from its own `tests/` fo
 wheel, so this script takes them from the sdist of the *installed* transformers version and writes them, as the
 importable package `transformers_tests`, into `transformers_tests/` at the repository root (ignored by git):
 
-    python scripts/fetch_transformers_tests.py                    # pip download of the sdist (needs PyPI)
-    python scripts/fetch_transformers_tests.py --sdist transformers-5.25.0.tar.gz   # an sdist already here
+    python tools/fetch_transformers_tests.py                    # pip download of the sdist (needs PyPI)
+    python tools/fetch_transformers_tests.py --sdist transformers-5.25.0.tar.gz   # an sdist already here
 
 The sdist ships the top level of `tests/` only, not three modules those two files import. They are replaced by
 stand-ins written below, each saying what it replaces:
@@ -34,7 +34,7 @@ DESTINATION = ROOT / "transformers_tests"
 FILES = ("test_modeling_common.py", "test_configuration_common.py")
 VERSION_FILE = "TRANSFORMERS_VERSION"
 
-HEADER = '"""Stand-in written by scripts/fetch_transformers_tests.py: {what}"""\n\n'
+HEADER = '"""Stand-in written by tools/fetch_transformers_tests.py: {what}"""\n\n'
 STAND_INS = {
     "generation/test_utils.py": HEADER.format(
         what="the sdist lacks tests/generation/. test_modeling_common.py uses the mixin only in `issubclass` checks."

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Check hf-hypervq on one device in one bounded command, and print one table: a row per check, ok / FAILED / n/a.
 
-    python scripts/check_device.py --device cuda --output device-check.json  # a GPU (at most --time_limit, 9 min)
-    python scripts/check_device.py --device mps                              # Apple silicon
-    python scripts/check_device.py --device cpu                              # about 3 minutes on 2 cores
-    python scripts/check_device.py --device cpu --quick                      # what the tests run: under 2 minutes
+    python tools/check_device.py --device cuda --output device-check.json    # a GPU (at most --time_limit, 9 min)
+    python tools/check_device.py --device mps                                # Apple silicon
+    python tools/check_device.py --device cpu                                # about 3 minutes on 2 cores
+    python tools/check_device.py --device cpu --quick                        # what the tests run: under 2 minutes
 
 The checks, in this order, all on the named device:
 
@@ -18,7 +18,7 @@ The checks, in this order, all on the named device:
   fp16 autocast there, so train_vqvae.py refuses it).
 - tokenization: the fp32 tokenizer loaded with AutoModel, `get_image_tokens` on a batch of digits; the tokens must lie
   in [0, K) and equal the eval-mode quantizer's indices of the encoder's latents; tokens per second.
-- benchmark quantizers / benchmark training: scripts/benchmark_quantizers.py and scripts/benchmark_training.py with
+- benchmark quantizers / benchmark training: benchmarks/benchmark_quantizers.py and benchmarks/benchmark_training.py with
   --device, one small shape and 3 rounds (their tables go into --output).
 
 In every check, the quantizer's kernels must take their fast path on the device: a fallback to eager torch code

@@ -21,9 +21,9 @@ On Linux CPUs the timing process re-executes itself with glibc's allocator set t
 fresh N×K tensor above 32 MiB is page-faulted again, which costs more than the matmul; docs/performance.md#allocator);
 pass `--default-allocator` to measure without it.
 
-    python scripts/benchmark_quantizers.py                       # the README table (CPU, ~15 minutes)
-    python scripts/benchmark_quantizers.py --device cuda         # on a GPU
-    python scripts/benchmark_quantizers.py --sizes 8192 --codebook-sizes 512 --rounds 3 --no-memory   # quick
+    python benchmarks/benchmark_quantizers.py                       # the README table (CPU, ~15 minutes)
+    python benchmarks/benchmark_quantizers.py --device cuda         # on a GPU
+    python benchmarks/benchmark_quantizers.py --sizes 8192 --codebook-sizes 512 --rounds 3 --no-memory   # quick
 """
 
 import argparse

@@ -3,9 +3,9 @@
 decoded, processed, tokenized in eval mode and written as Parquet), next to the tokenizer's forward pass alone on the
 same images (its share of the time), round-robin; medians of the rounds.
 
-    python scripts/benchmark_tokenization.py                      # the digits' train split at 32×32, 8×8 tokens
-    python scripts/benchmark_tokenization.py --tokenizer outputs/tokenizer --rounds 7
-    python scripts/benchmark_tokenization.py --device cuda
+    python benchmarks/benchmark_tokenization.py                      # the digits' train split at 32×32, 8×8 tokens
+    python benchmarks/benchmark_tokenization.py --tokenizer outputs/tokenizer --rounds 7
+    python benchmarks/benchmark_tokenization.py --device cuda
 
 Without --tokenizer the tokenizer is the default HyperVQ-VAE (K = 512, 32×32 images to 8×8 tokens) as initialised:
 the speed does not depend on its weights. Every round writes a fresh folder, and datasets' cache is off, so nothing

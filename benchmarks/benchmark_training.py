@@ -2,9 +2,9 @@
 """Images per second of one training step (forward, backward, AdamW update) of the default HyperVQ-VAE with each
 quantizer, side by side in one process, round-robin, with the ratio of each step time to KmeansVQ's.
 
-    python scripts/benchmark_training.py                    # 32×32 images, batch 128, K = 512 (the README table)
-    python scripts/benchmark_training.py --device cuda      # on a GPU
-    python scripts/benchmark_training.py --image_size 128 --batch_size 64 --codebook_size 1024
+    python benchmarks/benchmark_training.py                    # 32×32 images, batch 128, K = 512 (the README table)
+    python benchmarks/benchmark_training.py --device cuda      # on a GPU
+    python benchmarks/benchmark_training.py --image_size 128 --batch_size 64 --codebook_size 1024
 
 The images are random (speed does not depend on them). Each quantizer runs as shipped (HyperVQ's N×K kernels
 fused by torch.compile at these sizes); "+eager" runs them unfused (`set_compiled_kernels(False)`), and

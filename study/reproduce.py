@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Rerun the HyperVQ paper's comparisons with one fair protocol at the scale this machine allows, and write a report.
 
-    python scripts/reproduce.py                  # Fashion-MNIST, K = 512, 3 seeds, with a digits section (~8 hours)
-    python scripts/reproduce.py --quick          # a few minutes (CI): digits, one K, one seed, a tiny model
+    python study/reproduce.py                    # Fashion-MNIST, K = 512, 3 seeds, with a digits section (~8 hours)
+    python study/reproduce.py --quick            # a few minutes (CI): digits, one K, one seed, a tiny model
 
 The rows are the library's five quantizers, the three Gumbel quantizers again with wav2vec 2.0's diversity term
 (`diversity_weight`, which the paper does not mention) and, as a reference, vector-quantize-pytorch's
 `VectorQuantize` (`vq_pytorch`, "VectorQuantize (anchor)": EMA, k-means init, dead-code replacement, as its README
 recommends) in the same VQ-VAE. Every row × codebook size × seed trains a tokenizer and frozen-feature classifiers
-on its codes with `scripts/study.py`'s protocol: each quantizer's library defaults, the same model, data, data order,
+on its codes with `hf_hypervq.training.study`'s protocol: each quantizer's library defaults, the same model, data, data order,
 optimizer, number of updates and Gumbel temperature rule for all; nothing is tuned per quantizer. Then:
 
 - the budget curve: HyperVQ and KmeansVQ at other numbers of updates (`--budget_steps`), same seeds;
@@ -20,8 +20,8 @@ Every claim is decided from an interval on the difference between two rows paire
 holds, does not hold, or inconclusive when the interval straddles the claimed bound.
 
 The output folder gets `REPORT.md`, `results.json` and the plots. Finished runs are kept in `OUTPUT_DIR/runs` and
-reused when the command is rerun on the same code (also those of `scripts/ablate.py` with the same setting); a change
-to the code that computes them recomputes them (`scripts/study.py`, `code_fingerprint`).
+reused when the command is rerun on the same code (also those of `study/ablate.py` with the same setting); a change
+to the code that computes them recomputes them (`hf_hypervq.training.study`, `code_fingerprint`).
 """
 
 import argparse
@@ -33,23 +33,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from study import (
-    ANCHOR,
-    ANCHOR_PACKAGE,
-    DATASETS,
-    DEFAULTS,
-    MODEL,
-    QUICK_MODEL,
-    STUDY_QUANTIZERS,
-    anchor_version,
-    decoded_codebook,
-    load_tensors,
-    provenance,
-    run_one,
-    setting_of,
-    tokenizer_metrics,
-    train_tokenizer,
-)
 
 from hf_hypervq.training.data import FASHION_MNIST
 from hf_hypervq.training.outputs import write_text
@@ -70,9 +53,26 @@ from hf_hypervq.training.report import (
     results_table,
     write_report,
 )
+from hf_hypervq.training.study import (
+    ANCHOR,
+    ANCHOR_PACKAGE,
+    DATASETS,
+    DEFAULTS,
+    MODEL,
+    QUICK_MODEL,
+    STUDY_QUANTIZERS,
+    anchor_version,
+    decoded_codebook,
+    load_tensors,
+    provenance,
+    run_one,
+    setting_of,
+    tokenizer_metrics,
+    train_tokenizer,
+)
 
 
-DIVERSITY_WEIGHT = 0.1  # wav2vec 2.0's weight, and the middle of the ablation's sweep (scripts/ablate.py)
+DIVERSITY_WEIGHT = 0.1  # wav2vec 2.0's weight, and the middle of the ablation's sweep (study/ablate.py)
 ROWS = {
     **{q: {"quantizer": q} for q in STUDY_QUANTIZERS},
     **{row: {"quantizer": q, "diversity_weight": DIVERSITY_WEIGHT} for row, q in DIVERSITY_ROWS.items()},
@@ -202,7 +202,7 @@ interval below 0) worse beyond the noise; "no" when the usage does not rise or a
             protocol_table(runs, k)
             + """
 
-The same frozen features under three protocols (`scripts/study.py`). The first is `scripts/train_classifier.py`'s
+The same frozen features under three protocols (`hf_hypervq.training.study`). The first is `scripts/train_classifier.py`'s
 default: a BatchNorm without affine parameters standardises each feature channel before the head, so the head does
 not depend on the scale of the code vectors, which differs about 50-fold between quantizers.""",
         ),
@@ -268,17 +268,17 @@ def main(argv=None):
             if DATASETS[args.dataset].classifier_images
             else "80% of the training split"
         )
-        + " and measured on the whole test split; two other protocols are compared below (`scripts/study.py`). "
+        + " and measured on the whole test split; two other protocols are compared below (`hf_hypervq.training.study`). "
         + (
             f"The anchor row, {ROW_NAMES[ANCHOR]}, is {ANCHOR_PACKAGE} {anchor_version()}'s `VectorQuantize` "
             "in the same VQ-VAE, as its README recommends for one: EMA codebook (decay 0.99), k-means "
             "initialisation on the first batch, dead codes (EMA cluster size below 2) replaced by batch vectors, "
-            "commitment weight 0.25, the rotation-trick gradient (`scripts/study.py`, `VectorQuantizeAnchor`); "
+            "commitment weight 0.25, the rotation-trick gradient (`hf_hypervq.training.study`, `VectorQuantizeAnchor`); "
             "it is a reference, not one of the paper's quantizers, and decides no claim. "
             if ANCHOR in args.rows
             else ""
         )
-        + f"The runs' code and versions: {provenance(everything)} (`scripts/study.py`, `code_fingerprint`); "
+        + f"The runs' code and versions: {provenance(everything)} (`hf_hypervq.training.study`, `code_fingerprint`); "
         f"{platform.machine()}, {args.workers} runs in parallel with one thread each. The {len(everything)} runs "
         f"took {compute_hours:.1f} CPU hours."
     )
@@ -334,8 +334,8 @@ draws into its {patch}×{patch}-pixel patch of the image.
         digits[0] = (digits[0][0], f"{DATASETS['digits'].description}; the same rows, protocol and seeds.\n\n"
                      + digits[0][1])  # fmt: skip
         sections += digits
-    command = "python scripts/reproduce.py" + (" --quick" if args.quick else "")
-    title = "Does HyperVQ reproduce? (generated by `scripts/reproduce.py`)"
+    command = "python study/reproduce.py" + (" --quick" if args.quick else "")
+    title = "Does HyperVQ reproduce? (generated by `study/reproduce.py`)"
     write_report(output_dir / "REPORT.md", title=title, setup=setup, sections=sections, commands=[command])
     compact = [{key: v for key, v in r.items() if key != "code_counts"} for r in everything]
     write_text(output_dir / "results.json", json.dumps({"runs": compact, "scatter": scatter_metrics}, indent=1))
