@@ -1,4 +1,6 @@
-"""Test-session settings: never touch the network, keep torch to the cores we have."""
+"""Test-session settings: never touch the network, keep torch to the cores we have, and skip the slow tests unless
+RUN_SLOW=1 (as transformers does: its own `@slow` tests, run by tests/test_transformers_conformance.py, read the same
+variable)."""
 
 import contextlib
 import os
@@ -13,14 +15,36 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from optional_parts import env_flag, require_fashion_mnist  # noqa: E402
 
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist each worker gets its share of the cores, so that workers do not oversubscribe them.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+RUN_SLOW = env_flag("RUN_SLOW")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (long trainings, the study pipeline, the browser, multi-process launches) are skipped by
+    default: `RUN_SLOW=1 python -m pytest tests` runs them too (CI does), with `-m slow` only them."""
+    if RUN_SLOW:
+        return
+    skip = pytest.mark.skip(reason="slow: RUN_SLOW=1 runs it")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fashion_mnist():
+    """For tests that read the real Fashion-MNIST: skipped with the reason (failed under HF_HYPERVQ_STRICT_SKIPS) where
+    Debian's `dataset-fashion-mnist` is not installed."""
+    require_fashion_mnist()
 
 
 @pytest.fixture

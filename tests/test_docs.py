@@ -1,5 +1,6 @@
-"""Every design note the code points to is in the repository: references name `docs/<file>.md#<section>`, and the
-file and the section exist."""
+"""The documentation: every design note the code points to is in the repository (references name
+`docs/<file>.md#<section>`, and the file and the section exist), every link into the repository resolves, every
+Python snippet of a page runs, and the study page's results are the committed report's."""
 
 import re
 from pathlib import Path
@@ -9,7 +10,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-SCANNED = ("src", "scripts", "tests", "demo")  # model_cards/ links into src
+SCANNED = ("src", "scripts", "benchmarks", "study", "tools", "tests", "demo", "docs")  # model_cards/ links into src
+TOP_LEVEL = ("README.md", "CONTRIBUTING.md")
+# Links to this repository on GitHub (the README is also the PyPI page, where links must be absolute).
+REPOSITORY_LINK = re.compile(
+    r"https://(?:github\.com/hf-hypervq/hf-hypervq/(?:blob|tree)/main|raw\.githubusercontent\.com/hf-hypervq/hf-hypervq/main)"
+    r"/([\w./-]+?)/?(?:#([\w-]+))?(?=[)\s\"'>]|$)"
+)
 SKIPPED_PARTS = {"__pycache__", ".pytest_cache", ".hypothesis"}
 # Notes that were never part of the repository, and the folder they lived in; the names are built here so that this
 # file does not mention them itself.
@@ -22,8 +29,9 @@ RELATIVE_LINK = re.compile(r"\]\((\w[\w.-]*\.md)?(?:#([\w-]+))?\)")
 
 
 def text_files():
-    """(path relative to the root, text) of every readable text file in the scanned folders, and the README."""
-    paths = [ROOT / "README.md"]
+    """(path relative to the root, text) of every readable text file in the scanned folders, the README and
+    CONTRIBUTING.md."""
+    paths = [ROOT / name for name in TOP_LEVEL]
     for folder in SCANNED:
         paths += sorted(p for p in (ROOT / folder).rglob("*") if p.is_file())
     for path in paths:
@@ -94,3 +102,53 @@ def test_docs_reference_resolves(where, name, anchor):
     if anchor is not None:
         known = anchors(target.read_text(encoding="utf-8"))
         assert anchor in known, f"{where} refers to docs/{name}#{anchor}; its sections are {sorted(known)}"
+
+
+def repository_links():
+    """(where, path, anchor or None) of every absolute link into this repository."""
+    for path, text in text_files():
+        for match in REPOSITORY_LINK.finditer(text):
+            yield path, match.group(1), match.group(2)
+
+
+def test_the_readme_links_into_the_repository():
+    assert any(where == "README.md" for where, _, _ in repository_links())
+
+
+@pytest.mark.parametrize("where, target, anchor", sorted(set(repository_links()), key=str))
+def test_repository_link_resolves(where, target, anchor):
+    path = ROOT / target
+    assert path.exists(), f"{where} links to {target}, which is not in the repository"
+    if anchor is not None and path.suffix == ".md":
+        known = anchors(path.read_text(encoding="utf-8"))
+        assert anchor in known, f"{where} links to {target}#{anchor}; its sections are {sorted(known)}"
+
+
+PAGES_WITH_CODE = sorted(p.name for p in DOCS.glob("*.md") if "```python\n" in p.read_text(encoding="utf-8"))
+
+
+def test_the_pages_show_code():
+    assert {"quantizers.md", "models.md", "metrics.md"} <= set(PAGES_WITH_CODE)
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_CODE)
+def test_page_python_snippets_run_in_order(page, tmp_path, monkeypatch):
+    """A page's snippets tell one story (a model saved in one is loaded in the next): run them in order, in one
+    folder and one namespace, as a reader would paste them."""
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": f"__docs_{page}__"}
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(encoding="utf-8"), flags=re.DOTALL)
+    for index, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"docs/{page} python block {index}", "exec"), namespace)
+        except Exception as error:
+            raise AssertionError(f"docs/{page} python block {index} failed:\n{block}") from error
+
+
+def test_study_results_table_is_the_committed_report():
+    """The study page's results are copied from results/REPORT.md, never typed: each row must stand in the report."""
+    section = (DOCS / "study.md").read_text(encoding="utf-8").split("## Results")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    report = (ROOT / "results" / "REPORT.md").read_text()
+    assert len(rows) >= 10  # the header, five quantizers, three with the diversity term, the anchor
+    assert all(row in report for row in rows)

@@ -1,4 +1,4 @@
-"""Fashion-MNIST from Debian's `dataset-fashion-mnist` package (CI installs it): read through the scripts' data
+"""Fashion-MNIST from Debian's `dataset-fashion-mnist` package (CI installs it; without it the tests that read it are skipped): read through the scripts' data
 path, checked against the raw IDX bytes; damaged files; the padding to 32×32 and `--dataset fashion_mnist`."""
 
 import gzip
@@ -64,6 +64,7 @@ def write_fashion_folder(folder: Path, count: int = 3) -> Path:
     return folder
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_fashion_mnist_through_the_scripts_data_path_matches_the_idx_bytes():
     train = load_image_dataset("fashion_mnist", split="train", require_labels=True)
     test = load_image_dataset("fashion_mnist", split="test", require_labels=True)
@@ -152,6 +153,7 @@ def test_the_processor_pads_with_black_around_the_centre():
         )
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_train_vqvae_takes_dataset_fashion_mnist_padded_to_32(tmp_path):
     output = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -110,6 +110,7 @@ def test_validation_split_is_stratified_and_disjoint_from_the_classifier_trainin
     assert any(torch.equal(held_out[0], row) for row in pixels)
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_the_fashion_mnist_study_data():
     """What `load_tensors("fashion_mnist")` does to Fashion-MNIST, on a few of its images (the whole set takes a
     minute and gigabytes): 28×28 grey centred on a 32×32 black canvas in [-1, 1], and a fixed classifier subset of

@@ -16,9 +16,9 @@ import sys
 import unittest
 from pathlib import Path
 
-import pytest
 import torch
 import transformers
+from optional_parts import missing
 from transformers import ResNetConfig
 
 from hf_hypervq import (
@@ -60,9 +60,10 @@ else:  # the test classes are not built; the test below fails instead
 
 
 def test_transformers_common_tests_are_fetched():
-    """Where the common tests are missing this fails, with the command that fetches them: CI must not pass without."""
+    """Where the common tests are missing this is skipped with the command that fetches them (failed under
+    HF_HYPERVQ_STRICT_SKIPS, so CI does not pass without them)."""
     if FETCH_ERROR is not None:
-        pytest.fail(FETCH_ERROR, pytrace=False)
+        missing(FETCH_ERROR)
 
 
 IMAGE_SIZE = 8
