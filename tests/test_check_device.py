@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,9 @@ ROWS = [
     "train fp32",
     "train bf16",
     "train fp16",
+    "train fp32 +torch_compile",
     "tokenization",
+    "no host sync",
     "benchmark quantizers",
     "benchmark training",
 ]
@@ -63,14 +66,14 @@ def test_the_whole_check_runs_on_cpu(tmp_path):
     assert list(rows) == ROWS
     assert [line.split("|")[1].strip() for line in table[1:]] == ROWS  # the printed table has the same rows
     statuses = {name: row["status"] for name, row in rows.items()}
-    assert statuses == {name: "n/a" if name == "train fp16" else "ok" for name in ROWS}, report["rows"]
-    assert "needs a GPU" in rows["train fp16"]["result"]
+    assert statuses == {name: "n/a" if name in ("train fp16", "no host sync") else "ok" for name in ROWS}, report
+    assert "needs a GPU" in rows["train fp16"]["result"] and "CUDA only" in rows["no host sync"]["result"]
     for quantizer in ("HyperVQ", "KmeansVQ", "GumbelVQ", "HyperKmeansVQ", "HyperEmbMatVQ"):
         passed, total = rows[f"reference {quantizer}"]["result"].split()[0].split("/")
         assert passed == total and int(total) >= 3
-    for precision in ("fp32", "bf16"):
-        assert rows[f"train {precision}"]["result"].endswith("finite")
-        loss = float(rows[f"train {precision}"]["result"].split(",")[0].split()[1])
+    for name in ("train fp32", "train bf16", "train fp32 +torch_compile"):
+        assert rows[name]["result"].endswith("finite")
+        loss = float(rows[name]["result"].split(",")[0].split()[1])
         assert 0 < loss < 1  # digits scaled to [-1, 1]: an untrained model starts near 0.5 or above
     assert (
         "tokens/s" in rows["tokenization"]["result"] and "= eval quantizer indices" in rows["tokenization"]["result"]
@@ -144,6 +147,14 @@ def test_training_rows(check_device, tmp_path):
     fell_back = row(0, ran + f"UserWarning: {fallback}\n", {"train_loss": 0.27, "reconstruction_mse": 0.26})
     assert fell_back.status == "FAILED" and fell_back.result == fallback
     stopped = check_device.training_row("fp32", "cpu", Outcome(None, "", "", 60.0), tmp_path, deadline)
+    assert stopped.status == "FAILED" and "--time_limit" in stopped.result
+
+
+def test_tokenization_runs_in_a_child_that_the_time_limit_stops(check_device):
+    spec = {"model_dir": "/no/such/tokenizer", "sizes": asdict(check_device.QUICK)}
+    failed = check_device.bounded_row("tokenization", "cpu", spec, check_device.Deadline(120))
+    assert failed.status == "FAILED" and failed.result.startswith("exit status 1") and "/no/such" in failed.details
+    stopped = check_device.bounded_row("tokenization", "cpu", spec, check_device.Deadline(0.5))
     assert stopped.status == "FAILED" and "--time_limit" in stopped.result
 
 

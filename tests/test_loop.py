@@ -1,7 +1,10 @@
 """Pieces of the training loop, fast and in-process: checkpoint resolution and rotation, damaged checkpoints, a full
 disk, and what a CPU run cannot reach (saving and checking the weights of sharded training)."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -105,3 +108,20 @@ def test_a_checkpoint_of_other_model_options_is_refused_before_loading(tmp_path,
         checkpointing.check_checkpoint_fits(folder, resuming)
     assert message in str(error.value) and "\n" not in str(error.value)
     assert str(error.value).startswith(f"--resume_from_checkpoint {folder}: ")
+
+
+def test_fp16_is_refused_when_accelerate_itself_puts_the_run_on_the_cpu(tmp_path):
+    """`ACCELERATE_USE_CPU=1` (`accelerate launch --cpu`, `use_cpu: true`) bypasses the argument check, which sees
+    `--cpu` unset and, on a GPU machine, a GPU; accelerate would then train in fp32 without a word."""
+    code = (
+        "from types import SimpleNamespace\n"
+        "from hf_hypervq.training import cli\n"
+        f"args = SimpleNamespace(cpu=False, mixed_precision='fp16', gradient_accumulation_steps=1, with_tracking=False,"
+        f" output_dir={str(tmp_path)!r}, seed=0, torch_compile=False, torch_compile_backend='inductor',"
+        " quantizer_kernels='auto')\n"
+        "try:\n    cli.make_accelerator(args)\nexcept ValueError as error:\n    print(error)\n"
+    )
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--mixed_precision fp16 needs a GPU, but accelerate runs this on the CPU" in result.stdout

@@ -16,8 +16,13 @@ The checks, in this order, all on the named device:
   updates whose loss was NaN or inf, which the training loop counts and leaves out, are reported too). A
   precision the device or accelerate cannot run is n/a with the reason (on a CPU, fp16: accelerate 1.16 applies no
   fp16 autocast there, so train_vqvae.py refuses it).
+- train fp32 +torch_compile: the fp32 run again with --torch_compile (the whole model compiled by inductor).
 - tokenization: the fp32 tokenizer loaded with AutoModel, `get_image_tokens` on a batch of digits; the tokens must lie
-  in [0, K) and equal the eval-mode quantizer's indices of the encoder's latents; tokens per second.
+  in [0, K) and equal the eval-mode quantizer's indices of the encoder's latents; tokens per second. In a child
+  process, so that --time_limit bounds it too.
+- no host sync (CUDA only): a training step (forward and backward) of a tiny tokenizer with each of the five
+  quantizers under `torch.cuda.set_sync_debug_mode("error")`, which raises at any copy to the host or other
+  synchronisation; n/a elsewhere. Also in a child process.
 - benchmark quantizers / benchmark training: benchmarks/benchmark_quantizers.py and benchmarks/benchmark_training.py with
   --device, one small shape and 3 rounds (their tables go into --output).
 
@@ -54,6 +59,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
+BENCHMARKS = ROOT / "benchmarks"
 QUANTIZERS = ["HyperVQ", "KmeansVQ", "GumbelVQ", "HyperKmeansVQ", "HyperEmbMatVQ"]
 # The tests of tests/test_quantizers.py that hold a quantizer to its reference formula (eval argmax, the straight-
 # through Gumbel-softmax, the fused kernels against float64, the codebook r_k a_k/|a_k|, the loss terms, the code
@@ -143,6 +149,7 @@ def parse_args(argv=None):
         "--work_dir", default=None,
         help="keep the trained tokenizers and the test report here (default: a temporary folder, removed at the end)",
     )  # fmt: skip
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # a bounded check's own process
     args = parser.parse_args(argv)
     if not args.time_limit > 0:
         parser.error(f"--time_limit must be a number of seconds > 0, got {args.time_limit}")
@@ -402,24 +409,28 @@ def tokenizer_dir(work: Path, precision: str) -> Path:
     return work / f"tokenizer-{precision}"
 
 
-def train_row(device: str, precision: str, sizes: Sizes, work: Path, deadline: Deadline) -> Row:
-    """50 updates of the tiny tokenizer in one precision, into `tokenizer_dir(work, precision)`."""
+def train_row(device: str, precision: str, sizes: Sizes, work: Path, deadline: Deadline, compiled=False) -> Row:
+    """50 updates of the tiny tokenizer in one precision, into `tokenizer_dir(work, precision)`; with `compiled`,
+    the whole model compiled (--torch_compile), into a folder of its own."""
     device, env = child_device(device)
-    output_dir = tokenizer_dir(work, precision)
+    output_dir = tokenizer_dir(work, precision + ("-compiled" if compiled else ""))
     command = [
         sys.executable, SCRIPTS / "train_vqvae.py", "--output_dir", output_dir, "--mixed_precision",
         PRECISIONS[precision], "--max_eval_samples", str(sizes.eval_samples), *TINY_TOKENIZER,
         *(["--cpu"] if device == "cpu" else []),  # elsewhere accelerate takes the GPU (or MPS) by itself
+        *(["--torch_compile"] if compiled else []),
     ]  # fmt: skip
-    return training_row(precision, device, run(command, deadline, env), output_dir, deadline)
+    row = training_row(precision, device, run(command, deadline, env), output_dir, deadline)
+    if compiled:
+        row.check += " +torch_compile"
+    return row
 
 
 # ---- tokenization ----
 
 
-def tokenization_row(device: str, model_dir: Path | None, sizes: Sizes) -> Row:
-    if model_dir is None:
-        return Row("tokenization", "n/a", "no trained tokenizer: every training run failed", 0.0)
+def tokenization_row(device: str, model_dir: str, sizes: Sizes) -> Row:
+    sys.path.insert(0, str(BENCHMARKS))
     from benchmarking import Timer
     from transformers import AutoImageProcessor, AutoModel
     from transformers.utils.logging import disable_progress_bar
@@ -463,6 +474,64 @@ def tokenization_row(device: str, model_dir: Path | None, sizes: Sizes) -> Row:
     rate = tokens.numel() / (milliseconds / 1e3)
     summary = f"{rate:,.0f} tokens/s; {tokens.numel()} tokens in [0, {codebook_size}), = eval quantizer indices"
     return Row("tokenization", "ok", summary, seconds)
+
+
+def host_sync_row(device: str) -> Row:
+    """A training step (forward and backward) of a tiny tokenizer with each quantizer, under CUDA's sync debug mode
+    set to raise: the cheap proof that nothing in the step waits for the GPU."""
+    if not device.startswith("cuda"):
+        return Row("no host sync", "n/a", "CUDA only (torch.cuda.set_sync_debug_mode)", 0.0)
+    from hf_hypervq import HyperVQVAEConfig, HyperVQVAEModel
+    from hf_hypervq.models.hypervq.quantizers import QUANTIZER_TYPES
+
+    started = time.perf_counter()
+    pixel_values = torch.rand(8, 3, 32, 32, device=device) * 2 - 1
+    failures = []
+    for quantizer in QUANTIZER_TYPES:
+        config = HyperVQVAEConfig(hidden_size=32, residual_hidden_size=8, embedding_dim=16, codebook_size=64,
+                                  num_residual_layers=1, quantizer_type=quantizer)  # fmt: skip
+        model = HyperVQVAEModel(config).to(device).train()
+        model(pixel_values).loss.backward()  # a first step: lazy initialisation (cuBLAS handles) may synchronise
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(pixel_values).loss.backward()
+        except RuntimeError as error:
+            failures.append(f"{quantizer}: {str(error).splitlines()[0]}")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    seconds = time.perf_counter() - started
+    if failures:
+        return Row("no host sync", "FAILED", "; ".join(failures)[:300], seconds)
+    return Row("no host sync", "ok", f"a training step of each of {len(QUANTIZER_TYPES)} quantizers", seconds)
+
+
+CHILD_CHECKS = {"tokenization": lambda device, spec: tokenization_row(device, spec["model_dir"], Sizes(**spec["sizes"])),
+                "no host sync": lambda device, spec: host_sync_row(device)}  # fmt: skip
+
+
+def bounded_row(name: str, device: str, spec: dict, deadline: Deadline) -> Row:
+    """Run one of CHILD_CHECKS in a child process of this script, stopped at the time limit like the others."""
+    device, env = child_device(device)
+    command = [
+        sys.executable,
+        Path(__file__).resolve(),
+        "--device",
+        device,
+        "--child",
+        json.dumps({**spec, "check": name}),
+    ]
+    outcome = run(command, deadline, env)
+    lines = [line for line in outcome.stdout.splitlines() if line.startswith("{")]
+    if outcome.returncode != 0 or not lines:
+        return Row(name, "FAILED", failure(outcome, deadline), outcome.seconds, output_tail(outcome))
+    return Row(**json.loads(lines[-1]))
+
+
+def run_child(device: str, spec: str) -> int:
+    spec = json.loads(spec)
+    print(json.dumps(asdict(CHILD_CHECKS[spec["check"]](device, spec))), flush=True)
+    return 0
 
 
 # ---- benchmarks ----
@@ -519,7 +588,7 @@ def quantizer_benchmark_row(device: str, sizes: Sizes, deadline: Deadline) -> Ro
         return f"HyperVQ ÷ VectorQuantize: train {hyper[6]}, eval {hyper[4]}{memory} (N={n}, K={k})"
 
     device, env = child_device(device)
-    command = [sys.executable, SCRIPTS / "benchmark_quantizers.py", "--device", device, *flags]
+    command = [sys.executable, BENCHMARKS / "benchmark_quantizers.py", "--device", device, *flags]
     return benchmark_row("benchmark quantizers", run(command, deadline, env), variants, 2, [3, 5], key, deadline)
 
 
@@ -536,7 +605,7 @@ def training_benchmark_row(device: str, sizes: Sizes, deadline: Deadline) -> Row
         return f"hyperbolic: {hyper[1]} ms/step, {hyper[2]} images/s, {hyper[3]} KmeansVQ's step (batch {batch})"
 
     device, env = child_device(device)
-    command = [sys.executable, SCRIPTS / "benchmark_training.py", "--device", device, *sizes.training_benchmark]
+    command = [sys.executable, BENCHMARKS / "benchmark_training.py", "--device", device, *sizes.training_benchmark]
     return benchmark_row("benchmark training", run(command, deadline, env), variants, 0, [1, 2], key, deadline)
 
 
@@ -572,7 +641,18 @@ def run_checks(device: str, sizes: Sizes, work: Path, deadline: Deadline) -> lis
         rows.append(row)
         if trained is None and row.status == "ok":
             trained = tokenizer_dir(work, precision)
-    rows += guarded("tokenization", lambda: tokenization_row(device, trained, sizes), deadline)
+    rows += guarded("train fp32 +torch_compile", lambda: train_row(device, "fp32", sizes, work, deadline, True),
+                    deadline)  # fmt: skip
+    if trained is None:
+        rows.append(Row("tokenization", "n/a", "no trained tokenizer: every training run failed", 0.0))
+    else:
+        spec = {"model_dir": str(trained), "sizes": asdict(sizes)}
+        rows += guarded("tokenization", lambda: bounded_row("tokenization", device, spec, deadline), deadline)
+    on_cuda = device.startswith("cuda")  # elsewhere n/a at once, without a child process
+    sync_check = (
+        (lambda: bounded_row("no host sync", device, {}, deadline)) if on_cuda else (lambda: host_sync_row(device))
+    )
+    rows += guarded("no host sync", sync_check, deadline)
     rows += guarded("benchmark quantizers", lambda: quantizer_benchmark_row(device, sizes, deadline), deadline)
     rows += guarded("benchmark training", lambda: training_benchmark_row(device, sizes, deadline), deadline)
     return rows
@@ -613,6 +693,8 @@ def main(argv=None) -> int:
     except DeviceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.child:
+        return run_child(device, args.child)
     started = time.perf_counter()
     deadline = Deadline(args.time_limit)
     title = header(device, args.quick)

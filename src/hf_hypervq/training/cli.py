@@ -240,6 +240,13 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         # `prepare` compiles the model; `outputs.save_model` saves the module inside the compiled wrapper
         dynamo_plugin=TorchDynamoPlugin(backend=args.torch_compile_backend if args.torch_compile else "no"),
     )
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        # `ACCELERATE_USE_CPU=1` (`accelerate launch --cpu`, `use_cpu: true`) moves the run to the CPU after the
+        # argument checks, where accelerate would go on in fp32 without saying so
+        raise ValueError(
+            "--mixed_precision fp16 needs a GPU, but accelerate runs this on the CPU (ACCELERATE_USE_CPU, or "
+            "use_cpu in the accelerate config); on a CPU use bf16"
+        )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     if not accelerator.is_local_main_process:
         logging.getLogger().setLevel(logging.ERROR)

@@ -56,8 +56,13 @@ def nonfinite_marker(z: torch.Tensor) -> torch.Tensor:
     """0 when `z` passes `check_finite`, NaN when it does not, as a 0-d float32 tensor computed on the device.
 
     A training step adds it to its loss instead of checking: a latent that overflowed (an fp16 encoder) then makes
-    the loss non-finite, as it would in any model, so a GradScaler skips the step and the training loop counts it,
-    with no host synchronisation and no device-side assert, which would end the process before it could save."""
+    the loss non-finite, as it would in any model, so the training loop counts the step, with no host
+    synchronisation and no device-side assert, which would end the process before it could save.
+
+    It poisons the loss, not the gradients: `z` is detached, so the marker adds nothing to any gradient. A
+    GradScaler skips such a step because the non-finite latent makes the real gradients non-finite too, which holds
+    for NaN and inf latents in all five quantizers (each multiplies or normalises the latent on its gradient's
+    path), not for an arbitrary model."""
     return _sum_of_squares(z.detach()) * 0.0  # finite * 0 = 0; inf * 0 = nan * 0 = nan
 
 

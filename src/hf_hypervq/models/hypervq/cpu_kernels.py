@@ -5,24 +5,36 @@ asinh, the counter-based Gumbel noise (a hash and two logs), an exp, and their b
 work (`kernels.py`), but with SLEEF's log and exp, and it sums the gradient of the per-code scale down the columns,
 a strided loop. The loops below take one row at a time, in L1 cache, with Cephes' float32 polynomials for log and
 exp (the bits taken apart with integer ops, so that the loops vectorise; about 2e-7 relative error), and add blocks
-of 128 rows into column sums of their own, added up in block order (the same bits on any number of threads). At
-N = 32768, K = 512 that took the forward from 88 to 40 ms and the backward from 47 to 17 ms on 2 cores in 0.1
-(docs/performance.md#native-cpu-kernels has 0.2's cost of the fixed-order sums).
+of 128 rows into column sums of their own, added up in block order (the kernel's outputs are the same bits on any
+number of threads; the training step's matmuls around it are not, docs/performance.md#native-cpu-kernels).
 
 The source is a string in this module, so that it travels with a model saved with its remote code. It is compiled
 into `$HF_HYPERVQ_CACHE` (default `~/.cache/hf_hypervq`; a folder of the user's in the temporary folder if that one
-cannot be written) as a shared library named by a hash of the source, the compiler, the flags and the target the
-compiler resolves `-march=native` to (the library is built where it runs, and a shared home may serve several
-CPUs), and loaded with `ctypes`. One process builds while the others wait on a file lock; a compiler that fails for
-a flag set (Apple's clang and -fopenmp) is remembered in the cache and not asked again; one that hangs is stopped.
-`load_cpu_kernels()` raises if no compiler works; `kernels.py` then runs the native kernels eagerly, with one
-warning.
-The functions here take and return tensors as their torch twins in `kernels.py` do, and the tests hold them to the
-twins. Rows are split between `torch.get_num_threads()` OpenMP threads (fewer for a small input, see `_threads`).
+cannot be written) as a shared library named by a hash of the source, the OS, the machine, the compiler and its
+version, the flags and the target the compiler resolves `-march=native` to (the library is built where it runs, and
+a shared home may serve several CPUs), and loaded with `ctypes`. The build is bounded and honest about failure:
+
+- one process builds while the others wait on a file lock;
+- all flag sets together get `BUILD_DEADLINE_S`; a build that runs past it is remembered for `RETRY_AFTER_S`, so
+  that later processes run the torch twins at once instead of waiting again;
+- a flag set the compiler rejects (Apple's clang and `-fopenmp`) is remembered under the compiler's version; a
+  failure the compiler did not diagnose (a signal such as the OOM killer's, a full disk) only for `RETRY_AFTER_S`;
+- a process that falls back to a weaker flag set (no OpenMP, no `-march=native`) says so once, with the reason.
+
+OpenMP comes from torch's own runtime: the library is compiled with `-fopenmp` but linked against the runtime file
+torch has mapped (on Linux), never `-lgomp`, so it cannot load a second runtime beside torch's (a wheel with a renamed
+`libgomp-<hash>.so.1`, a conda build with LLVM's or Intel's). Elsewhere it is single-threaded.
+
+`load_cpu_kernels()` raises if no compiler works; `kernels.py` then runs the torch twins, with one warning. The
+functions here take and return tensors as their torch twins in `kernels.py` do, check their arguments before any
+pointer reaches C (the part `TORCH_CHECK` plays in a C++ operator: they are public as torch operators), and the
+tests hold them to the twins. Rows are split between `torch.get_num_threads()` OpenMP threads (fewer for a small
+input, see `_threads`).
 """
 
 import ctypes
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -251,9 +263,9 @@ static void mlr_logits_argmax_rows(const Args *a, int64_t first_row, int64_t end
 /* Split N rows between `threads` threads, each with K floats of scratch; with `sums` > 0, in blocks of
    ROWS_PER_BLOCK rows, each adding into `sums` * K column sums of its own, which the threads then add into
    `column_sums` (each thread a range of columns, block after block). The threads are OpenMP's, and at run time
-   that is torch's own runtime (the loader binds libgomp.so.1 to the copy torch has loaded; cpu_kernels.py checks
-   that no second runtime got loaded), so the kernels share torch's thread pool: threads of another pool would
-   compete for the cores with torch's, which spin for a while after each parallel region.
+   that is torch's own runtime (the library is linked against the very file torch has mapped, never a runtime of
+   its own), so the kernels share torch's thread pool: threads of another pool would compete for the cores with
+   torch's, which spin for a while after each parallel region.
    Returns 0, or -1 if memory ran out. */
 static int run_rows(RowsFn fn, const Args *args, int64_t N, int threads, int sums, float *column_sums) {
     const int64_t K = args->K, width = sums * K;
@@ -323,39 +335,67 @@ int hvq_mlr_logits_argmax(const float *y, const float *scale, int64_t N, int64_t
 # infinite or NaN score is defined behaviour and comes out as in torch; not -ffast-math: with -shared, older GCCs
 # link code that sets flush-to-zero for the whole process.
 FLAGS = [
-    "-O3", "-shared", "-fPIC", "-std=c99", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math",
-    "-fno-signed-zeros", "-fassociative-math",
+    "-O3", "-fPIC", "-std=c99", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+    "-fassociative-math",
 ]  # fmt: skip
-# OpenMP and -march=native where the compiler has them (Apple's clang has no -fopenmp: one thread), else plain C
-FLAG_SETS = ([*FLAGS, "-fopenmp", "-march=native"], [*FLAGS, "-march=native"], FLAGS)
-BUILD_TIMEOUT_S = 300  # a compiler that hangs (a stuck license server, a full disk) must not hang training
-_library = None
-_load_error = None  # why the kernels could not be loaded: raised again at once, without calling the compiler again
-_single_thread = False  # a second OpenMP runtime is loaded next to torch's: the kernels run on one thread
+OPENMP, NATIVE = "-fopenmp", "-march=native"
+BUILD_DEADLINE_S = 120  # for the probe and every flag set together: a hung compiler must not hang training
+RETRY_AFTER_S = 3600  # how long a failure the compiler did not diagnose (or a missed deadline) is remembered
+_MAX_COLUMNS = 2**31 - 1  # the C code keeps column indices as int32
 _MIN_ELEMENTS_PER_THREAD = 1 << 15  # below this a thread costs more to start than it saves
 _OPENMP_RUNTIME = re.compile(r"^lib(gomp|iomp5|omp|iomp5md|vcomp)\d*([-.][0-9a-f]{8})?\.(so|dylib|dll)\b")
+# what a compiler prints when it was stopped rather than refused the code: worth another try later
+_NOT_DIAGNOSED = re.compile(
+    r"Killed|terminated program|signal|No space left|Cannot allocate memory|out of memory|internal compiler error",
+    re.IGNORECASE,
+)
+_library = None
+_load_error = None  # why the kernels could not be loaded: raised again at once, without calling the compiler again
 
 
 class _CacheNotWritable(OSError):
     pass
 
 
-def _compiler() -> str:
+class _BuildFailure(RuntimeError):
+    def __init__(self, message: str, diagnosed: bool):
+        super().__init__(message)
+        self.diagnosed = diagnosed  # the compiler refused the code or a flag, rather than being stopped
+
+
+def _compiler() -> list[str]:
+    """The C compiler as a command, with its own arguments (`CC="ccache gcc"`, `CC="zig cc"`)."""
     for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
-        if candidate and shutil.which(candidate.split()[0]):
-            return candidate.split()[0]
+        command = shlex.split(candidate or "")
+        if command and shutil.which(command[0]):
+            return command
     raise RuntimeError("no C compiler found (set CC)")
 
 
-def _native_target(compiler: str) -> str:
+def _compiler_identity(compiler: list[str], deadline: float) -> str:
+    """What names a compiler in the cache keys: the OS, the machine, the command, the first line of its
+    `--version` and its binary's modification time (an upgraded compiler gets new keys, so it is asked again)."""
+    try:
+        version = _run([*compiler, "--version"], deadline)[1].strip().splitlines()[:1]
+        mtime = os.stat(shutil.which(compiler[0])).st_mtime_ns
+    except TimeoutError:
+        raise
+    except (OSError, RuntimeError, TypeError) as error:
+        version, mtime = [f"{type(error).__name__}: {error}"], 0
+    return " ".join([sys.platform, platform.machine(), shlex.join(compiler), *version, str(mtime)])
+
+
+def _native_target(compiler: list[str], deadline: float) -> str:
     """What the library built with `-march=native` depends on: the target the compiler resolves it to, read from
     its driver's `-###` output (GCC's cc1 line lists the concrete `-march=`/`-mcpu=` and every `-m` feature flag
     and cache size, clang's the `-target-cpu` and `-target-feature`s), with the target triple and the compiler's
     version. On ARM /proc/cpuinfo names no model and no flags, so this is what tells two CPUs apart there; a library
     built for one CPU and loaded on another (a shared home) may die of an illegal instruction."""
     try:
-        words, output = [], _run([compiler, "-march=native", "-###", "-x", "c", "-c", os.devnull, "-o", os.devnull],
-                                 timeout=60)[1]  # fmt: skip
+        words = []
+        output = _run([*compiler, NATIVE, "-###", "-x", "c", "-c", os.devnull, "-o", os.devnull], deadline)[1]
+    except TimeoutError:
+        raise
     except (OSError, RuntimeError) as error:
         words, output = [f"{type(error).__name__}: {error}"], ""
     for line in output.splitlines():
@@ -405,71 +445,6 @@ def _temporary_cache_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="hf_hypervq-"))
 
 
-def _library_path(folder: Path, compiler: str, flags: list[str], target: str) -> Path:
-    uses_target = "-march=native" in flags
-    key = hashlib.sha256("\0".join([SOURCE, compiler, *flags, target if uses_target else ""]).encode()).hexdigest()
-    return folder / f"cpu_kernels-{key[:16]}{'.dll' if sys.platform == 'win32' else '.so'}"
-
-
-def _run(command: list[str], timeout: float) -> tuple[int, str]:
-    """Run a compiler: its exit status and its output (stderr, then stdout). Past `timeout` seconds the compiler
-    and the processes it started (cc1, as, ld: they hold the output pipes open) are killed."""
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=sys.platform != "win32") as process:  # fmt: skip
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            if sys.platform == "win32":
-                process.kill()
-            else:
-                os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise RuntimeError(f"{command[0]} took more than {timeout} s; stopped it") from None
-    return process.returncode, stderr + stdout
-
-
-def _build(path: Path, compiler: str, flags: list[str]) -> None:
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # compile aside, then rename
-        source, library = Path(scratch, "kernels.c"), Path(scratch, path.name)
-        source.write_text(SOURCE)
-        returncode, output = _run([compiler, *flags, str(source), "-o", str(library), "-lm"], BUILD_TIMEOUT_S)
-        if returncode:
-            error = f"{compiler} failed: {output.strip()[-2000:]}"
-            # remembered, so that every later process skips these flags (Apple's clang and -fopenmp) at once
-            path.with_suffix(".failed").write_text(error)
-            raise RuntimeError(error)
-        os.replace(library, path)
-
-
-def _load_or_build(path: Path, compiler: str, flags: list[str]) -> ctypes.CDLL:
-    failure = path.with_suffix(".failed")
-    if not path.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(f"{path}.lock", timeout=BUILD_TIMEOUT_S + 60)
-            lock.acquire()
-        except FileLockTimeout:
-            raise RuntimeError(f"another process held {path}.lock for over {BUILD_TIMEOUT_S + 60} s") from None
-        except OSError as error:
-            raise _CacheNotWritable(f"{path.parent} is not writable ({error})") from error
-        try:  # one process builds; the others wait on the lock and load its library
-            if not path.exists() and not failure.exists():
-                started = time.perf_counter()
-                try:
-                    _build(path, compiler, flags)
-                except OSError as error:  # ENOSPC, EROFS: the folder cannot take the library
-                    raise _CacheNotWritable(f"{path.parent} is not writable ({error})") from error
-                logger.warning(
-                    f"hf_hypervq: built the quantizer's CPU kernels with {compiler} in "
-                    f"{time.perf_counter() - started:.1f} s, once per machine (cached in {path.parent})"
-                )
-        finally:
-            lock.release()
-    if not path.exists() and failure.exists():
-        raise RuntimeError(f"{failure.read_text()} (remembered in {failure}: delete it to try again)")
-    return ctypes.CDLL(str(path))
-
-
 def openmp_runtimes(maps: str) -> set[str]:
     """The OpenMP runtimes (GNU libgomp, renamed copies such as torch wheels' libgomp-1a2b3c4d.so.1, LLVM's libomp,
     Intel's libiomp5) among the files mapped in a process, from the text of /proc/<pid>/maps."""
@@ -482,31 +457,122 @@ def _process_maps() -> str:
         return maps.read()
 
 
-def _openmp_runtimes_now() -> set[str] | None:
-    """The OpenMP runtimes mapped in this process (real paths), or None where /proc/self/maps does not exist."""
+def torch_openmp_runtime() -> str | None:
+    """The OpenMP runtime file torch has mapped in this process, to link the kernels against, or None (not Linux,
+    torch without OpenMP, or no way to tell torch's from another library's). A runtime inside torch's install
+    (`torch/lib`, a wheel's `torch.libs`) is torch's; else the only one mapped (a conda build's)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        return {os.path.realpath(path) for path in openmp_runtimes(_process_maps())}
+        runtimes = sorted({os.path.realpath(path) for path in openmp_runtimes(_process_maps())})
     except OSError:
         return None
+    torch_folder = os.path.dirname(os.path.realpath(torch.__file__))
+    own = [path for path in runtimes if path.startswith((torch_folder + os.sep, torch_folder + ".libs" + os.sep))]
+    if len(own) == 1:
+        return own[0]
+    return runtimes[0] if len(runtimes) == 1 and not own else None
 
 
-def _check_one_thread_pool(before: set[str] | None) -> None:
-    """After loading the library: if loading it mapped an OpenMP runtime that was not there before, its
-    `libgomp.so.1` is not torch's (a wheel with a renamed libgomp, a conda build with LLVM's or Intel's), and two pools
-    of spinning threads would compete for the cores, so the kernels then run on one thread (about twice slower on 2
-    cores, still faster than the eager torch code). A runtime another library brought earlier (scikit-learn's own
-    libgomp) is not ours: its threads sleep unless that library runs."""
-    global _single_thread
-    after = _openmp_runtimes_now()
-    if not before or after is None:  # not Linux, or torch without OpenMP: there is no pool of torch's to compete with
-        return
-    if after - before:
-        _single_thread = True
-        logger.warning(
-            "hf_hypervq: the quantizer's CPU kernels loaded an OpenMP runtime next to torch's (%s); they run on one "
-            "thread so that two thread pools do not compete for the cores",
-            ", ".join(sorted(after - before)),
-        )
+def flag_sets(runtime: str | None) -> list[list[str]]:
+    """The flag sets to try, best first: OpenMP (where torch's runtime is known) and `-march=native`, then without
+    OpenMP, then plain C."""
+    return ([[*FLAGS, OPENMP, NATIVE]] if runtime else []) + [[*FLAGS, NATIVE], FLAGS]
+
+
+def _library_path(folder: Path, identity: str, flags: list[str], target: str, runtime: str | None) -> Path:
+    parts = [SOURCE, identity, *flags, target if NATIVE in flags else "", (runtime or "") if OPENMP in flags else ""]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    return folder / f"cpu_kernels-{key[:16]}{'.dll' if sys.platform == 'win32' else '.so'}"
+
+
+def _run(command: list[str], deadline: float) -> tuple[int, str]:
+    """Run a compiler: its exit status and its output (stderr, then stdout). At `deadline` (a `time.monotonic()`)
+    the compiler and the processes it started (cc1, as, ld: they hold the output pipes open) are killed."""
+    timeout = max(0.0, deadline - time.monotonic())
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=sys.platform != "win32") as process:  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if sys.platform == "win32":
+                process.kill()
+            else:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise TimeoutError(
+                f"{command[0]} ran past the build deadline ({BUILD_DEADLINE_S} s); stopped it"
+            ) from None
+    return process.returncode, stderr + stdout
+
+
+def _build(path: Path, compiler: list[str], flags: list[str], runtime: str | None, deadline: float) -> None:
+    """Compile, then link aside and rename. With OpenMP, the link names torch's runtime file instead of `-lgomp`
+    (which `-fopenmp` would add), and on Linux `--no-undefined` makes a runtime that lacks a symbol a diagnosed
+    failure here rather than a failed load."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        source, objects, library = Path(scratch, "kernels.c"), Path(scratch, "kernels.o"), Path(scratch, path.name)
+        source.write_text(SOURCE)
+        link = [*compiler, "-shared", str(objects), *([runtime] if OPENMP in flags else []), "-o", str(library), "-lm"]
+        if sys.platform.startswith("linux"):
+            link.append("-Wl,--no-undefined")
+        for command in ([*compiler, *flags, "-c", str(source), "-o", str(objects)], link):
+            returncode, output = _run(command, deadline)
+            if returncode:
+                message = f"{shlex.join(compiler)} failed: {output.strip()[-2000:]}"
+                raise _BuildFailure(message, diagnosed=returncode > 0 and not _NOT_DIAGNOSED.search(output))
+        os.replace(library, path)
+
+
+def _remembered_failure(path: Path) -> str | None:
+    """The failure remembered next to `path`, or None: a diagnosed one for good (the key names the compiler's
+    version), any other for `RETRY_AFTER_S`."""
+    try:
+        failure = json.loads(path.with_suffix(".failed").read_text())
+        if failure["diagnosed"] or time.time() - failure["time"] < RETRY_AFTER_S:
+            return failure["error"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _remember_failure(path: Path, error: str, diagnosed: bool) -> None:
+    record = {"error": error, "diagnosed": diagnosed, "time": time.time()}
+    path.with_suffix(".failed").write_text(json.dumps(record))
+
+
+def _load_or_build(path: Path, compiler: list[str], flags: list[str], runtime: str | None, deadline: float):
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(f"{path}.lock", timeout=max(0.0, deadline - time.monotonic()))
+            lock.acquire()
+        except FileLockTimeout:
+            raise TimeoutError(f"another process held {path}.lock past the build deadline") from None
+        except OSError as error:
+            raise _CacheNotWritable(f"{path.parent} is not writable ({error})") from error
+        try:  # one process builds; the others wait on the lock and load its library
+            if not path.exists() and _remembered_failure(path) is None:
+                started = time.perf_counter()
+                try:
+                    _build(path, compiler, flags, runtime, deadline)
+                except _BuildFailure as failure:
+                    _remember_failure(path, str(failure), failure.diagnosed)
+                    raise
+                except TimeoutError:
+                    raise
+                except OSError as error:  # ENOSPC, EROFS: the folder cannot take the library
+                    raise _CacheNotWritable(f"{path.parent} is not writable ({error})") from error
+                logger.warning(
+                    f"hf_hypervq: built the quantizer's CPU kernels with {shlex.join(compiler)} in "
+                    f"{time.perf_counter() - started:.1f} s, once per machine (cached in {path.parent})"
+                )
+        finally:
+            lock.release()
+    if not path.exists():
+        error = _remembered_failure(path)
+        raise RuntimeError(f"{error} (remembered in {path.with_suffix('.failed')}: delete it to try again)")
+    return ctypes.CDLL(str(path))
 
 
 def load_cpu_kernels() -> ctypes.CDLL:
@@ -517,31 +583,59 @@ def load_cpu_kernels() -> ctypes.CDLL:
         return _library
     if _load_error is not None:
         raise _load_error
-    runtimes_before = _openmp_runtimes_now()
     try:
         _library = _configure(_load())
     except (OSError, RuntimeError) as error:
         _load_error = error
         raise
-    _check_one_thread_pool(runtimes_before)
     return _library
 
 
 def _load() -> ctypes.CDLL:
-    compiler = _compiler()
-    target = _native_target(compiler)
-    folder, errors = _cache_dir(), []
-    for flags in FLAG_SETS:
+    """The best flag set's library. A missed deadline is remembered in the cache folder for `RETRY_AFTER_S`."""
+    deadline = time.monotonic() + BUILD_DEADLINE_S
+    compiler, folder = _compiler(), _cache_dir()
+    timed_out = folder / f"build-timed-out-{hashlib.sha256(shlex.join(compiler).encode()).hexdigest()[:16]}"
+    if timed_out.exists() and time.time() - timed_out.stat().st_mtime < RETRY_AFTER_S:
+        raise RuntimeError(
+            f"an earlier build ran past its deadline ({BUILD_DEADLINE_S} s); not trying again for {RETRY_AFTER_S} s "
+            f"(delete {timed_out} to try now)"
+        )
+    try:
+        return _load_best(compiler, folder, deadline)
+    except TimeoutError:
+        try:
+            timed_out.parent.mkdir(parents=True, exist_ok=True)
+            timed_out.touch()
+        except OSError:
+            pass
+        raise
+
+
+def _load_best(compiler: list[str], folder: Path, deadline: float) -> ctypes.CDLL:
+    identity, target = _compiler_identity(compiler, deadline), _native_target(compiler, deadline)
+    runtime = torch_openmp_runtime()
+    errors = []
+    for flags in flag_sets(runtime):
         try:
             try:
-                return _load_or_build(_library_path(folder, compiler, flags, target), compiler, flags)
+                path = _library_path(folder, identity, flags, target, runtime)
+                library = _load_or_build(path, compiler, flags, runtime, deadline)
             except _CacheNotWritable as error:
-                fallback = _temporary_cache_dir()
-                logger.warning(f"hf_hypervq: {error}; building the CPU kernels in {fallback} instead")
-                folder = fallback
-                return _load_or_build(_library_path(folder, compiler, flags, target), compiler, flags)
+                folder = _temporary_cache_dir()  # for this flag set and the ones after it
+                logger.warning(f"hf_hypervq: {error}; building the CPU kernels in {folder} instead")
+                path = _library_path(folder, identity, flags, target, runtime)
+                library = _load_or_build(path, compiler, flags, runtime, deadline)
+        except TimeoutError:
+            raise
         except (OSError, RuntimeError) as error:
-            errors.append(str(error))
+            errors.append(f"{shlex.join(flags[len(FLAGS) :]) or 'plain C'}: {error}")
+            continue
+        if errors or not runtime:  # a weaker flag set than the best: once per process, with the first reason
+            missing = " and ".join(name for name, flag in (("OpenMP", OPENMP), (NATIVE, NATIVE)) if flag not in flags)
+            reason = errors[0].splitlines()[0] if errors else "torch's OpenMP runtime is not known on this system"
+            logger.warning(f"hf_hypervq: the quantizer's CPU kernels run without {missing} ({reason})")
+        return library
     raise RuntimeError("; ".join(errors))
 
 
@@ -554,8 +648,6 @@ def _configure(library: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def _threads(num_elements: int) -> int:
-    if _single_thread:
-        return 1
     return max(1, min(torch.get_num_threads(), num_elements // _MIN_ELEMENTS_PER_THREAD))
 
 
@@ -563,23 +655,45 @@ def _pointer(tensor: torch.Tensor | None):
     return None if tensor is None else tensor.data_ptr()
 
 
-def _float32(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to(torch.float32).contiguous()
+def _checked(operator: str, name: str, tensor, shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
+    """`tensor` as the C code reads it, contiguous, after the checks a C++ operator makes with `TORCH_CHECK`: a CPU
+    tensor of `dtype` and `shape`. Raises a ValueError that names the operator and the argument otherwise."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"hf_hypervq::{operator}: `{name}` must be a tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu" or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        raise ValueError(
+            f"hf_hypervq::{operator}: `{name}` must be a {dtype} CPU tensor of shape {shape}; got a {tensor.dtype} "
+            f"{tensor.device.type} tensor of shape {tuple(tensor.shape)}"
+        )
+    return tensor.detach().contiguous()
 
 
-def _check(status: int) -> None:
+def _rows_and_columns(operator: str, name: str, tensor) -> tuple[int, int]:
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2:
+        got = f"shape {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"hf_hypervq::{operator}: `{name}` must be an (N, K) tensor; got {got}")
+    num_rows, num_columns = tensor.shape
+    if not 0 < num_columns <= _MAX_COLUMNS:
+        raise ValueError(f"hf_hypervq::{operator}: `{name}` must have 1 to {_MAX_COLUMNS} columns, got {num_columns}")
+    return num_rows, num_columns
+
+
+def _check_status(status: int) -> None:
     if status:
         raise MemoryError("hf_hypervq's CPU kernels could not allocate their scratch memory")
 
 
 def cpu_mlr_gumbel_forward(y, scale, seed, inverse_temperature):
     """`kernels.mlr_gumbel_forward` on CPU tensors."""
-    y, scale = _float32(y), _float32(scale)
-    (num_rows, num_columns), library = y.shape, load_cpu_kernels()
+    name = "mlr_gumbel_forward"
+    num_rows, num_columns = _rows_and_columns(name, "y", y)
+    y, scale = _checked(name, "y", y, (num_rows, num_columns)), _checked(name, "scale", scale, (num_columns,))
+    seed = _checked(name, "seed", seed, (), torch.int32)
+    inverse_temperature = _checked(name, "inv_temperature", inverse_temperature, ())
+    library = load_cpu_kernels()
     logits, weights = torch.empty_like(y), torch.empty_like(y)
-    indices = torch.empty(num_rows, dtype=torch.long)
-    inverse_total = torch.empty(num_rows, 1)
-    _check(
+    indices, inverse_total = y.new_empty(num_rows, dtype=torch.long), y.new_empty(num_rows, 1)
+    _check_status(
         library.hvq_mlr_gumbel_forward(
             _pointer(y), _pointer(scale), int(seed), float(inverse_temperature), num_rows, num_columns,
             _pointer(logits), _pointer(indices), _pointer(weights), _pointer(inverse_total), _threads(y.numel()),
@@ -591,17 +705,20 @@ def cpu_mlr_gumbel_forward(y, scale, seed, inverse_temperature):
 def cpu_mlr_gumbel_backward(grad_soft, grad_logits, logits, weights, inverse_total, scale, inv_temperature, w_last,
                             x_last):  # fmt: skip
     """`kernels.mlr_gumbel_backward` on CPU tensors."""
-    grad_soft, logits, weights, inverse_total, scale, w_last, x_last = map(
-        _float32, (grad_soft, logits, weights, inverse_total, scale, w_last, x_last)
-    )
-    grad_logits = None if grad_logits is None else _float32(grad_logits)
-    (num_rows, num_columns), library = grad_soft.shape, load_cpu_kernels()
-    grad_y, grad_x_last, column_sums = (
-        torch.empty_like(grad_soft),
-        torch.empty(num_rows, 1),
-        torch.zeros(2, num_columns),
-    )
-    _check(
+    name = "mlr_gumbel_backward"
+    num_rows, num_columns = _rows_and_columns(name, "grad_soft", grad_soft)
+    matrix, row, column = (num_rows, num_columns), (num_rows,), (num_columns,)
+    grad_soft, logits, weights = (_checked(name, n, t, matrix) for n, t in
+                                  (("grad_soft", grad_soft), ("logits", logits), ("weights", weights)))  # fmt: skip
+    grad_logits = None if grad_logits is None else _checked(name, "grad_logits", grad_logits, matrix)
+    inverse_total = _checked(name, "inverse_total", inverse_total, (num_rows, 1))
+    scale, w_last = _checked(name, "scale", scale, column), _checked(name, "w_last", w_last, column)
+    x_last = _checked(name, "x_last", x_last, row)
+    inv_temperature = _checked(name, "inv_temperature", inv_temperature, ())
+    library = load_cpu_kernels()
+    grad_y, grad_x_last = torch.empty_like(grad_soft), grad_soft.new_empty(num_rows, 1)
+    column_sums = grad_soft.new_zeros(2, num_columns)
+    _check_status(
         library.hvq_mlr_gumbel_backward(
             _pointer(grad_soft), _pointer(grad_logits), _pointer(logits), _pointer(weights), _pointer(inverse_total),
             _pointer(scale), float(inv_temperature), _pointer(w_last), _pointer(x_last), num_rows, num_columns,
@@ -614,10 +731,12 @@ def cpu_mlr_gumbel_backward(grad_soft, grad_logits, logits, weights, inverse_tot
 
 def cpu_mlr_logits_and_argmax(y, scale):
     """`kernels.mlr_logits_and_argmax` on CPU tensors."""
-    y, scale = _float32(y), _float32(scale)
-    (num_rows, num_columns), library = y.shape, load_cpu_kernels()
-    logits, indices = torch.empty_like(y), torch.empty(num_rows, dtype=torch.long)
-    _check(
+    name = "mlr_logits_and_argmax"
+    num_rows, num_columns = _rows_and_columns(name, "y", y)
+    y, scale = _checked(name, "y", y, (num_rows, num_columns)), _checked(name, "scale", scale, (num_columns,))
+    library = load_cpu_kernels()
+    logits, indices = torch.empty_like(y), y.new_empty(num_rows, dtype=torch.long)
+    _check_status(
         library.hvq_mlr_logits_argmax(
             _pointer(y), _pointer(scale), num_rows, num_columns, _pointer(logits), _pointer(indices),
             _threads(y.numel()),

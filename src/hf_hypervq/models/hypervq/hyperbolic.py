@@ -24,6 +24,7 @@ References:
     [3] Goswami, Mukuta, Harada. "HyperVQ: MLR-based Vector Quantization in Hyperbolic Space." arXiv 2403.13015.
 """
 
+import functools
 import math
 import warnings
 
@@ -181,6 +182,24 @@ def pairwise_dist(x: torch.Tensor, y: torch.Tensor, *, c: float) -> torch.Tensor
     return torch.acosh(1 + 2 * c * sq_dist / den) / c**0.5
 
 
+def first_order_only(backward):
+    """For a hand-written `backward` that treats saved tensors as constants: its result has no correct gradient of
+    its own, so a double backward (`create_graph=True`: a Hessian-vector product, a gradient penalty) raises here.
+    (`torch.autograd.function.once_differentiable` raises only where the double backward reaches its error node,
+    which `torch.autograd.grad(..., inputs)` may prune: then the second derivative is silently short of a term.)"""
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"hf_hypervq: {backward.__qualname__.split('.')[0].lstrip('_')} has no double backward; "
+                "differentiate the plain torch composition it stands for (see its docstring) instead"
+            )
+        return backward(ctx, *grads)
+
+    return checked
+
+
 class _ScaledAsinhMatmul(torch.autograd.Function):
     """`scale * asinh(x @ w.T)` with a hand-written backward (`kernels.mlr_logits_backward`), which needs only the
     logits."""
@@ -193,6 +212,7 @@ class _ScaledAsinhMatmul(torch.autograd.Function):
         return logits
 
     @staticmethod
+    @first_order_only  # the backward uses the saved logits as constants
     def backward(ctx, grad_logits):
         x, w, scale, logits = ctx.saved_tensors
         grad_y, grad_scale = mlr_logits_backward(grad_logits, logits, scale)
@@ -270,13 +290,16 @@ def fold_hyperplanes(normals: torch.Tensor, offsets: torch.Tensor, *, c: float):
 
 
 def fold_latents(z: torch.Tensor, *, c: float, eps: float | None = None) -> torch.Tensor:
-    r"""`fold_ball_points(expmap0_projected(z))` for latents `z` `(N, dim)`, in two passes over `z` each way.
+    r"""`fold_ball_points(expmap0_projected(z))` for latents `z` `(..., dim)`, `(..., dim + 1)`, in two passes over
+    `z` each way.
 
     Both maps only rescale each row, by factors that depend on its norm alone: the result is
     :math:`[\, z\, \alpha(\|z\|),\; \beta(\|z\|) \,]`, so the backward is
     :math:`g_z = \alpha\, g_{:d} + z\, (\alpha' \langle g_{:d}, z\rangle + \beta' g_d) / \|z\|`, with the
     per-row factors and their derivatives computed in `z`'s dtype (a few numbers per row). Autograd through the
     composition costs about fifteen passes over the N×dim latents, a tenth of HyperVQ's CPU step at N = 8192.
+    The backward is not differentiable again: a double backward (a Hessian-vector product, a gradient penalty)
+    raises, where it would otherwise be silently wrong; differentiate the composition for those.
     """
     eps = ball_margin(z.dtype) if eps is None else eps
     return _FoldLatents.apply(z, check_curvature(c), eps)
@@ -307,7 +330,7 @@ def _fold_factors(norms: torch.Tensor, c: float, eps: float, derivatives: bool =
         return alpha, beta
     unclamped = (s < 15) & (tanh < 1.0 - eps)
     dt_ds = torch.where(unclamped, torch.cosh(s.clamp_max(15)).square().reciprocal(), 0.0)
-    ds_dr = torch.where(r > MIN_NORM, sqrt_c, 0.0)
+    ds_dr = (r > MIN_NORM).to(r.dtype) * sqrt_c  # not torch.where of two numbers: that has the default dtype
     # d(t/s)/ds = (dt/ds - t/s) / s; below s = 0.01 (never clamped) its series -2s/3 + 8s^3/15, exact in float32
     dratio_ds = torch.where(s < 0.01, s * (s.square() * (8 / 15) - 2 / 3), (dt_ds - ratio) / s)
     dratio_dr = dratio_ds * ds_dr
@@ -330,9 +353,10 @@ class _FoldLatents(torch.autograd.Function):
         return torch.cat([z * alpha, beta], dim=-1)
 
     @staticmethod
+    @first_order_only  # the backward uses the saved per-row factors as constants
     def backward(ctx, grad):
         z, norms, alpha, dalpha_dr, dbeta_dr = ctx.saved_tensors
-        grad_points, grad_last = grad[:, :-1], grad[:, -1:]
-        radial = torch.linalg.vecdot(grad_points, z)[:, None] * dalpha_dr + grad_last * dbeta_dr
+        grad_points, grad_last = grad[..., :-1], grad[..., -1:]
+        radial = torch.linalg.vecdot(grad_points, z).unsqueeze(-1) * dalpha_dr + grad_last * dbeta_dr
         radial = torch.where(norms > MIN_NORM, radial / norms.clamp_min(MIN_NORM), 0.0)
         return torch.addcmul(grad_points * alpha, z, radial), None, None

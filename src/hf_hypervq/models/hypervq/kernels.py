@@ -30,16 +30,17 @@ sample's exponentials, so the backward computes no transcendental function but t
 
 import functools
 import hashlib
-import inspect
 import logging
 import os
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
+from . import cpu_kernels
 from .cpu_kernels import (
-    SOURCE,
     cpu_mlr_gumbel_backward,
     cpu_mlr_gumbel_forward,
     cpu_mlr_logits_and_argmax,
@@ -50,16 +51,26 @@ from .cpu_kernels import (
 logger = logging.getLogger(__name__)
 
 COMPILE_MIN_ELEMENTS = 1 << 20
-_MODES = {"": None, "auto": None, "1": True, "0": False}
-_env = os.environ.get("HF_HYPERVQ_COMPILE", "").strip().lower()
-if _env not in _MODES:
-    warnings.warn(f"HF_HYPERVQ_COMPILE must be 1, 0 or auto, got {_env!r}: using auto", stacklevel=1)
-_compile_mode = _MODES.get(_env)
+# A copy of this module saved next to a model's weights and imported by transformers (`trust_remote_code`) starts
+# no compiler unless its user asks (HF_HYPERVQ_NATIVE=1, HF_HYPERVQ_COMPILE=1): no C library built into their cache
+# and no inductor run on the first forward of a model they only meant to load.
+REMOTE_CODE = __name__.split(".")[0] != "hf_hypervq"
+
+
+def _switch(variable: str, choices: dict):
+    value = os.environ.get(variable, "").strip().lower()
+    if value not in choices:
+        warnings.warn(f"{variable} must be 1, 0 or auto, got {value!r}: using auto", stacklevel=2)
+    return choices.get(value)
+
+
+_compile_mode = _switch("HF_HYPERVQ_COMPILE", {"": None, "auto": None, "1": True, "0": False})
+_native_enabled = _switch("HF_HYPERVQ_NATIVE", {"": None, "auto": None, "1": True, "0": False})  # see below
+_native_enabled = not REMOTE_CODE if _native_enabled is None else _native_enabled
 _compiled = {}  # kernel name -> its compiled function
 _compile_error = None  # the first torch.compile error, after which every kernel runs eagerly off the native path
 _native_warned = False  # the native kernels failed to build and a warning said so (`cpu_kernels` keeps the error)
 _announced = False
-_native_enabled = True  # see `set_native_cpu_kernels`
 
 
 def set_compiled_kernels(enabled: bool | None) -> None:
@@ -91,7 +102,7 @@ def native_cpu_kernels_enabled() -> bool:
 
 def _wants_compiled(tensor: torch.Tensor) -> bool:
     if _compile_mode is None:
-        return tensor.numel() >= COMPILE_MIN_ELEMENTS
+        return not REMOTE_CODE and tensor.numel() >= COMPILE_MIN_ELEMENTS
     return _compile_mode
 
 
@@ -170,21 +181,22 @@ def _native_operator(fn, cpu, schema: str):
         return cpu(*args)
 
     operator = torch.library.custom_op(
-        f"hf_hypervq::{_operator_name(fn, cpu)}", native_or_eager, mutates_args=(), device_types="cpu", schema=schema
+        f"hf_hypervq::{_operator_name(fn)}", native_or_eager, mutates_args=(), device_types="cpu", schema=schema
     )
     operator.register_fake(fn)
     return operator
 
 
-def _operator_name(fn, cpu) -> str:
-    """`<name>_<hash>` of the C source and the Python of `fn` and `cpu`: torch keeps one operator per name for the
+def _operator_name(fn) -> str:
+    """`<name>_<hash of this module's and cpu_kernels.py's full text>`: torch keeps one operator per name for the
     whole process, so two copies of this code in one process (the package and a model's remote code, say) must
-    not share a name unless their code is the same, or one would run the other's kernels."""
+    not share a name unless their code is the same, or one would run the other's kernels. The whole text, not the
+    two functions: a copy that changes only a helper must not take over the package's operator."""
     try:
-        code = inspect.getsource(fn) + inspect.getsource(cpu)
-    except (OSError, TypeError):  # no source file (a frozen application): the bytecode stands for it
-        code = repr((fn.__code__.co_code, fn.__code__.co_consts, cpu.__code__.co_code, cpu.__code__.co_consts))
-    return f"{fn.__name__}_{hashlib.sha256((SOURCE + code).encode()).hexdigest()[:12]}"
+        code = b"".join(Path(module.__file__).read_bytes() for module in (sys.modules[__name__], cpu_kernels))
+    except (OSError, TypeError):  # no source file (a frozen application): the module's name and the C source
+        code = f"{__name__}\0{cpu_kernels.SOURCE}".encode()
+    return f"{fn.__name__}_{hashlib.sha256(code).hexdigest()[:12]}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,14 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .checks import check_finite, check_ids, nonfinite_marker
-from .hyperbolic import expmap0_projected, fold_hyperplanes, fold_latents, folded_mlr_logits, logmap0
+from .hyperbolic import (
+    expmap0_projected,
+    first_order_only,
+    fold_hyperplanes,
+    fold_latents,
+    folded_mlr_logits,
+    logmap0,
+)
 from .kernels import (
     argmax,
     draw_seed,
@@ -91,6 +98,7 @@ class _GumbelStraightThrough(torch.autograd.Function):
         return codebook.index_select(0, indices), indices
 
     @staticmethod
+    @first_order_only  # the backward uses saved softmax weights as constants
     def backward(ctx, grad_quantized, grad_indices):
         weights, inverse_total, indices, codebook, inv_temperature = ctx.saved_tensors
         grad_logits = grad_codebook = None
@@ -119,12 +127,13 @@ class _MLRGumbelStraightThrough(torch.autograd.Function):
         return codebook.index_select(0, indices), indices, logits
 
     @staticmethod
+    @first_order_only  # the backward uses saved softmax weights as constants
     def backward(ctx, grad_quantized, grad_indices, grad_logits):
         x_folded, w_folded, scale, codebook, inv_temperature, logits, weights, inverse_total, indices = (
             ctx.saved_tensors
         )
         if grad_quantized is None:  # only the logits were used
-            grad_quantized = torch.zeros(len(indices), codebook.shape[1], device=codebook.device)
+            grad_quantized = codebook.new_zeros(len(indices), codebook.shape[1])
         grad_soft = grad_quantized @ codebook.T  # (N, K)
         grad_y, grad_x_last, grad_w_last, grad_scale = mlr_gumbel_backward(
             grad_soft,
@@ -316,7 +325,7 @@ def decay_for_run(tau_max: float, tau_min: float, num_updates: int) -> float:
     """The per-update decay with which the last of a run's `num_updates` optimizer updates is made at `tau_min`:
     `(tau_min / tau_max) ** (1 / (num_updates - 1))`.
 
-    The training loop (and `scripts/study.py`) calls `set_num_updates(j)` after update `j`, so update `j` (1-based)
+    The training loop (and `hf_hypervq.training.study`) calls `set_num_updates(j)` after update `j`, so update `j` (1-based)
     runs at `tau_max * decay ** (j - 1)`: the first at `tau_max`, the last at `tau_max * decay ** (num_updates - 1)`
     = `tau_min`. A run of a single update has only the one at `tau_max`, whatever the decay; it gets
     `tau_min / tau_max`, so that training continued past it goes on at `tau_min`.
