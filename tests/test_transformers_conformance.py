@@ -6,7 +6,8 @@ and mismatched weights, dtypes, batching, training, determinism. They are not in
 `python tools/fetch_transformers_tests.py` takes them from the sdist of the installed version and writes them into
 `transformers_tests/` (ignored by git), which this module imports.
 
-One test class per model class and quantizer type (`HyperVQVAEModel_hyperbolic_Test`, ...), on tiny configs. The
+One test class per model class and quantizer type (`HyperVQVAEModel_hyperbolic_Test`, ...), on tiny configs; those of
+HyperVQ run by default, the other quantizers' with `RUN_SLOW=1`. The
 tests that cannot apply to these models are skipped with a reason: three by `NOT_APPLICABLE` below, the rest (GPU,
 flash attention, DeepSpeed, attention maps, text and generation heads) by the mixin itself (`pytest -rs` lists them).
 """
@@ -16,6 +17,7 @@ import sys
 import unittest
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 from optional_parts import missing
@@ -178,6 +180,7 @@ class HyperVQConformanceTest(ModelTesterMixin):
 
 
 MODEL_CLASSES = (HyperVQVAEModel, HyperVQVAEForImageClassification, HyperVQSAForImageClassification)
+DEFAULT_QUANTIZER = "hyperbolic"
 for _model_class in MODEL_CLASSES if FETCH_ERROR is None else ():
     for _quantizer_type in QUANTIZER_TYPES:
         _name = f"{_model_class.__name__}_{_quantizer_type}_Test"
@@ -190,4 +193,7 @@ for _model_class in MODEL_CLASSES if FETCH_ERROR is None else ():
         }
         for _test, _reason in NOT_APPLICABLE.items():
             _attributes[_test] = unittest.skip(_reason)(lambda self: None)
-        globals()[_name] = type(_name, (HyperVQConformanceTest, unittest.TestCase), _attributes)
+        _test_class = type(_name, (HyperVQConformanceTest, unittest.TestCase), _attributes)
+        # The mixin checks the PreTrainedModel contract, which the quantizer does not change: HyperVQ's classes run
+        # by default, the other quantizers' with the slow tests (their own tests are in test_quantizers.py).
+        globals()[_name] = _test_class if _quantizer_type == DEFAULT_QUANTIZER else pytest.mark.slow(_test_class)
