@@ -364,6 +364,20 @@ class HyperVQVAEDecoder(nn.Module):
         return self.layers(quantized_latents)
 
 
+def check_labels(labels: torch.Tensor, config, batch_size: int) -> None:
+    """Class ids are checked where the loss will read them as such: `config.problem_type` single-label, or unset
+    with integer labels and several classes (the loss infers the problem type as every transformers
+    `*ForImageClassification` does: one label is regression, float labels multi-label)."""
+    single_label = config.problem_type == "single_label_classification" or (
+        config.problem_type is None
+        and config.num_labels > 1
+        and isinstance(labels, torch.Tensor)
+        and labels.dtype in (torch.long, torch.int)
+    )
+    if single_label:
+        check_ids(labels, "labels", config.num_labels, batch_size)
+
+
 class HyperVQVAEPreTrainedModel(HyperVQPreTrainedModel):
     config: HyperVQVAEConfig
     base_model_prefix = "hypervq"
@@ -535,9 +549,11 @@ class HyperVQVAEForImageClassification(HyperVQVAEPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutputWithNoAttention:
-        r"""labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids for the cross-entropy loss."""
+        r"""labels (`torch.Tensor` of shape `(batch_size,)`, *optional*): class ids for the cross-entropy loss; float
+        targets `(batch_size, num_labels)` for `config.problem_type="multi_label_classification"`, or values for
+        `"regression"` (inferred from the labels when unset, as in transformers' image classifiers)."""
         if labels is not None:
-            check_ids(labels, "labels", self.config.num_labels, len(pixel_values))
+            check_labels(labels, self.config, len(pixel_values))
         with torch.no_grad():
             features = self.hypervq.encode(pixel_values).quantized_latents  # (B, D, h, w)
         logits = self.classifier(self.feature_norm(features))
@@ -634,12 +650,14 @@ class HyperVQSAForImageClassification(HyperVQPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> HyperVQSAImageClassifierOutput:
-        r"""labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids for the cross-entropy loss.
+        r"""labels (`torch.Tensor` of shape `(batch_size,)`, *optional*): class ids for the cross-entropy loss; float
+        targets `(batch_size, num_labels)` for `config.problem_type="multi_label_classification"`, or values for
+        `"regression"` (inferred from the labels when unset, as in transformers' image classifiers).
         output_attentions (`bool`, *optional*): also return the two-token attention weights."""
         stem = self.resnet.embedder.embedder.convolution.weight
         check_pixel_values(pixel_values, self.config.backbone_config.num_channels, stem)
         if labels is not None:
-            check_ids(labels, "labels", self.config.num_labels, len(pixel_values))
+            check_labels(labels, self.config, len(pixel_values))
         features = self._scale_features(self.resnet(pixel_values).pooler_output.flatten(1))  # (B, D)
         quantized = self.quantizer(features)
         attended, weights = self.attention(quantized.quantized, features)
