@@ -7,8 +7,10 @@ shared machine hits all of them alike; the table gives medians and ratios to `Ve
 - eval: `module.eval()` forward under `torch.no_grad()` (tokenization).
 - train: `module.train()` forward and backward of `(quantized * G).sum() + loss` with a fixed random G.
 - floor: `z @ W` with `W` (dim, K), the one matmul every quantizer needs; in train, its backward as well.
-- `HyperVQ` runs as shipped: its N×K kernels fused by `torch.compile` at these sizes (`kernels.py`);
-  `HyperVQ+eager` runs the same kernels unfused (`set_compiled_kernels(False)`, a machine without a compiler).
+- `HyperVQ` runs as shipped (`kernels.py`: on a CPU its native C kernels, elsewhere its torch twins, compiled at
+  these sizes). The kernel paths side by side: `HyperVQ+native` (the C kernels), `HyperVQ+compiled` (the torch
+  twins compiled by inductor, what CUDA runs) and `HyperVQ+eager` (the twins unfused: a machine without a compiler,
+  or a remote-code copy that was not asked to compile).
 - `VectorQuantize` is set up as in a VQ-VAE, `decay=0.99, commitment_weight=0.25` (the ratios are to it);
   `VectorQuantize+defaults` keeps the library's defaults (`decay=0.8, commitment_weight=1.0`), and a comment line
   per shape gives HyperVQ's ratios to it. Every latent requires grad in train, as behind an encoder.
@@ -24,6 +26,11 @@ pass `--default-allocator` to measure without it.
     python benchmarks/benchmark_quantizers.py                       # the README table (CPU, ~15 minutes)
     python benchmarks/benchmark_quantizers.py --device cuda         # on a GPU
     python benchmarks/benchmark_quantizers.py --sizes 8192 --codebook-sizes 512 --rounds 3 --no-memory   # quick
+    python benchmarks/benchmark_quantizers.py --cold-start --variants HyperVQ+native,HyperVQ+compiled,HyperVQ+eager
+
+`--cold-start` measures instead what a user waits for before the first step: each variant's first training step
+(any build or compilation included) in a fresh process with empty caches, then in a second process that finds the
+first one's caches, `--rounds` times each (medians).
 """
 
 import argparse
@@ -33,6 +40,9 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 from benchmarking import Timer, cpu_clock, others_cpu, rerun_with_tuned_allocator
@@ -45,6 +55,8 @@ VARIANTS = [
     "VectorQuantize",
     "VectorQuantize+defaults",
     "HyperVQ",
+    "HyperVQ+native",
+    "HyperVQ+compiled",
     "HyperVQ+eager",
     "KmeansVQ",
     "GumbelVQ",
@@ -69,7 +81,9 @@ def parse_args(argv=None):
         "--default-allocator", action="store_true", help="do not re-run with the tuned glibc allocator"
     )
     parser.add_argument("--output", default=None, help="also write the markdown table to this file")
+    parser.add_argument("--cold-start", action="store_true", help="time the first step of fresh processes instead")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cold-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.codebook_sizes = [int(s) for s in args.codebook_sizes.split(",")]
@@ -112,8 +126,14 @@ def build(name, dim, codebook_size, device):
         class_name, _, option = name.partition("+")
         module = getattr(hf_hypervq, class_name)(dim, codebook_size).to(device)
 
+        # (native C kernels on CPU tensors, torch.compile mode): None is the shipped default
+        native, compiled = {"native": (True, None), "compiled": (False, True), "eager": (False, False)}.get(
+            option, (kernels.native_cpu_kernels_enabled(), kernels.compiled_kernels_enabled())
+        )
+
         def run(z):
-            kernels.set_compiled_kernels(False if option == "eager" else None)
+            kernels.set_native_cpu_kernels(native)
+            kernels.set_compiled_kernels(compiled)
             out = module(z)
             return out.quantized, out.loss
 
@@ -199,6 +219,35 @@ def memory_child(spec):
     print(json.dumps({"peak_mib": peak}))
 
 
+def cold_child(spec):
+    """Run in a fresh process: seconds of the first training step (building and compiling included)."""
+    name, n, k, dim, device = spec.split(":")
+    step = build(name, int(dim), int(k), device)
+    z, grad_weights = inputs(int(n), int(dim), device, train=True)
+    started = time.perf_counter()
+    step(z, grad_weights, True)
+    sync(device)
+    print(json.dumps({"seconds": time.perf_counter() - started}))
+
+
+def cold_start(names, n, k, dim, device, rounds):
+    """Median seconds of each variant's first training step: `(fresh caches, second process)`."""
+    results = {}
+    for name in names:
+        cold, warm = [], []
+        for _ in range(rounds):
+            with tempfile.TemporaryDirectory() as caches:
+                env = dict(os.environ, HF_HYPERVQ_CACHE=f"{caches}/hf_hypervq", TORCHINDUCTOR_CACHE_DIR=f"{caches}/inductor",
+                           TRITON_CACHE_DIR=f"{caches}/triton")  # fmt: skip
+                for times in (cold, warm):
+                    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--cold-child",
+                                          f"{name}:{n}:{k}:{dim}:{device}"], env=env, capture_output=True, text=True,
+                                         check=True)  # fmt: skip
+                    times.append(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
+        results[name] = (statistics.median(cold), statistics.median(warm))
+    return results
+
+
 def measure_memory(name, n, k, dim, mode, device, threads):
     env = dict(os.environ, GLIBC_TUNABLES=MEASURING_ALLOCATOR)
     spec = f"{name}:{n}:{k}:{dim}:{mode}:{device}:{threads}"
@@ -222,11 +271,26 @@ def main(argv=None):
     args = parse_args(argv)
     if args.memory_child:
         return memory_child(args.memory_child)
+    if args.cold_child:
+        return cold_child(args.cold_child)
     if args.device == "cpu" and not args.default_allocator:
         rerun_with_tuned_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [v for v in VARIANTS if v in args.variants]
+    if args.cold_start:
+        print(f"# device: {device_name(args.device)}; torch {torch.__version__}; first training step, median of "
+              f"{args.rounds} fresh processes")  # fmt: skip
+        lines = ["| N | K | variant | first step, empty caches (s) | first step, second process (s) |",
+                 "|---|---|---|---|---|"]  # fmt: skip
+        for n in args.sizes:
+            for k in args.codebook_sizes:
+                for name, (cold, warm) in cold_start(names, n, k, args.dim, args.device, args.rounds).items():
+                    lines.append(f"| {n} | {k} | {name} | {cold:.2f} | {warm:.2f} |")
+        print("\n".join(lines), flush=True)
+        if args.output:
+            Path(args.output).write_text("\n".join(lines) + "\n")
+        return
     print(f"# device: {device_name(args.device)}; torch {torch.__version__}; dim={args.dim}; rounds={args.rounds}")
     lines = [
         "| N | K | quantizer | eval ms | eval ÷ VQ | train ms | train ÷ VQ | train ÷ floor | train peak MiB | peak ÷ VQ |",

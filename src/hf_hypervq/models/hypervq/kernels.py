@@ -13,8 +13,11 @@ that work as torch code, and runs
   (dynamic shapes; the temperature and the noise seed are tensors) and is announced once;
 - `set_compiled_kernels(True)` / `HF_HYPERVQ_COMPILE=1` compiles whatever the size; `False` / `0` runs the torch
   code eagerly everywhere (the reference the tests hold the others to);
-- `set_native_cpu_kernels(False)` makes CPU tensors take the torch code too, compiled or eager by the rules above:
-  the path CUDA and MPS take, which the tests run on a CPU.
+- `set_native_cpu_kernels(False)` / `HF_HYPERVQ_NATIVE=0` makes CPU tensors take the torch code too, compiled or
+  eager by the rules above: the path CUDA and MPS take, which the tests run on a CPU.
+
+A copy of this module imported as a model's remote code (`REMOTE_CODE`: not under the `hf_hypervq` package) starts
+no compiler unless asked (`HF_HYPERVQ_NATIVE=1`, `HF_HYPERVQ_COMPILE=1`): by default it runs the torch code eagerly.
 
 If the native CPU kernels cannot be built (no C compiler), one warning says so and they run eagerly from then on;
 if `torch.compile` fails (no C++ compiler, an unsupported device), one warning says so and every compiled kernel
@@ -65,8 +68,9 @@ def _switch(variable: str, choices: dict):
 
 
 _compile_mode = _switch("HF_HYPERVQ_COMPILE", {"": None, "auto": None, "1": True, "0": False})
-_native_enabled = _switch("HF_HYPERVQ_NATIVE", {"": None, "auto": None, "1": True, "0": False})  # see below
-_native_enabled = not REMOTE_CODE if _native_enabled is None else _native_enabled
+_native_enabled = _switch("HF_HYPERVQ_NATIVE", {"": None, "auto": None, "1": True, "0": False})
+if _native_enabled is None:  # auto: the package's default, off in a remote-code copy (see `set_native_cpu_kernels`)
+    _native_enabled = not REMOTE_CODE
 _compiled = {}  # kernel name -> its compiled function
 _compile_error = None  # the first torch.compile error, after which every kernel runs eagerly off the native path
 _native_warned = False  # the native kernels failed to build and a warning said so (`cpu_kernels` keeps the error)
@@ -88,8 +92,9 @@ def compiled_kernels_enabled() -> bool | None:
 
 
 def set_native_cpu_kernels(enabled: bool) -> None:
-    """Run the native C kernels on CPU tensors (`True`, the default), or the torch code that CUDA and MPS run
-    (`False`; compiled or not as `set_compiled_kernels` says), so that path can be tested and timed on a CPU."""
+    """Run the native C kernels on CPU tensors (`True`, the default, except in a remote-code copy), or the torch
+    code that CUDA and MPS run (`False`; compiled or not as `set_compiled_kernels` says), so that path can be tested
+    and timed on a CPU."""
     global _native_enabled
     if not isinstance(enabled, bool):
         raise ValueError(f"`enabled` must be True or False, got {enabled!r}")
