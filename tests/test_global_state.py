@@ -101,7 +101,7 @@ def test_the_public_operator_refuses_a_wrong_tensor():
     write out of bounds."""
     from hf_hypervq.models.hypervq import kernels
 
-    operator = getattr(torch.ops.hf_hypervq, kernels._operator_name(kernels.mlr_logits_and_argmax.__wrapped__))
+    operator = getattr(torch.ops.hf_hypervq, kernels.mlr_logits_and_argmax.native_operator._name)
     with pytest.raises(ValueError, match="mlr_logits_and_argmax: `scale` must be a torch.float32 CPU tensor"):
         operator(torch.randn(30, 20), torch.rand(19))
 

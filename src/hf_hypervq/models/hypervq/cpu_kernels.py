@@ -570,7 +570,7 @@ def _load_or_build(path: Path, compiler: list[str], flags: list[str], runtime: s
         finally:
             lock.release()
     if not path.exists():
-        error = _remembered_failure(path)
+        error = _remembered_failure(path) or "the build left no library"
         raise RuntimeError(f"{error} (remembered in {path.with_suffix('.failed')}: delete it to try again)")
     return ctypes.CDLL(str(path))
 

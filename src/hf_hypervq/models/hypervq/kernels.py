@@ -173,6 +173,7 @@ def fused_kernel(fn=None, *, cpu=None, schema=None):
             _announce_compile(fn.__name__, time.perf_counter() - started)
         return result
 
+    run.native_operator = native_op  # the torch operator `hf_hypervq::<name>_<hash>`, or None
     return run
 
 
