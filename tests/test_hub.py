@@ -46,7 +46,10 @@ def test_tokenizer_card_metadata_and_numbers_come_from_the_files(tmp_path):
     card = build_model_card(saved_tokenizer(tmp_path), "org/hypervq-tiny")
     data = card.data
     assert data.library_name == "transformers" and data.pipeline_tag == "image-feature-extraction"
-    assert data.license == "apache-2.0" and "hypervq" in data.tags and data.datasets == ["uoft-cs/cifar100"]
+    # offline, the Hub cannot say under which license uoft-cs/cifar100 is: "unknown", which a push refuses
+    assert data.license == "unknown" and "hypervq" in data.tags and data.datasets == ["uoft-cs/cifar100"]
+    assert build_model_card(tmp_path, "org/hypervq-tiny", license="mit").data.license == "mit"
+    assert all(r.metric_config is None and r.metric_args is None for r in data.eval_results)  # said once, in the text
     values = {r.metric_type: r.metric_value for r in data.eval_results}
     assert values == {
         k: TOKENIZER_RESULTS[k] for k in ("reconstruction_mse", "perplexity", "codes_used", "silhouette")
@@ -124,7 +127,8 @@ def test_prior_card_and_push(tmp_path):
     """Pushing a prior used to fail after training: there was no prior model kind nor card template."""
     folder = saved_prior(tmp_path / "prior")
     card = build_model_card(folder, "org/hypervq-prior")
-    assert card.data.pipeline_tag == "unconditional-image-generation" and card.data.base_model == "org/hypervq-tiny"
+    # trained from scratch: its tokenizer is named in the text, not as a `base_model` (which reads as fine-tuned from)
+    assert card.data.pipeline_tag == "unconditional-image-generation" and card.data.base_model is None
     assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {
         "eval_loss": 1.5,
         "bits_per_token": 2.164,
@@ -137,7 +141,8 @@ def test_prior_card_and_push(tmp_path):
     )
     with LocalHub(tmp_path / "hub") as hub:
         env = hub.client_env(tmp_path / "hf_home")
-        push = [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), str(folder), "--repo_id", "org/prior"]
+        push = [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), str(folder), "--hub_model_id", "org/prior",
+                "--license", "mit"]  # fmt: skip
         result = subprocess.run(push, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         assert {"README.md", "config.json", "model.safetensors"} <= set(hub.snapshot("model", "org/prior", "main")[1])
@@ -174,7 +179,21 @@ def test_an_installed_wheel_publishes_without_a_checkout(tmp_path):
 def test_push_refuses_bad_input_before_any_request(make_folder, repo_id, message, tmp_path):
     folder = make_folder(tmp_path)
     with pytest.raises(PublishError, match=message):
-        push_to_hub(folder or tmp_path, repo_id)
+        push_to_hub(folder or tmp_path, repo_id, license="mit")
+
+
+def test_push_refuses_what_would_not_work_elsewhere_in_one_line(tmp_path):
+    """A prior that names its tokenizer by a local folder, or a card without a license, is refused before any
+    request (no Hub runs here: a request would fail otherwise), saying what to do."""
+    from hf_hypervq import HyperVQPriorConfig, HyperVQPriorModel
+
+    local = saved_tokenizer(tmp_path / "tokenizer")
+    config = HyperVQPriorConfig(codebook_size=16, grid_size=[2, 2], tokenizer_name_or_path=str(local))
+    HyperVQPriorModel(config).save_pretrained(tmp_path / "prior")
+    with pytest.raises(PublishError, match=r"local folder .*tokenizer.*hypervq-push TOKENIZER_DIR --hub_model_id"):
+        push_to_hub(tmp_path / "prior", "org/prior", license="mit")
+    with pytest.raises(PublishError, match="does not say under which license.*pass --license"):
+        push_to_hub(local, "org/tokenizer")  # uoft-cs/cifar100's license is not known offline
 
 
 def test_network_error_is_one_line_and_a_failed_exit(tmp_path):
@@ -183,7 +202,8 @@ def test_network_error_is_one_line_and_a_failed_exit(tmp_path):
         env = hub.client_env(tmp_path / "hf_home")
     # the server has stopped: nothing listens at HF_ENDPOINT any more
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), str(tmp_path / "model"), "--repo_id", "org/x"],
+        [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), str(tmp_path / "model"), "--hub_model_id", "org/x",
+         "--license", "mit"],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 1
@@ -208,8 +228,10 @@ CLIENT = textwrap.dedent(
     pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
     out = {"module": type(model).__module__, "tokens": model.get_image_tokens(pixel_values).tolist(),
            "reconstruction": model(pixel_values).reconstruction.tolist()}
-    if not remote:
-        out["pipeline_tokens"] = pipeline("image-tokenization", model=repo)(image)["image_tokens"]
+    # the pipeline travels with the tokenizer (`custom_pipelines` and its code in the repo)
+    tokenize = pipeline("image-tokenization", model=repo, trust_remote_code=remote)
+    out["pipeline_module"] = type(tokenize).__module__
+    out["pipeline_tokens"] = tokenize(image)["image_tokens"]
     print(json.dumps(out))
     """
 )
@@ -227,7 +249,7 @@ def test_train_push_and_load_back_from_the_hub(tmp_path):
         ]  # fmt: skip
         result = subprocess.run(train, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-        push = [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), str(output), "--repo_id", "org/tiny"]
+        push = [sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), str(output), "--hub_model_id", "org/tiny"]
         result = subprocess.run(push, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
 
@@ -260,9 +282,12 @@ def test_train_push_and_load_back_from_the_hub(tmp_path):
     for out in outputs.values():
         assert out["tokens"] == tokens
         torch.testing.assert_close(torch.tensor(out["reconstruction"]), reconstruction)
-    assert [outputs["installed"]["pipeline_tokens"]] == tokens
-    card = ModelCard.load(output / "README.md") if (output / "README.md").exists() else None
-    assert card is None  # the card is generated for the push, not written into the training folder
+    for out in outputs.values():
+        assert [out["pipeline_tokens"]] == tokens
+    assert outputs["remote"]["pipeline_module"].startswith("transformers_modules.")
+    card = ModelCard.load(output / "README.md")  # every run writes its card into its folder
+    card.validate()  # as the Hub validates it
+    assert card.data.license == "cc-by-4.0" and card.data.datasets is None  # the embedded digits are not on the Hub
 
 
 def test_a_metric_pushed_to_the_hub_loads_with_evaluate_in_a_fresh_process(tmp_path):
@@ -301,11 +326,9 @@ def test_the_committed_example_card_shows_each_metric_with_its_protocol():
     results = {r.metric_type: r for r in card.data.eval_results}
     for name in ("reconstruction_mse", "psnr", "ssim", "perplexity", "codes_used", "dead_codes"):
         assert results[name].metric_value == evaluation[name], name  # read from the run's file, not typed
-        assert results[name].metric_args == evaluation["protocol"], name
-        assert (
-            "360 images, 16x16 pixels, 16 tokens per image (4x4 grid, downsampling 4)" in results[name].metric_config
-        )
-    text = str(card)
+    text = str(card)  # the protocol once, in the text: not repeated under every metric
+    assert "360 images, 16x16 pixels, 16 tokens per image (4x4 grid, downsampling 4)" in text
+    assert "metric_config" not in text and "config:" not in text.split("---")[1]
     assert (
         "| PSNR (dB) | 24.72 |" in text and "| SSIM | 0.8075 |" in text and "**Protocol**: scikit-learn/digits" in text
     )

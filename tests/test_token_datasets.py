@@ -1,7 +1,6 @@
 """Token datasets: scripts/tokenize_dataset.py on one and two processes, resumed, pushed to the local Hub server and
 loaded back with `datasets`, priors trained from them, and the tokenizer check."""
 
-import importlib.util
 import json
 import os
 import re
@@ -12,10 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from hub_server import LocalHub
 from huggingface_hub import DatasetCard
+from PIL import Image
 from safetensors.torch import load_file
 
 from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
@@ -97,10 +98,9 @@ def shard_files(folder) -> dict:
 
 
 def test_help_documents_every_flag():
-    spec = importlib.util.spec_from_file_location("tokenize_dataset", SCRIPTS / "tokenize_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    actions = [action for action in module.build_parser()._actions if action.help != "==SUPPRESS=="]
+    from hf_hypervq.commands import tokenize_dataset
+
+    actions = [action for action in tokenize_dataset.build_parser()._actions if action.help != "==SUPPRESS=="]
     assert all(action.help for action in actions) and len(actions) > 15
 
 
@@ -159,23 +159,36 @@ def test_the_tokens_are_those_of_get_image_tokens(token_dataset, tokenizer_dir):
 def test_an_interrupted_run_resumes_without_redoing_finished_shards(token_dataset, tokenizer_dir, tmp_path):
     folder = tmp_path / "tokens"
     shutil.copytree(token_dataset, folder)
-    # what a run killed in the middle leaves: its settings under their temporary name, some shards not yet there,
-    # and a shard being written
-    os.replace(folder / "tokenization.json", folder / ".partial-tokenization.json")
+    # what a run killed in the middle leaves: its settings and its finished shards in the hidden staging folder, some
+    # shards not yet there, a shard being written, and nothing in data/ (so datasets sees no partial data)
+    staging = folder / ".tokenizing"
+    (staging / "data").mkdir(parents=True)
+    os.replace(folder / "tokenization.json", staging / "tokenization.json")
+    (folder / "README.md").unlink()
+    for path in (folder / "data").iterdir():
+        os.replace(path, staging / "data" / path.name)
+    (folder / "data").rmdir()
     removed = ["train-00003-of-00015.parquet", "train-00007-of-00015.parquet", "test-00002-of-00004.parquet"]
     for name in removed:
-        (folder / "data" / name).unlink()
-    (folder / "data" / ".partial-train-00003-of-00015.parquet.4242").write_bytes(b"half a shard")
+        (staging / "data" / name).unlink()
+    (staging / "data" / ".partial-train-00003-of-00015.parquet.4242").write_bytes(b"half a shard")
     with pytest.raises(DataError, match="unfinished token dataset: rerun"):
         load_token_dataset(folder)
-    kept = {path.name: path.stat() for path in (folder / "data").glob("*.parquet")}
-    tokenize("--tokenizer", tokenizer_dir, "--output_dir", folder, *SHARDS)
-    for name, before in kept.items():  # not written again
+    with pytest.raises(Exception, match="(?i)no (supported )?data files|doesn't contain any data files|empty"):
+        datasets.load_dataset(str(folder))  # the staged shards are hidden from datasets
+    kept = {path.name: path.stat() for path in (staging / "data").glob("*.parquet")}
+    # the same tokenizer reached another way (a copy of its folder) is the same tokenizer: the run resumes
+    shutil.copytree(tokenizer_dir, tmp_path / "moved")
+    tokenize("--tokenizer", tmp_path / "moved", "--output_dir", folder, *SHARDS)
+    for name, before in kept.items():  # moved into data/, not written again
         after = (folder / "data" / name).stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name
     assert shard_files(folder) == shard_files(token_dataset)  # the removed ones are back, and the half one gone
-    assert metadata_of(folder) == metadata_of(token_dataset)
-    assert not (folder / ".partial-tokenization.json").exists()
+    resumed, original = metadata_of(folder), metadata_of(token_dataset)
+    assert resumed["tokenizer"].pop("name_or_path") == str((tmp_path / "moved").resolve())
+    original["tokenizer"].pop("name_or_path")
+    assert resumed == original
+    assert not staging.exists() and (folder / "README.md").is_file()
 
     # a finished folder holds these tokens only: other settings are refused before anything is written
     refused = tokenize(
@@ -184,6 +197,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_shards(token_datase
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     last = refused.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: --output_dir {folder} holds tokens made differently (") and "image_size" in last
+    assert "--overwrite_output_dir" in last
     assert shard_files(folder) == shard_files(token_dataset)
 
 
@@ -235,7 +249,7 @@ def test_train_a_prior_from_a_token_dataset_folder(token_dataset, tokenizer_dir,
     assert (config["codebook_size"], config["grid_size"], config["num_classes"]) == (16, [2, 2], 10)
     assert config["tokenizer_name_or_path"] == str(tokenizer_dir.resolve())
     results = json.loads((output / "eval_results.json").read_text())
-    assert results["dataset"] == str(token_dataset) and results["split"] == "test"
+    assert results["dataset"] == token_dataset.name and results["split"] == "test"  # no local path in results
     assert results["num_eval_samples"] == 360 and results["bits_per_token"] > 0
     assert (output / "samples.png").exists()
 
@@ -291,40 +305,131 @@ def test_the_dataset_card_says_which_tokenizer_how_and_how_much(token_dataset):
     assert DatasetCard.load(token_dataset.parent / "card.md").data.to_dict() == data
 
 
-def test_push_load_in_a_fresh_process_and_train_a_prior_from_the_hub(token_dataset, tokenizer_dir, tmp_path):
-    folder = tmp_path / "tokens"
-    shutil.copytree(token_dataset, folder)
+def module_of(command: str) -> list[str]:
+    """A console command (`hypervq-tokenize`) as the interpreter runs it, with or without the entry points installed."""
+    from hf_hypervq.training.outputs import COMMANDS
+
+    module = {entry: name for name, entry in COMMANDS.items()}[command]
+    return [sys.executable, "-m", f"hf_hypervq.commands.{module}"]
+
+
+USE_ANYWHERE = """
+import json, sys
+from pathlib import Path
+
+if sys.argv[1] == "pipeline":  # a Python without hf_hypervq: only the code in the tokenizer's repo
+    sys.modules["hf_hypervq"] = None
+    from PIL import Image
+    from transformers import pipeline
+
+    tokenize = pipeline("image-tokenization", model="org/tokenizer", trust_remote_code=True)
+    print(json.dumps({"tokens": tokenize(Image.open(sys.argv[2]))["image_tokens"], "module": type(tokenize).__module__}))
+elif sys.argv[1] == "load_dataset":
+    from datasets import load_dataset
+
+    data = load_dataset("org/digits-tokens")
+    print(json.dumps({split: rows[:] for split, rows in data.items()}))
+elif sys.argv[1] == "prior":  # the prior and, through what it records, its tokenizer at its commit
+    import torch
+    from transformers import AutoModel
+
+    import hf_hypervq  # noqa: F401
+
+    prior = AutoModel.from_pretrained("org/prior")
+    tokenizer = AutoModel.from_pretrained(prior.config.tokenizer_name_or_path, revision=prior.config.tokenizer_revision)
+    images = tokenizer.decode_tokens(prior.sample(2, seed=0, class_labels=torch.tensor([0, 1])))
+    print(json.dumps({"tokenizer": prior.config.tokenizer_name_or_path, "revision": prior.config.tokenizer_revision,
+                      "shape": list(images.shape)}))
+else:  # the cards, as the Hub validates them
+    from huggingface_hub import DatasetCard, ModelCard
+
+    cards = {"tokenizer": ModelCard.load("org/tokenizer"), "prior": ModelCard.load("org/prior"),
+             "dataset": DatasetCard.load("org/digits-tokens", repo_type="dataset")}
+    for card in cards.values():
+        card.validate(repo_type="dataset" if isinstance(card, DatasetCard) else "model")
+    print(json.dumps({name: card.data.to_dict() for name, card in cards.items()}))
+"""
+
+
+@pytest.mark.slow
+def test_publish_once_use_anywhere(token_dataset, tokenizer_dir, tmp_path):
+    """Publish a tokenizer, a token dataset made with it and a prior trained on that, to the test Hub server; then
+    use each from a fresh process with a fresh cache and none of the local folders: the pipeline without
+    hf_hypervq, `load_dataset`, and `hypervq-train-prior`; the cards carry their metadata and validate."""
+    work = tmp_path / "work"
+    shutil.copytree(tokenizer_dir, work / "tokenizer")
+    image = tmp_path / "digit.png"
+    Image.open(ROOT / "tests" / "data" / "digit.png").convert("RGB").save(image)
+    with torch.no_grad():
+        expected_tokens = (
+            HyperVQVAEModel.from_pretrained(tokenizer_dir)
+            .get_image_tokens(
+                HyperVQImageProcessor.from_pretrained(tokenizer_dir)(images=Image.open(image), return_tensors="pt")[
+                    "pixel_values"
+                ]
+            )[0]
+            .tolist()
+        )
     with LocalHub(tmp_path / "hub", lfs_threshold=1024) as hub:
         env = hub.client_env(tmp_path / "hf_home", base=ENV)
-        # the tokens are all there: rerunning the command only pushes them
-        tokenize("--tokenizer", tokenizer_dir, "--output_dir", folder, *SHARDS, "--push_to_hub", "--repo_id",
-                 "org/digits-tokens", env=env)  # fmt: skip
-        assert shard_files(folder) == shard_files(token_dataset)
-        files = set(hub.snapshot("dataset", "org/digits-tokens", "main")[1])
-        assert files == {
-            ".gitattributes",
-            "README.md",
-            "tokenization.json",
-            *(f"data/{n}" for n in shard_files(folder)),
-        }
-        commits = [r for r in hub.requests if r[0] == "POST" and "/commit/" in r[1]]
-        assert len(commits) == 1  # one commit for the whole data set
+        fresh = lambda name: {**env, "HF_HOME": str(tmp_path / name)}  # noqa: E731
+        # a dataset that names a local tokenizer would be unusable elsewhere: refused before any work
+        refused = run([*module_of("hypervq-tokenize"), "--tokenizer", work / "tokenizer", "--output_dir",
+                       work / "tokens", "--push_to_hub", "--hub_dataset_id", "org/digits-tokens"], env=env, check=False)  # fmt: skip
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert "error: --push_to_hub needs the tokenizer on the Hub" in refused.stderr.strip().splitlines()[-1]
+        assert not (work / "tokens").exists() and not hub.requests
 
-        load = (
-            "import json; from datasets import load_dataset; data = load_dataset('org/digits-tokens'); "
-            "print(json.dumps({split: rows[:] for split, rows in data.items()}))"
-        )
-        fresh = run([sys.executable, "-c", load], env={**env, "HF_HOME": str(tmp_path / "fresh")}, cwd=tmp_path)
-        local = load_token_dataset(token_dataset)[0]
-        assert json.loads(fresh.stdout.strip().splitlines()[-1]) == {split: rows[:] for split, rows in local.items()}
+        # publish: the tokenizer, then the tokens made with its Hub id, then a prior trained on those
+        run([*module_of("hypervq-push"), work / "tokenizer", "--hub_model_id", "org/tokenizer", "--license", "mit"],
+            env=env)  # fmt: skip
+        tokenize_command = [*module_of("hypervq-tokenize"), "--tokenizer", "org/tokenizer", "--output_dir",
+                            work / "tokens", *SHARDS, "--push_to_hub", "--hub_dataset_id", "org/digits-tokens"]  # fmt: skip
+        run(tokenize_command, env=env)
+        run([*module_of("hypervq-train-prior"), "--token_dataset", "org/digits-tokens", "--output_dir", work / "prior",
+             "--max_train_steps", "2", "--class_conditional", *TINY_PRIOR, "--push_to_hub", "--hub_model_id",
+             "org/prior", "--license", "cc-by-4.0"], env=env)  # fmt: skip
+        local_rows = {split: rows[:] for split, rows in load_token_dataset(work / "tokens")[0].items()}
+        tokenizer_commit = hub.snapshot("model", "org/tokenizer", "main")[0]
+        dataset_commit = hub.snapshot("dataset", "org/digits-tokens", "main")[0]
+        pushed = {  # every file of the three repos, as bytes
+            repo: {path: hub.blob_path(entry["sha256"]).read_bytes() for path, entry in hub.snapshot(kind, repo, "main")[1].items()}
+            for kind, repo in (("model", "org/tokenizer"), ("dataset", "org/digits-tokens"), ("model", "org/prior"))
+        }  # fmt: skip
+        shutil.rmtree(work)  # none of the local folders from here on
 
-        output = tmp_path / "prior"
-        run([sys.executable, SCRIPTS / "train_prior.py", "--token_dataset", "org/digits-tokens", "--tokenizer",
-             tokenizer_dir, "--output_dir", output, "--max_train_steps", "2", *TINY_PRIOR], env=env)  # fmt: skip
-    config = json.loads((output / "config.json").read_text())
-    assert (config["codebook_size"], config["grid_size"]) == (16, [2, 2])
-    results = json.loads((output / "all_results.json").read_text())
-    assert results["dataset"] == "org/digits-tokens" and results["num_eval_samples"] == 360
+        def use(what, *args, home):
+            result = run([sys.executable, "-c", USE_ANYWHERE, what, *args], env=fresh(home), cwd=tmp_path)
+            return json.loads(result.stdout.strip().splitlines()[-1])
+
+        piped = use("pipeline", image, home="fresh-pipeline")
+        assert piped["module"].startswith("transformers_modules.") and [piped["tokens"]] == [expected_tokens]
+        assert use("load_dataset", home="fresh-data") == local_rows
+        prior = use("prior", home="fresh-prior")
+        assert prior == {"tokenizer": "org/tokenizer", "revision": tokenizer_commit, "shape": [2, 3, 8, 8]}
+        elsewhere = tmp_path / "elsewhere"
+        run([*module_of("hypervq-train-prior"), "--token_dataset", "org/digits-tokens", "--output_dir", elsewhere,
+             "--max_train_steps", "2", *TINY_PRIOR], env=fresh("fresh-train"), cwd=tmp_path)  # fmt: skip
+        cards = use("cards", home="fresh-cards")
+
+    results = json.loads((elsewhere / "all_results.json").read_text())
+    assert (results["tokenizer"], results["tokenizer_revision"]) == ("org/tokenizer", tokenizer_commit)
+    assert results["token_dataset_revision"] == dataset_commit
+    dataset = cards["dataset"]
+    assert dataset["license"] == "cc-by-4.0" and dataset["tokenizer"] == "org/tokenizer"  # the digits' license
+    assert dataset["task_categories"] == ["unconditional-image-generation", "image-classification"]
+    assert dataset["size_categories"] == ["1K<n<10K"] and "source_datasets" not in dataset  # not on the Hub
+    assert {split["name"]: split["num_examples"] for split in dataset["dataset_info"]["splits"]} == {
+        "train": 1437, "test": 360}  # fmt: skip
+    assert dataset["configs"][0]["data_files"][0] == {"split": "train", "path": "data/train-*"}
+    assert cards["prior"]["license"] == "cc-by-4.0" and "base_model" not in cards["prior"]
+    assert cards["tokenizer"]["license"] == "mit"
+    # the pipeline travels with the tokenizer, and no pushed file names a local path
+    assert {"pipeline_hypervq.py", "README.md"} <= set(pushed["org/tokenizer"])
+    assert "README.md" in pushed["org/prior"] and "tokenization.json" in pushed["org/digits-tokens"]
+    for repo, files in pushed.items():
+        for name, data in files.items():
+            assert str(tmp_path).encode() not in data and b"/tmp/" not in data, (repo, name)
 
 
 def test_the_readme_commands_run(tmp_path):

@@ -82,7 +82,10 @@ def main(argv=None):
             tokenizer, processor = load_tokenizer(tokenizer_path)
         else:
             tokenizer_path = find_recorded_tokenizer(args.prior, prior.config.tokenizer_name_or_path)
-            tokenizer, processor = load_tokenizer(tokenizer_path, "the prior's tokenizer", hint="; pass --tokenizer")
+            tokenizer, processor = load_tokenizer(
+                tokenizer_path, "the prior's tokenizer", hint="; pass --tokenizer",
+                revision=getattr(prior.config, "tokenizer_revision", None),  # the commit it was trained with
+            )  # fmt: skip
         if tokenizer.config.codebook_size != prior.config.codebook_size:  # its tokens would decode to garbage
             raise ValueError(
                 f"the prior models {prior.config.codebook_size} codes but the tokenizer {tokenizer_path} has "

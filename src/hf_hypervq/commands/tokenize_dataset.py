@@ -1,38 +1,49 @@
 """Tokenize an image data set once with a frozen tokenizer, and keep its tokens as a `datasets` data set to train
-token models on many times; optionally push it to the Hub with a generated dataset card.
+token models on many times; optionally push it to the Hub with its dataset card.
 
-    python scripts/tokenize_dataset.py --tokenizer outputs/tokenizer --output_dir outputs/digits-tokens
-    accelerate launch --multi_gpu --num_processes 8 scripts/tokenize_dataset.py --tokenizer org/hypervq-imagenet \\
-        --dataset ILSVRC/imagenet-1k --split train validation --image_size 128 --output_dir outputs/imagenet-tokens \\
-        --push_to_hub --repo_id org/imagenet-hypervq-tokens
-    python scripts/train_prior.py --token_dataset outputs/digits-tokens --output_dir outputs/prior
+    hypervq-tokenize --tokenizer your-name/hypervq-digits --output_dir outputs/digits-tokens
+    accelerate launch --multi_gpu --num_processes 8 -m hf_hypervq.commands.tokenize_dataset \\
+        --tokenizer org/hypervq-imagenet --dataset ILSVRC/imagenet-1k --split train validation --image_size 128 \\
+        --output_dir outputs/imagenet-tokens --push_to_hub --hub_dataset_id org/imagenet-hypervq-tokens
+    hypervq-train-prior --token_dataset outputs/digits-tokens --output_dir outputs/prior
 
 The data set is any the training scripts take (a Hub id, a folder, a data file, `fashion_mnist`, the embedded digits
 by default; `--streaming` reads it as a stream). Each split is mapped through the tokenizer in eval mode, in batches
 (`datasets.map`), shard by shard; under `accelerate launch` the processes take the shards in turn, and the folder
 holds exactly what one process would write. The output folder is laid out as a Hub dataset repository:
 `data/<split>-NNNNN-of-NNNNN.parquet` with `input_ids` (the token grid, row-major, in the smallest unsigned integer
-type that holds K) and `label` when the source has one, and `tokenization.json` (the tokenizer's name, revision and
-weights SHA-256, image size, grid, K, each split's codebook usage), written last. `datasets.load_dataset(OUTPUT_DIR)`
-reads it. Rerunning an interrupted command resumes it: finished shards are kept.
+type that holds K) and `label` when the source has one, `README.md` (the dataset card) and `tokenization.json` (the
+tokenizer's Hub id and commit, or its folder, and weights SHA-256, image size, grid, K, each split's codebook usage),
+written last. `datasets.load_dataset(OUTPUT_DIR)` reads it. Finished shards wait in the hidden `.tokenizing/` until
+all are done, so no half-written data is ever visible; rerunning an interrupted command resumes it.
+
+A token dataset is pushed only when its tokenizer is on the Hub: push the tokenizer first (`hypervq-push`) and
+tokenize with its Hub id, which is recorded with the commit it was loaded at.
 """
 
 import argparse
-import os
-import shlex
-import sys
 from pathlib import Path
 
 from accelerate import Accelerator
 from transformers import AutoImageProcessor
 
-from hf_hypervq.training.cli import reported_errors
+from hf_hypervq.training.cli import (
+    add_deprecated_alias,
+    add_hub_arguments,
+    check_hub_arguments,
+    quiet_logs,
+    reported_errors,
+)
 from hf_hypervq.training.data import load_image_dataset
 from hf_hypervq.training.generation import load_tokenizer
-from hf_hypervq.training.hub import check_repo_id, push_token_dataset
+from hf_hypervq.training.hub import check_portable_dataset, push_token_dataset, source_record, write_dataset_card
+from hf_hypervq.training.outputs import portable_command
 from hf_hypervq.training.token_datasets import (
-    DEFAULT_SHARD_SIZE,
+    DEFAULT_MAX_SHARD_SIZE,
     SPLIT_NAME,
+    is_hub_id,
+    parse_size,
+    resolve_commit,
     tokenizer_record,
     write_token_dataset,
 )
@@ -40,8 +51,15 @@ from hf_hypervq.training.token_datasets import (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", required=True, help="a trained tokenizer: a folder or a Hub id")
+    parser.add_argument("--tokenizer", required=True, help="a trained tokenizer: a Hub id or a folder")
+    parser.add_argument(
+        "--tokenizer_revision", default=None, help="the tokenizer's branch, tag or commit on the Hub (default: main)"
+    )
     parser.add_argument("--output_dir", required=True, help="where the token dataset goes")
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true",
+        help="start over in an --output_dir that holds tokens made otherwise (default: refuse; the same tokens resume)",
+    )  # fmt: skip
     data = parser.add_argument_group("data")
     data.add_argument(
         "--dataset", default=None,
@@ -49,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         ".parquet/.csv/.json file, or fashion_mnist (default: scikit-learn's handwritten digits)",
     )  # fmt: skip
     data.add_argument("--dataset_config", default=None, help="configuration name of a Hub data set")
+    data.add_argument(
+        "--dataset_revision", default=None, help="the Hub data set's branch, tag or commit (default: main)"
+    )
     data.add_argument("--split", nargs="+", default=["train", "test"], help="splits to tokenize (default: train test)")
     data.add_argument("--image_column", default=None, help="image column (default: image, img, ... whichever exists)")
     data.add_argument("--label_column", default=None, help="label column (default: label, fine_label, ...)")
@@ -56,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--streaming", action="store_true", help="read the data set as a stream instead of downloading it"
     )
     data.add_argument(
-        "--max_samples", type=int, default=None, help="tokenize only the first N images of each split (not a stream)"
+        "--max_train_samples", type=int, default=None, help="tokenize only the first N images of the train split"
+    )
+    data.add_argument(
+        "--max_eval_samples", type=int, default=None, help="tokenize only the first N images of every other split"
+    )
+    add_deprecated_alias(
+        data, "--max_samples", "--max_train_samples and --max_eval_samples", dest="max_samples", type=int
     )
     images = parser.add_argument_group("images")
     images.add_argument(
@@ -69,41 +96,61 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     run = parser.add_argument_group("run")
     run.add_argument(
-        "--batch_size", type=int, default=256, help="images per tokenizer call per process (default: 256)"
-    )
-    run.add_argument(
-        "--shard_size", type=int, default=DEFAULT_SHARD_SIZE,
-        help=f"images per output file, the unit the processes share and a resumed run keeps (default: "
-        f"{DEFAULT_SHARD_SIZE}; a stream is cut where its source files are)",
+        "--per_device_eval_batch_size", type=int, default=256,
+        help="images per tokenizer call per process (default: 256)",
     )  # fmt: skip
+    add_deprecated_alias(run, "--batch_size", "--per_device_eval_batch_size", type=int)
+    run.add_argument(
+        "--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"the size of each output file, uncompressed, e.g. 500MB or 1GB (default: {DEFAULT_MAX_SHARD_SIZE}); "
+        "a shard is the unit the processes share and a resumed run keeps (a stream is cut where its source files are)",
+    )  # fmt: skip
+    run.add_argument(
+        "--shard_size", type=int, default=None, help="images per output file, instead of --max_shard_size"
+    )
     run.add_argument("--cpu", action="store_true", help="tokenize on the CPU even if a GPU is present")
-    hub = parser.add_argument_group("hub")
-    hub.add_argument("--push_to_hub", action="store_true", help="push the token dataset to the Hub when done")
-    hub.add_argument("--repo_id", default=None, help="the Hub dataset repo to push to, 'user/name' or 'org/name'")
-    hub.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    add_hub_arguments(parser, "--hub_dataset_id", "the Hub dataset repo to push to")
+    parser.add_argument_group("hub").add_argument(
+        "--regenerate_card", action="store_true",
+        help="render the card again at the push, replacing edits made to OUTPUT_DIR/README.md",
+    )  # fmt: skip
+    add_deprecated_alias(parser, "--repo_id", "--hub_dataset_id")
+    add_deprecated_alias(parser, "--private", "--hub_private_repo", flag=True)
     return parser
 
 
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("batch_size", "shard_size", "image_size", "max_samples"):
+    if getattr(args, "max_samples", None) is not None:  # the deprecated --max_samples: every split
+        args.max_train_samples = args.max_train_samples or args.max_samples
+        args.max_eval_samples = args.max_eval_samples or args.max_samples
+    for name in ("per_device_eval_batch_size", "shard_size", "image_size", "max_train_samples", "max_eval_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    try:
+        args.max_shard_bytes = parse_size(args.max_shard_size)
+    except ValueError as error:
+        parser.error(f"--max_shard_size {args.max_shard_size!r}: {error}")
     bad = [split for split in args.split if not SPLIT_NAME.fullmatch(split)]
     if bad:
         parser.error(f"--split {bad[0]!r} is not a split name (letters, digits, _ and .)")
     if len(set(args.split)) != len(args.split):
         parser.error(f"--split names a split twice: {args.split}")
-    if args.streaming and args.max_samples:  # datasets would cut each of the stream's shards short instead
-        parser.error("--max_samples cannot be combined with --streaming: the processes share a stream by its files")
-    if args.push_to_hub and not args.repo_id:
-        parser.error("--push_to_hub needs --repo_id")
-    if args.repo_id:
-        try:
-            check_repo_id(args.repo_id)
-        except ValueError as error:
-            parser.error(str(error))
+    if args.streaming and (args.max_train_samples or args.max_eval_samples):
+        # datasets would cut each of the stream's shards short instead
+        parser.error("--max_train_samples and --max_eval_samples cannot be combined with --streaming")
+    local = Path(args.tokenizer).expanduser().is_dir() or not is_hub_id(args.tokenizer)
+    if args.tokenizer_revision and local:
+        parser.error("--tokenizer_revision applies to a Hub id, not to the folder --tokenizer names")
+    if args.dataset_revision and (args.dataset is None or not is_hub_id(args.dataset)):
+        parser.error("--dataset_revision applies to a Hub data set, not to --dataset's folder, file or default")
+    check_hub_arguments(args, parser, "hub_dataset_id")
+    if args.push_to_hub and local:  # found now, not after tokenizing
+        parser.error(
+            f"--push_to_hub needs the tokenizer on the Hub, and --tokenizer {args.tokenizer} is a local folder: push "
+            "it first (hypervq-push FOLDER --hub_model_id ORG/NAME), then pass --tokenizer ORG/NAME"
+        )
     output = Path(args.output_dir)
     if output.exists() and not output.is_dir():
         parser.error(f"--output_dir {args.output_dir} is a file, not a folder")
@@ -132,31 +179,37 @@ def main(argv=None):
     args = parse_args(argv)
     with reported_errors():
         accelerator = Accelerator(cpu=args.cpu)
-        tokenizer, processor = load_tokenizer(args.tokenizer)  # one line for a folder that holds no tokenizer
+        quiet_logs(accelerator.is_local_main_process)
+        revision = None
+        if not Path(args.tokenizer).expanduser().is_dir():  # a Hub id: one commit for every file read
+            revision = resolve_commit(
+                args.tokenizer, args.tokenizer_revision, filename="config.json", flag="--tokenizer"
+            )
+        tokenizer, processor = load_tokenizer(
+            args.tokenizer, revision=revision
+        )  # one line for a folder that holds no tokenizer
         processor = image_processor(args, processor)
         tokenizer.to(accelerator.device)
         if accelerator.is_main_process:
             print(f"tokenizing with {accelerator.num_processes} process(es) on {accelerator.device}")
+        source = source_record(args)
         splits = {}
         with accelerator.main_process_first():  # the other processes find the data set in datasets' cache
             for split in args.split:
                 data = load_image_dataset(
                     args.dataset, split=split, config_name=args.dataset_config, image_column=args.image_column,
-                    label_column=args.label_column, streaming=args.streaming,
+                    label_column=args.label_column, streaming=args.streaming, revision=source["revision"],
                 )  # fmt: skip
-                splits[split] = data.select(range(min(args.max_samples, len(data)))) if args.max_samples else data
-        source = {
-            "dataset": args.dataset or "scikit-learn/digits",
-            "config": args.dataset_config,
-            "image_column": args.image_column,
-            "label_column": args.label_column,
-            "streaming": args.streaming,
-            "max_samples": args.max_samples,
-        }
+                cap = args.max_train_samples if split == "train" else args.max_eval_samples
+                splits[split] = data.select(range(min(cap, len(data)))) if cap else data
+        repo_id = args.hub_dataset_id or f"your-name/{Path(args.output_dir).resolve().name}"
         metadata = write_token_dataset(
             splits, tokenizer, processor, args.output_dir, accelerator,
-            record=tokenizer_record(args.tokenizer, tokenizer), source=source, batch_size=args.batch_size,
-            shard_size=args.shard_size, command=shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
+            record=tokenizer_record(args.tokenizer, tokenizer, revision), source=source,
+            batch_size=args.per_device_eval_batch_size, shard_size=args.shard_size,
+            max_shard_bytes=args.max_shard_bytes, command=portable_command("hypervq-tokenize"),
+            overwrite=args.overwrite_output_dir,
+            write_card=lambda folder, metadata: write_dataset_card(folder, repo_id, metadata=metadata, license=args.license),
         )  # fmt: skip
         if accelerator.is_main_process:
             grid = "×".join(map(str, metadata["grid"]))
@@ -168,7 +221,12 @@ def main(argv=None):
                 )
             print(f"wrote {args.output_dir}")
             if args.push_to_hub:
-                print(f"pushed to {push_token_dataset(args.output_dir, args.repo_id, private=args.private)}")
+                check_portable_dataset(args.output_dir, metadata)
+                url = push_token_dataset(
+                    args.output_dir, args.hub_dataset_id, private=args.hub_private_repo, revision=args.hub_revision,
+                    token=args.hub_token, license=args.license, regenerate_card=args.regenerate_card,
+                )  # fmt: skip
+                print(f"pushed to {url}")
         accelerator.end_training()
 
 

@@ -1,9 +1,9 @@
 """Train a Gated PixelCNN token prior on the tokens a frozen HyperVQ-VAE tokenizer gives a data set, with accelerate.
 
-    python scripts/train_prior.py --tokenizer outputs/tokenizer --output_dir outputs/prior     # digits, minutes
-    accelerate launch scripts/train_prior.py --tokenizer outputs/imagenet --dataset ILSVRC/imagenet-1k \\
-        --image_size 128 --num_layers 15 --class_conditional --output_dir outputs/imagenet-prior
-    python scripts/train_prior.py --token_dataset outputs/digits-tokens --output_dir outputs/prior   # tokenized once
+    hypervq-train-prior --tokenizer your-name/hypervq-digits --output_dir outputs/prior     # digits, minutes
+    accelerate launch -m hf_hypervq.commands.train_prior --tokenizer org/hypervq-imagenet \\
+        --dataset ILSVRC/imagenet-1k --image_size 128 --num_layers 15 --class_conditional --output_dir outputs/imagenet-prior
+    hypervq-train-prior --token_dataset your-name/hypervq-digits-tokens --output_dir outputs/prior   # tokenized once
 
 The data set is tokenized once, up front, with the frozen tokenizer (spread over the processes and gathered), or read
 from a token dataset that `scripts/tokenize_dataset.py` made (`--token_dataset`, a folder or Hub id: --tokenizer must
@@ -11,10 +11,12 @@ be the tokenizer that made its tokens, and is that one when left out); the prior
 tokens before it (cross-entropy, raster order), optionally conditioned on the image's class. The output folder gets the prior (`AutoModel.from_pretrained(output_dir)`; it records its tokenizer,
 a local folder as its absolute path),
 `samples.png` (images decoded from sampled token grids), `eval_results.json` (held-out nats and bits per token) and
-`all_results.json`. Then `scripts/sample.py --prior OUTPUT_DIR` samples more and measures FID/IS.
+`all_results.json` (with the commits of the tokenizer and the token dataset it used), and its card, `README.md`.
+Then `hypervq-sample --prior OUTPUT_DIR` samples more and measures FID/IS.
 """
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -28,20 +30,34 @@ from hf_hypervq.training.hub import push_if_asked
 from hf_hypervq.training.loop import make_scheduler, total_updates, train
 from hf_hypervq.training.outputs import save_figure, save_model, write_results
 from hf_hypervq.training.plots import save_sample_grid
-from hf_hypervq.training.token_datasets import check_tokenizer, load_token_dataset, token_grids, token_splits
+from hf_hypervq.training.token_datasets import (
+    check_tokenizer,
+    is_hub_id,
+    load_token_dataset,
+    resolve_commit,
+    token_grids,
+    token_splits,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--tokenizer", default=None,
-        help="a trained tokenizer: a folder or a Hub id (with --token_dataset: checked against the one that made "
+        help="a trained tokenizer: a Hub id or a folder (with --token_dataset: checked against the one that made "
         "the tokens; default: that one)",
     )  # fmt: skip
     parser.add_argument(
+        "--tokenizer_revision", default=None, help="the tokenizer's branch, tag or commit on the Hub (default: main)"
+    )
+    parser.add_argument(
         "--token_dataset", default=None,
-        help="train on a token dataset made by scripts/tokenize_dataset.py (a folder or a Hub dataset id) instead "
+        help="train on a token dataset made by hypervq-tokenize (a folder or a Hub dataset id) instead "
         "of tokenizing --dataset",
+    )  # fmt: skip
+    parser.add_argument(
+        "--token_dataset_revision", default=None,
+        help="the token dataset's branch, tag or commit on the Hub (default: main)",
     )  # fmt: skip
     parser.add_argument("--hidden_size", type=int, default=64, help="channels of the gated layers (default: 64)")
     parser.add_argument("--num_layers", type=int, default=15, help="gated layers (default: 15, as in the paper)")
@@ -61,6 +77,17 @@ def parse_args(argv=None):
         parser.error("--streaming is not supported: the prior trains on the tokens of the whole data set")
     if args.token_dataset is None and args.tokenizer is None:
         parser.error("--tokenizer is required (or --token_dataset, whose tokens a tokenizer made already)")
+    if args.tokenizer_revision and (args.tokenizer is None or not is_hub_id(args.tokenizer)):
+        parser.error("--tokenizer_revision applies to a Hub id given as --tokenizer")
+    if args.token_dataset_revision and (args.token_dataset is None or not is_hub_id(args.token_dataset)):
+        parser.error("--token_dataset_revision applies to a Hub dataset id given as --token_dataset")
+    if (
+        args.push_to_hub and args.tokenizer is not None and not is_hub_id(args.tokenizer)
+    ):  # found now, not after training
+        parser.error(
+            f"--push_to_hub needs the tokenizer on the Hub, and --tokenizer {args.tokenizer} is a local folder: push "
+            "it first (hypervq-push FOLDER --hub_model_id ORG/NAME), then pass --tokenizer ORG/NAME"
+        )
     if args.token_dataset is not None:
         given = [f"--{name}" for name in ("dataset", "dataset_config", "image_column", "label_column")
                  if getattr(args, name) is not None]  # fmt: skip
@@ -71,17 +98,26 @@ def parse_args(argv=None):
 
 def read_token_dataset(args, accelerator):
     """The tokenizer, its image processor, the training and evaluation tokens and labels, and the label names, from
-    --token_dataset; --tokenizer must be the tokenizer that made the tokens (when left out, that one is loaded)."""
+    --token_dataset (at --token_dataset_revision, resolved to a commit once); --tokenizer must be the tokenizer that
+    made the tokens (when left out, that one is loaded, at the commit the tokens record)."""
     with accelerator.main_process_first():  # downloaded and cached once
-        data, metadata = load_token_dataset(args.token_dataset)
-    made_by = metadata["tokenizer"]["name_or_path"]
+        data, metadata = load_token_dataset(args.token_dataset, args.token_dataset_revision)
+    args.token_dataset_revision = metadata.get("token_dataset_revision")  # the commit: in the results and the card
+    made_by = metadata["tokenizer"]
     if args.tokenizer:
-        tokenizer, processor = load_tokenizer(args.tokenizer)
+        tokenizer, processor = load_tokenizer(args.tokenizer, revision=args.tokenizer_revision)
         check_tokenizer(metadata, tokenizer, args.tokenizer, args.token_dataset)
     else:
-        args.tokenizer = made_by  # recorded by the prior and in the results
+        args.tokenizer, args.tokenizer_revision = made_by["name_or_path"], made_by.get("revision")  # recorded too
+        if args.push_to_hub and not is_hub_id(args.tokenizer):
+            raise DataError(
+                f"--push_to_hub needs the tokenizer on the Hub, and the token dataset's is the local folder "
+                f"{args.tokenizer}: push it (hypervq-push FOLDER --hub_model_id ORG/NAME) and pass --tokenizer ORG/NAME"
+            )
         try:
-            tokenizer, processor = load_tokenizer(made_by, "the token dataset's tokenizer")
+            tokenizer, processor = load_tokenizer(
+                args.tokenizer, "the token dataset's tokenizer", revision=args.tokenizer_revision
+            )
         except (OSError, ValueError) as error:  # e.g. a folder on the machine that made the tokens
             raise DataError(f"{error}; pass --tokenizer, the tokenizer that made them") from None
     train_data, eval_data = token_splits(data, args, args.token_dataset)
@@ -97,12 +133,17 @@ def main(argv=None):
     with reported_errors():
         check_pretrained_source(args.tokenizer, "--tokenizer")
         accelerator = make_accelerator(args)
+        if args.tokenizer and not Path(args.tokenizer).expanduser().is_dir():  # a Hub id: one commit for every read
+            args.tokenizer_revision = resolve_commit(
+                args.tokenizer, args.tokenizer_revision, filename="config.json", flag="--tokenizer"
+            )
         if args.token_dataset:
             tokenizer, processor, train_split, eval_split, names = read_token_dataset(args, accelerator)
             (train_tokens, train_labels), (eval_tokens, eval_labels) = train_split, eval_split
             tokenizer.to(accelerator.device)
         else:
-            tokenizer, processor = load_tokenizer(args.tokenizer)  # one line for a prior's folder, or a missing Hub id
+            # one line for a prior's folder, or a missing Hub id
+            tokenizer, processor = load_tokenizer(args.tokenizer, revision=args.tokenizer_revision)
             tokenizer.to(accelerator.device)
             with accelerator.main_process_first():
                 train_data, eval_data = load_splits(args, require_labels=args.class_conditional)
@@ -118,7 +159,8 @@ def main(argv=None):
             head_hidden_size=args.head_hidden_size,
             num_classes=len(names) if names else 0,
             grid_size=list(train_tokens.shape[1:]),
-            tokenizer_name_or_path=recorded_tokenizer(args.tokenizer),  # absolute: found from any folder
+            tokenizer_name_or_path=recorded_tokenizer(args.tokenizer),  # a folder absolute: found from any folder
+            tokenizer_revision=args.tokenizer_revision,
             id2label=dict(enumerate(names)) if names else None,
         )
         prior = HyperVQPriorModel(config)
@@ -146,7 +188,13 @@ def main(argv=None):
             conditional = {"class_labels": torch.arange(args.num_sample_images) % len(names)} if names else {}
             samples = sample_images(saved, tokenizer, processor, args.num_sample_images, seed=args.seed, **conditional)
             save_figure(lambda path: save_sample_grid(samples, path), f"{args.output_dir}/samples.png")
-            write_results(args, {**results, "tokenizer": recorded_tokenizer(args.tokenizer)})
+            references = {
+                "tokenizer": recorded_tokenizer(args.tokenizer),
+                "tokenizer_revision": args.tokenizer_revision,
+            }
+            if args.token_dataset:
+                references["token_dataset_revision"] = args.token_dataset_revision
+            write_results(args, {**results, **references})
             push_if_asked(args)
         accelerator.end_training()
 

@@ -96,7 +96,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, learning_rate: floa
         default=None,
         help="a checkpoint folder, or 'latest' for the newest in --output_dir",
     )
-    train.add_argument("--with_tracking", action="store_true", help="log scalars to TensorBoard in --output_dir/runs")
+    train.add_argument(
+        "--with_tracking", action="store_true", help="log scalars to the --report_to trackers, in --output_dir/runs"
+    )
+    train.add_argument(
+        "--report_to", default="tensorboard",
+        help="with --with_tracking: the trackers accelerate logs to, comma-separated (tensorboard, wandb, comet_ml, "
+        "mlflow, ..., or all that are installed; default: tensorboard)",
+    )  # fmt: skip
     train.add_argument(
         "--logging_steps",
         type=int,
@@ -120,11 +127,46 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, learning_rate: floa
         default="inductor",
         help="torch.compile backend for --torch_compile (default: inductor)",
     )
-    hub = parser.add_argument_group("hub")
-    hub.add_argument("--push_to_hub", action="store_true", help="push the final model to the Hub")
-    hub.add_argument("--hub_model_id", default=None, help="repo id to push to, e.g. user/hypervq-cifar100")
-    hub.add_argument("--hub_private", action="store_true", help="create the Hub repo as private")
+    add_hub_arguments(parser, "--hub_model_id", "the model repo to push to, e.g. user/hypervq-cifar100")
     return parser
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag, kept for one release: hidden from --help, and says which flag replaces it."""
+
+    def __init__(self, option_strings, dest, replacement: str, **kwargs):
+        self.replacement = replacement
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(
+            f"warning: {option_string} is deprecated and will be removed in the next release: use {self.replacement}",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def add_deprecated_alias(parser, old: str, new: str, *, flag: bool = False, dest: str | None = None, **kwargs) -> None:
+    """Accept `old` as a hidden alias of `new` (a store_true flag with `flag`), setting `dest` (default: `new`'s)."""
+    if flag:
+        kwargs.update(nargs=0, const=True)
+    parser.add_argument(old, dest=dest or new.lstrip("-"), action=DeprecatedAlias, replacement=new, **kwargs)
+
+
+def add_hub_arguments(parser: argparse.ArgumentParser, repo_flag: str, repo_help: str) -> None:
+    """The Hub flags of every command that pushes, as transformers' `TrainingArguments` spells them."""
+    hub = parser.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="push the result to the Hub when done")
+    hub.add_argument(repo_flag, default=None, help=f"{repo_help}, 'user/name' or 'org/name'")
+    hub.add_argument("--hub_private_repo", action="store_true", help="create the Hub repo as private")
+    hub.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one, or HF_TOKEN)")
+    hub.add_argument("--hub_revision", default=None, help="the branch to push to (created if missing; default: main)")
+    hub.add_argument(
+        "--license", default=None,
+        help="the license the card declares (a Hub license id, e.g. cc-by-4.0; default: the training data's, where "
+        "the Hub knows it; a push needs one)",
+    )  # fmt: skip
+    add_deprecated_alias(hub, "--hub_private", "--hub_private_repo", flag=True)
 
 
 def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -171,11 +213,38 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
             parser.error("--validation_split_percentage cannot be combined with --streaming or --eval_split")
     if args.streaming and args.max_train_steps is None:
         parser.error("--streaming needs --max_train_steps (a stream has no known length)")
-    if args.push_to_hub and not args.hub_model_id:
-        parser.error("--push_to_hub needs --hub_model_id")
+    check_hub_arguments(args, parser, "hub_model_id")
     backends = [b.value.lower() for b in DynamoBackend if b is not DynamoBackend.NO]
     if args.torch_compile_backend.lower() not in backends:
         parser.error(f"--torch_compile_backend must be one of {', '.join(backends)}; got {args.torch_compile_backend}")
+
+
+def check_hub_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser, repo: str) -> None:
+    """--push_to_hub needs the repo flag, and a repo id is checked before any work."""
+    from .hub import check_repo_id
+
+    if args.push_to_hub and not getattr(args, repo):
+        parser.error(f"--push_to_hub needs --{repo}")
+    if getattr(args, repo):
+        try:
+            check_repo_id(getattr(args, repo), f"--{repo}")
+        except ValueError as error:
+            parser.error(str(error))
+
+
+def quiet_logs(is_local_main_process: bool) -> None:
+    """As the transformers examples set them: no line per HTTP request, datasets at WARNING and transformers at INFO
+    on the main process, errors only on the others."""
+    import datasets
+    import transformers
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_info()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
 
 
 @contextlib.contextmanager
@@ -233,7 +302,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         cpu=args.cpu,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with="tensorboard" if args.with_tracking else None,
+        log_with=args.report_to.split(",") if args.with_tracking else None,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/runs"),
         # data order from (seed, epoch) alone, so a resumed run sees the batches an uninterrupted one would
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
@@ -250,6 +319,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     if not accelerator.is_local_main_process:
         logging.getLogger().setLevel(logging.ERROR)
+    quiet_logs(accelerator.is_local_main_process)
     logger.info(
         f"distributed: {accelerator.distributed_type}, processes: {accelerator.num_processes}, "
         f"device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}",

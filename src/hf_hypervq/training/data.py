@@ -128,7 +128,7 @@ def fashion_mnist_dataset(folder=FASHION_MNIST_FOLDER) -> DatasetDict:
     return DatasetDict({split: _fashion_mnist_split(folder, split) for split in _FASHION_MNIST_FILES})
 
 
-def _load(name_or_path: str, config_name: str | None, split: str, streaming: bool):
+def _load(name_or_path: str, config_name: str | None, split: str, streaming: bool, revision: str | None = None):
     path = Path(name_or_path)
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         loaded = datasets.load_from_disk(str(path))
@@ -149,7 +149,7 @@ def _load(name_or_path: str, config_name: str | None, split: str, streaming: boo
                 "--validation_split_percentage N to hold out N% of it for evaluation"
             )
         return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
-    return datasets.load_dataset(name_or_path, config_name, split=split, streaming=streaming)
+    return datasets.load_dataset(name_or_path, config_name, split=split, streaming=streaming, revision=revision)
 
 
 def _pick_column(columns, explicit: str | None, candidates, flag: str, name: str, required: bool) -> str | None:
@@ -172,6 +172,7 @@ def load_image_dataset(
     label_column: str | None = None,
     require_labels: bool = False,
     streaming: bool = False,
+    revision: str | None = None,
 ) -> Dataset | IterableDataset:
     """One split of an image data set, with its columns renamed to `image` (and `label` when there is one).
 
@@ -180,7 +181,7 @@ def load_image_dataset(
     `"fashion_mnist"` for Fashion-MNIST from Debian's package (`fashion_mnist_dataset`; a local folder or file of that
     name is read as one).
     Every problem (no such data set offline, a missing column, an unreadable image) raises `DataError` with one
-    line that names it.
+    line that names it. `revision` (a branch, tag or commit) applies to a Hub id.
     """
     name = name_or_path or DEFAULT_DATASET
     from_debian = name_or_path == FASHION_MNIST and not Path(name_or_path).exists()
@@ -194,7 +195,7 @@ def load_image_dataset(
         data = data.to_iterable_dataset() if streaming else data
     else:
         try:
-            data = _load(name_or_path, config_name, split, streaming)
+            data = _load(name_or_path, config_name, split, streaming, revision)
         except DataError:
             raise
         except Exception as error:  # datasets raises many types here: not found, offline, bad split, ...

@@ -115,11 +115,11 @@ def find_recorded_tokenizer(prior_source, recorded: str | None) -> str:
     return recorded  # a Hub id, or an older prior's relative folder that is not here: loading says which
 
 
-def load_tokenizer(name_or_path, flag: str = "--tokenizer", hint: str = ""):
+def load_tokenizer(name_or_path, flag: str = "--tokenizer", hint: str = "", revision: str | None = None):
     """A trained tokenizer (`HyperVQVAEModel`, in eval mode; a classifier's folder holds one too) and its image
     processor, or one line saying what is wrong: no such folder, a damaged one, a folder that holds a prior (or
     another model) instead, a Hub id that cannot be loaded. `flag` names where the path came from, `hint` ends the
-    line of a load that failed."""
+    line of a load that failed; `revision` (a commit, branch or tag) applies to a Hub id."""
     from transformers import AutoImageProcessor
 
     from ..models.hypervq.modeling_hypervq import HyperVQVAEModel, check_pretrained_source
@@ -137,8 +137,8 @@ def load_tokenizer(name_or_path, flag: str = "--tokenizer", hint: str = ""):
                 + hint
             )
     try:
-        tokenizer = HyperVQVAEModel.from_pretrained(name_or_path).eval()
-        processor = AutoImageProcessor.from_pretrained(name_or_path)
+        tokenizer = HyperVQVAEModel.from_pretrained(name_or_path, revision=revision).eval()
+        processor = AutoImageProcessor.from_pretrained(name_or_path, revision=revision)
     except OSError as error:  # transformers' Hub errors span several lines
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         where = "" if folder.is_dir() else "not a folder here, and from the Hub: "

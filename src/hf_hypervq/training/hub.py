@@ -1,47 +1,59 @@
-"""Publishing to the Hub: a model card generated from a template and the run's result files, and the model folder
-pushed in one commit (`create_repo` + `upload_folder`); a token dataset the same way, with a dataset card generated
-from its `tokenization.json` (`push_token_dataset`).
+"""Publishing to the Hub: a model card generated from a template and the run's result files, written into the output
+folder by every run (`write_model_card`), and the folder pushed in one commit with `upload_folder`; a token dataset
+the same way, with a dataset card generated from its `tokenization.json` (`push_token_dataset`).
 
-Numbers in a card are read from `eval_results.json` / `all_results.json`, never typed. The templates (one per model
-kind) ship inside the package, `hf_hypervq/model_cards/` (the checkout's `model_cards/` links there), so publishing
-works from any install.
+Numbers in a card are read from `eval_results.json` / `all_results.json`, never typed; `dataset_info` and `configs`
+come from datasets' own helpers. The templates (one per model kind) ship inside the package,
+`hf_hypervq/model_cards/` (the checkout's `model_cards/` links there), so publishing works from any install.
+
+What is pushed must work on a machine that never saw this one's folders: a token dataset or a prior that names its
+tokenizer by a local path is refused before any request, with what to do instead.
+
+Atomicity: `upload_folder` uploads the large (LFS) files first and then makes one commit that lists every file, so a
+push is all or nothing. The Hub advises fewer than about 100 files per commit; size the shards (`--max_shard_size`)
+so that a data set stays within it. Beyond that, `hf upload-large-folder` resumes but makes several commits.
 """
 
 import json
-import shutil
-import tempfile
+import math
 from pathlib import Path
 
 from accelerate.logging import get_logger
-from huggingface_hub import (
-    CommitOperationAdd,
-    CommitOperationDelete,
-    DatasetCard,
-    DatasetCardData,
-    EvalResult,
-    HfApi,
-    ModelCard,
-    ModelCardData,
-)
+from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ..models.hypervq.quantizers import QUANTIZERS
 from .data import DataError
 from .evaluation import protocol_line
-from .token_datasets import DATA_DIR, METADATA_FILE, PROCESSOR_SETTINGS, read_metadata, shard_path
+from .token_datasets import (
+    CARD_FILE,
+    DATA_DIR,
+    METADATA_FILE,
+    PROCESSOR_SETTINGS,
+    is_hub_id,
+    read_metadata,
+    shard_path,
+)
 
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "model_cards"
-# architecture -> (template / kind, pipeline tag, training script)
+# architecture -> (template / kind, pipeline tag, training command)
 MODEL_KINDS = {
-    "HyperVQVAEModel": ("tokenizer", "image-feature-extraction", "scripts/train_vqvae.py"),
-    "HyperVQVAEForImageClassification": ("classifier", "image-classification", "scripts/train_classifier.py"),
-    "HyperVQSAForImageClassification": ("vqsa", "image-classification", "scripts/train_vqsa.py"),
-    "HyperVQPriorModel": ("prior", "unconditional-image-generation", "scripts/train_prior.py"),
+    "HyperVQVAEModel": ("tokenizer", "image-feature-extraction", "hypervq-train-vqvae"),
+    "HyperVQVAEForImageClassification": ("classifier", "image-classification", "hypervq-train-classifier"),
+    "HyperVQSAForImageClassification": ("vqsa", "image-classification", "hypervq-train-vqsa"),
+    "HyperVQPriorModel": ("prior", "unconditional-image-generation", "hypervq-train-prior"),
 }
-# Files of an output folder that are not published.
-PRIVATE_PARTS = ("checkpoints", "runs")
+# Files of an output folder that are not published: checkpoints, TensorBoard runs, hidden and temporary files.
+PRIVATE_PATTERNS = ["checkpoints/**", "runs/**", ".*", "**/.*"]
+# Remote files a model push replaces: an earlier push's weights, code and pictures that this folder no longer has.
+MODEL_FILES = ["*.safetensors", "*.safetensors.index.json", "*.py", "*.png"]
+# Data sets whose name reads as a Hub id but that are not on the Hub: the embedded digits, Debian's Fashion-MNIST.
+NOT_ON_THE_HUB = ("scikit-learn/digits", "fashion_mnist")
+# The licenses of the data sets that ship without the Hub (scikit-learn's copy of UCI's digits; Fashion-MNIST).
+KNOWN_LICENSES = {"scikit-learn/digits": "cc-by-4.0", "fashion_mnist": "mit"}
+UNKNOWN_LICENSE = "unknown"
 METRIC_NAMES = {
     "reconstruction_mse": "Reconstruction MSE",
     "psnr": "PSNR (dB)",
@@ -90,15 +102,26 @@ def _read_json(path) -> dict:
 
 
 def _is_hub_id(name) -> bool:
+    return is_hub_id(name) and name not in NOT_ON_THE_HUB
+
+
+def dataset_license(name, revision: str | None = None) -> str | None:
+    """The license of a data set as the Hub knows it (its card's `license`), or None where it is unknown."""
+    if name in KNOWN_LICENSES:
+        return KNOWN_LICENSES[name]
+    if not _is_hub_id(name):
+        return None
     try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return isinstance(name, str) and "/" in name and not Path(name).exists()
+        card_data = HfApi().dataset_info(name, revision=revision).card_data
+    except Exception:  # offline, private, not found: unknown
+        return None
+    license = card_data.license if card_data is not None else None
+    return license[0] if isinstance(license, list) and license else license
 
 
-def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR) -> ModelCard:
-    """The model card of a saved model, from `template_dir/<kind>.md` and the folder's result files."""
+def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR, license: str | None = None) -> ModelCard:
+    """The model card of a saved model, from `template_dir/<kind>.md` and the folder's result files. `license`
+    defaults to the training data's license where the Hub knows it, else "unknown" (which a push refuses)."""
     config, kind = read_model_folder(folder)
     architecture = config["architectures"][0]
     _, pipeline_tag, script = MODEL_KINDS[architecture]
@@ -112,16 +135,20 @@ def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR) -> ModelC
     protocol = evaluation.get("protocol") or {}
     protocol_summary = protocol_line(protocol) if protocol else None
     base_model = everything.get("resnet") if kind == "vqsa" else everything.get("tokenizer")
+    # the Hub reads `base_model` as "fine-tuned (or adapted) from": VQ-SA fine-tunes its ResNet, a classifier adds a
+    # head to a frozen tokenizer; a prior is trained from scratch, so its tokenizer is only named in the card's text
+    relation = {"vqsa": None, "classifier": "adapter"}.get(kind, "none")
     spec = QUANTIZERS.get(config.get("quantizer_type"))
     quantizer = spec.paper_name if spec else config.get("quantizer_type")  # None for a prior
     tags = ["hf-hypervq", "hypervq", "vector-quantization", "hyperbolic", *([quantizer.lower()] if quantizer else [])]
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag=pipeline_tag,
-        license="apache-2.0",
+        license=license or dataset_license(dataset) or UNKNOWN_LICENSE,
         tags=[*tags, kind],
         datasets=[dataset] if _is_hub_id(dataset) else None,
-        base_model=base_model if _is_hub_id(base_model) else None,
+        base_model=base_model if _is_hub_id(base_model) and relation != "none" else None,
+        base_model_relation=relation if _is_hub_id(base_model) and relation not in (None, "none") else None,
         model_name=repo_id.split("/")[-1],
         eval_results=[
             EvalResult(
@@ -131,9 +158,7 @@ def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR) -> ModelC
                 dataset_split=split,
                 metric_type=name,
                 metric_name=METRIC_NAMES[name],
-                metric_value=value,
-                metric_config=protocol_summary,  # how it was measured, beside every number
-                metric_args=protocol or None,
+                metric_value=value,  # how it was measured is said once, in the card's text
             )
             for name, value in metrics.items()
         ]
@@ -141,7 +166,9 @@ def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR) -> ModelC
     )
     arguments = everything.get("args", {})
     hyperparameters = {
-        k: v for k, v in arguments.items() if v not in (None, False) and k not in ("output_dir", "hub_model_id")
+        k: v
+        for k, v in arguments.items()
+        if v not in (None, False) and k not in ("output_dir", "hub_model_id", "hub_token", "push_to_hub")
     }
     return ModelCard.from_template(
         card_data,
@@ -182,6 +209,43 @@ def codebook_usage_summary(config: dict, evaluation: dict, everything: dict) -> 
     }
 
 
+def write_model_card(folder, repo_id: str, *, license: str | None = None, regenerate: bool = True) -> ModelCard:
+    """`folder/README.md`: the card of a saved model, rendered (`build_model_card`) unless the folder has one and
+    `regenerate` is False, in which case that one is kept (with `license` set when given)."""
+    path = Path(folder) / CARD_FILE
+    if path.is_file() and not regenerate:
+        card = ModelCard.load(path)
+        if license:
+            card.data.license = license
+    else:
+        card = build_model_card(folder, repo_id, license=license)
+    card.save(path)
+    return card
+
+
+def check_portable_model(folder) -> None:
+    """`PublishError` unless everything the folder's model refers to can be found from another machine: a prior's
+    tokenizer must be a Hub id."""
+    config, kind = read_model_folder(folder)
+    if kind == "prior":
+        tokenizer = config.get("tokenizer_name_or_path")
+        if tokenizer and not _is_hub_id(tokenizer):
+            raise PublishError(
+                f"the prior in {folder} names its tokenizer by the local folder {tokenizer}, which no other machine "
+                "has: push the tokenizer first (hypervq-push TOKENIZER_DIR --hub_model_id ORG/NAME) and train the "
+                "prior with --tokenizer ORG/NAME"
+            )
+
+
+def check_license(card, flag: str = "--license") -> None:
+    license = card.data.license
+    if not license or license == UNKNOWN_LICENSE:
+        raise PublishError(
+            f"the card does not say under which license this is published (the training data's license is not "
+            f"known to the Hub): pass {flag}, e.g. {flag} cc-by-4.0, or 'other'"
+        )
+
+
 def push_to_hub(
     folder,
     repo_id: str,
@@ -190,46 +254,46 @@ def push_to_hub(
     revision: str | None = None,
     token: str | None = None,
     commit_message: str | None = None,
-    template_dir=TEMPLATES_DIR,
+    license: str | None = None,
+    regenerate_card: bool = False,
 ) -> str:
-    """Push a saved model folder with a generated `README.md` card to `repo_id`, in one commit; returns its URL.
+    """Push a saved model folder with its `README.md` card to `repo_id`, in one commit; returns its URL.
 
-    Everything is checked before the first request (the repo id, the folder, the card), and the files go up in a
-    single commit, so a failure never leaves a half-pushed model. Checkpoints and TensorBoard runs stay local.
-    """
+    The folder's own card is kept (edits included) unless `regenerate_card`; a folder without one gets a generated
+    one. Everything is checked before the first request (the repo id, the folder, its references, the license), and
+    `upload_folder` makes a single commit, so a failure never leaves a half-pushed model. Checkpoints and TensorBoard
+    runs stay local; weights, code and pictures of an earlier push that the folder no longer has are deleted."""
     check_repo_id(repo_id)
-    card = build_model_card(folder, repo_id, template_dir)
-    with tempfile.TemporaryDirectory() as staging:
-        staging = Path(staging)
-        for path in Path(folder).iterdir():
-            if path.name in PRIVATE_PARTS or path.name.startswith(".") or path.name == "README.md":
-                continue
-            (shutil.copytree if path.is_dir() else shutil.copy2)(path, staging / path.name)
-        card.save(staging / "README.md")
-        api = HfApi(token=token)
-        try:
-            repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
-            if revision:
-                api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True)
-            commit = api.upload_folder(
-                repo_id=repo_url.repo_id,
-                folder_path=staging,
-                revision=revision,
-                commit_message=commit_message or f"Upload {card.data.model_name} with hf-hypervq",
-            )
-        except Exception as error:  # HTTP errors, refused connections, timeouts: one clear line
-            raise push_failed(repo_id, error) from None
+    read_model_folder(folder)
+    check_portable_model(folder)
+    card = write_model_card(folder, repo_id, license=license, regenerate=regenerate_card)
+    check_license(card)
+    api = HfApi(token=token)
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_url.repo_id,
+            folder_path=folder,
+            revision=revision,
+            ignore_patterns=PRIVATE_PATTERNS,
+            delete_patterns=MODEL_FILES,
+            commit_message=commit_message or f"Upload {repo_id.split('/')[-1]} with hf-hypervq",
+        )
+    except Exception as error:  # HTTP errors, refused connections, timeouts: one clear line
+        raise push_failed(repo_id, error) from None
     return commit.commit_url
 
 
-def check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str, flag: str = "--hub_model_id") -> None:
     """`PublishError` unless `repo_id` is a valid 'user/name' or 'org/name'; checked before any request."""
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise PublishError(f"--repo_id {repo_id!r} is not a valid repo id ({error})") from None
+        raise PublishError(f"{flag} {repo_id!r} is not a valid repo id ({error})") from None
     if "/" not in repo_id:
-        raise PublishError(f"--repo_id {repo_id!r} must be 'user/name' or 'org/name'")
+        raise PublishError(f"{flag} {repo_id!r} must be 'user/name' or 'org/name'")
 
 
 def push_failed(repo_id: str, error: Exception) -> PublishError:
@@ -238,24 +302,71 @@ def push_failed(repo_id: str, error: Exception) -> PublishError:
     return PublishError(f"pushing to {repo_id} failed: {reason}")
 
 
-def build_dataset_card(folder, repo_id: str, template_dir=TEMPLATES_DIR) -> DatasetCard:
-    """The dataset card of a token dataset folder, from `template_dir/token_dataset.md` and its `tokenization.json`:
-    the tokenizer and how the tokens were made, each split's codebook usage, and how to decode the tokens."""
-    try:
-        metadata = read_metadata(folder)
-    except DataError as error:
-        raise PublishError(str(error)) from None
-    tokenizer, source = metadata["tokenizer"], metadata["source"]["dataset"]
+def size_category(rows: int) -> str:
+    """The Hub's `size_categories` value for a data set of `rows` rows."""
+    bounds = ["1K", "10K", "100K", "1M", "10M", "100M", "1B", "10B", "100B", "1T"]
+    if rows < 1000:
+        return "n<1K"
+    order = min(int(math.log10(rows)) - 3, len(bounds) - 1)
+    return f"{bounds[order]}<n<{bounds[order + 1]}" if order + 1 < len(bounds) else "n>1T"
+
+
+def dataset_info(folder, metadata: dict):
+    """The token dataset's `datasets.DatasetInfo` (features, splits with rows and bytes, sizes) from its Parquet
+    files' metadata, without reading the data: what `Dataset.push_to_hub` writes as `dataset_info`."""
+    import pyarrow.parquet as pq
+    from datasets import DatasetInfo, Features, SplitDict, SplitInfo
+
+    splits, download_size, features = SplitDict(), 0, None
+    for split, usage in metadata["splits"].items():
+        num_bytes = 0
+        for index in range(usage["num_shards"]):
+            parquet = pq.ParquetFile(shard_path(folder, split, index, usage["num_shards"]))
+            features = features or Features.from_arrow_schema(parquet.schema_arrow)
+            num_bytes += sum(parquet.metadata.row_group(i).total_byte_size for i in range(parquet.num_row_groups))
+            download_size += shard_path(folder, split, index, usage["num_shards"]).stat().st_size
+        splits.add(SplitInfo(split, num_bytes=num_bytes, num_examples=usage["num_images"]))
+    dataset_size = sum(split.num_bytes for split in splits.values())
+    return DatasetInfo(features=features, splits=splits, download_size=download_size, dataset_size=dataset_size)
+
+
+def build_dataset_card(
+    folder, repo_id: str, template_dir=TEMPLATES_DIR, *, metadata: dict | None = None, license: str | None = None
+) -> DatasetCard:
+    """The dataset card of a token dataset folder, from `template_dir/token_dataset.md` and its `tokenization.json`
+    (or `metadata`): the tokenizer and how the tokens were made, each split's codebook usage, and how to decode the
+    tokens. `dataset_info` and `configs` come from datasets' own helpers; `license` defaults to the source's license
+    where the Hub knows it, else "unknown" (which a push refuses)."""
+    from datasets.info import DatasetInfosDict
+    from datasets.utils.metadata import MetadataConfigs
+
+    if metadata is None:
+        try:
+            metadata = read_metadata(folder)
+        except DataError as error:
+            raise PublishError(str(error)) from None
+    tokenizer, source = metadata["tokenizer"], metadata["source"]
     spec = QUANTIZERS.get(tokenizer.get("quantizer_type"))
     quantizer = spec.paper_name if spec else tokenizer.get("quantizer_type")
     splits = sorted(metadata["splits"], key=lambda split: split != "train")  # train first, as load_dataset lists them
-    files = [{"split": split, "path": f"{DATA_DIR}/{split}-*"} for split in splits]
+    has_labels = _has_labels(folder, metadata)
+    rows = sum(split["num_images"] for split in metadata["splits"].values())
     card_data = DatasetCardData(
         pretty_name=repo_id.split("/")[-1],
+        license=license or source.get("license") or dataset_license(source["dataset"], source.get("revision"))
+        or UNKNOWN_LICENSE,
+        task_categories=["unconditional-image-generation", *(["image-classification"] if has_labels else [])],
+        size_categories=[size_category(rows)],
         tags=["hf-hypervq", "image-tokens", "vector-quantization", *([quantizer.lower()] if quantizer else [])],
-        source_datasets=[source] if _is_hub_id(source) else None,
-        configs=[{"config_name": "default", "data_files": files}],  # which files hold which split, for load_dataset
-    )
+        source_datasets=[source["dataset"]] if _is_hub_id(source["dataset"]) else None,
+        # searchable without opening tokenization.json
+        tokenizer=tokenizer["name_or_path"] if _is_hub_id(tokenizer["name_or_path"]) else None,
+        codebook_size=metadata["codebook_size"],
+        grid=metadata["grid"],
+    )  # fmt: skip
+    files = [{"split": split, "path": f"{DATA_DIR}/{split}-*"} for split in splits]
+    DatasetInfosDict({"default": dataset_info(folder, metadata)}).to_dataset_card_data(card_data)
+    MetadataConfigs({"default": {"data_files": files}}).to_dataset_card_data(card_data)  # which files hold which split
     processor = metadata["processor"]
     return DatasetCard.from_template(
         card_data,
@@ -266,10 +377,19 @@ def build_dataset_card(folder, repo_id: str, template_dir=TEMPLATES_DIR) -> Data
         tokenizer=tokenizer,
         tokenizer_is_hub=_is_hub_id(tokenizer["name_or_path"]),
         quantizer=quantizer,
-        processor={k: processor[k] for k in PROCESSOR_SETTINGS if processor.get(k) not in (None, False)},
-        has_labels=_has_labels(folder, metadata),
+        processor={k: _setting(k, processor[k]) for k in PROCESSOR_SETTINGS if processor.get(k) not in (None, False)},
+        has_labels=has_labels,
         split_order=splits,
+        source_is_hub=_is_hub_id(source["dataset"]),
     )
+
+
+def _setting(name: str, value):
+    if name == "resample":  # PIL's number for it, by name
+        from transformers.image_utils import PILImageResampling
+
+        return PILImageResampling(value).name.lower()
+    return value
 
 
 def _has_labels(folder, metadata: dict) -> bool:
@@ -277,6 +397,57 @@ def _has_labels(folder, metadata: dict) -> bool:
 
     split, shards = next(iter(metadata["splits"].items()))
     return "label" in pq.read_schema(shard_path(folder, split, 0, shards["num_shards"])).names
+
+
+def source_record(args) -> dict:
+    """Where a token dataset's images came from, as `tokenization.json` and the card record it: a Hub id with the
+    commit --dataset_revision (default main) is at, resolved once so that every split is read at it; a local folder
+    or file by its name only (a path names nothing on another machine)."""
+    from .outputs import portable
+
+    name, revision = args.dataset or "scikit-learn/digits", args.dataset_revision
+    if _is_hub_id(name):
+        try:
+            revision = HfApi().dataset_info(name, revision=revision).sha
+        except Exception:  # offline (read from the cache at the revision given) or not found (datasets says so)
+            pass
+    elif args.dataset is not None:
+        name = portable(str(Path(name).expanduser().resolve())) if Path(name).expanduser().exists() else name
+    return {
+        "dataset": name,
+        "revision": revision,
+        "config": args.dataset_config,
+        "image_column": args.image_column,
+        "label_column": args.label_column,
+        "streaming": args.streaming,
+        "max_train_samples": args.max_train_samples,
+        "max_eval_samples": args.max_eval_samples,
+    }
+
+
+def check_portable_dataset(folder, metadata: dict) -> None:
+    """`PublishError` unless a token dataset names its tokenizer so that another machine can load it: a Hub id."""
+    tokenizer = metadata["tokenizer"]["name_or_path"]
+    if not _is_hub_id(tokenizer):
+        raise PublishError(
+            f"the tokens in {folder} name their tokenizer by the local folder {tokenizer}, which no other machine has: "
+            "push the tokenizer first (hypervq-push TOKENIZER_DIR --hub_model_id ORG/NAME), then rerun "
+            "hypervq-tokenize with --tokenizer ORG/NAME into the same folder (its shards are kept)"
+        )
+
+
+def write_dataset_card(folder, repo_id: str, *, metadata=None, license=None, regenerate=True) -> DatasetCard:
+    """`folder/README.md`: the card of a token dataset, rendered (`build_dataset_card`) unless the folder has one and
+    `regenerate` is False, in which case that one is kept (with `license` set when given)."""
+    path = Path(folder) / CARD_FILE
+    if path.is_file() and not regenerate:
+        card = DatasetCard.load(path)
+        if license:
+            card.data.license = license
+    else:
+        card = build_dataset_card(folder, repo_id, metadata=metadata, license=license)
+    card.save(path)
+    return card
 
 
 def push_token_dataset(
@@ -287,37 +458,40 @@ def push_token_dataset(
     revision: str | None = None,
     token: str | None = None,
     commit_message: str | None = None,
-    template_dir=TEMPLATES_DIR,
+    license: str | None = None,
+    regenerate_card: bool = False,
 ) -> str:
-    """Push a token dataset folder (its Parquet shards and `tokenization.json`) with a generated `README.md` dataset
-    card to the Hub dataset repository `repo_id`, in one commit; returns its URL. Shards of an earlier push that this
-    one does not have are deleted in the same commit. Everything is checked before the first request."""
-    check_repo_id(repo_id)
-    card = build_dataset_card(folder, repo_id, template_dir)
-    metadata = read_metadata(folder)
+    """Push a token dataset folder (its Parquet shards, `tokenization.json` and its `README.md` card, kept unless
+    `regenerate_card`) to the Hub dataset repository `repo_id`, in one commit; returns its URL. Shards of an earlier
+    push that this one does not have are deleted in the same commit. Everything is checked before the first request:
+    the repo id, that the folder is complete, that its tokenizer is on the Hub, the license."""
+    check_repo_id(repo_id, "--hub_dataset_id")
+    try:
+        metadata = read_metadata(folder)
+    except DataError as error:
+        raise PublishError(str(error)) from None
+    check_portable_dataset(folder, metadata)
     files = [shard_path(folder, split, index, s["num_shards"])
              for split, s in metadata["splits"].items() for index in range(s["num_shards"])]  # fmt: skip
     missing = [path for path in files if not path.is_file()]
     if missing:
         raise PublishError(f"{folder} is damaged: {missing[0]} is missing")
-    uploads = {f"{DATA_DIR}/{path.name}": str(path) for path in files}
-    uploads[METADATA_FILE] = str(Path(folder) / METADATA_FILE)
+    card = write_dataset_card(folder, repo_id, license=license, regenerate=regenerate_card)
+    check_license(card)
     api = HfApi(token=token)
     try:
         repo_url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_url.repo_id, branch=revision, repo_type="dataset", exist_ok=True)
-        there = api.list_repo_files(repo_url.repo_id, repo_type="dataset", revision=revision)
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=path) for name, path in uploads.items()]
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
-        operations += [CommitOperationDelete(path_in_repo=name) for name in there
-                       if name.startswith(f"{DATA_DIR}/") and name not in uploads]  # fmt: skip
-        commit = api.create_commit(
-            repo_url.repo_id,
-            operations,
-            commit_message=commit_message or f"Upload {repo_id.split('/')[-1]} with hf-hypervq",
+        commit = api.upload_folder(
+            repo_id=repo_url.repo_id,
             repo_type="dataset",
+            folder_path=folder,
             revision=revision,
+            allow_patterns=[f"{DATA_DIR}/*.parquet", METADATA_FILE, CARD_FILE],
+            ignore_patterns=PRIVATE_PATTERNS,
+            delete_patterns=[f"{DATA_DIR}/*"],
+            commit_message=commit_message or f"Upload {repo_id.split('/')[-1]} with hf-hypervq",
         )
     except Exception as error:  # HTTP errors, refused connections, timeouts: one clear line
         raise push_failed(repo_id, error) from None
@@ -325,7 +499,13 @@ def push_token_dataset(
 
 
 def push_if_asked(args) -> None:
-    """With --push_to_hub: push a training script's output folder with a generated model card (`push_to_hub`)."""
+    """The end of every training run: write the model card into the output folder (`write_model_card`; kept where
+    the folder has one already), and with --push_to_hub push the folder (`push_to_hub`)."""
+    repo_id = args.hub_model_id or f"your-name/{Path(args.output_dir).resolve().name}"
+    write_model_card(args.output_dir, repo_id, license=args.license, regenerate=True)
     if args.push_to_hub:
-        url = push_to_hub(args.output_dir, args.hub_model_id, private=args.hub_private)
+        url = push_to_hub(
+            args.output_dir, args.hub_model_id, private=args.hub_private_repo, revision=args.hub_revision,
+            token=args.hub_token, license=args.license,
+        )  # fmt: skip
         get_logger(__name__).info(f"pushed to {url}", main_process_only=True)

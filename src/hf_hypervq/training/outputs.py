@@ -15,6 +15,37 @@ from accelerate import Accelerator
 
 # Below this much free space, a failed write is reported as a full disk.
 NEARLY_FULL_BYTES = 64 * 2**20
+# The console command of each command module (`[project.scripts]`), as results and cards name them.
+COMMANDS = {
+    "train_vqvae": "hypervq-train-vqvae",
+    "train_classifier": "hypervq-train-classifier",
+    "train_vqsa": "hypervq-train-vqsa",
+    "train_prior": "hypervq-train-prior",
+    "tokenize_dataset": "hypervq-tokenize",
+    "push_to_hub": "hypervq-push",
+    "push_metric": "hypervq-push-metric",
+    "sample": "hypervq-sample",
+    "evaluate_model": "hypervq-evaluate",
+}
+
+
+def portable(value):
+    """A value as results files record it: an absolute local path (which can hold a user's name, and names nothing
+    on another machine) as its last part; anything else as is."""
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+        return Path(value).name
+    return value
+
+
+def portable_command(program: str | None = None) -> str:
+    """How this run was started, as a reader can rerun it: the console command (`program`, else the one of the
+    running module) and its arguments, absolute paths shortened by `portable`."""
+    program = program or COMMANDS.get(Path(sys.argv[0]).stem, Path(sys.argv[0]).name)
+    arguments = []
+    for argument in sys.argv[1:]:
+        flag, equals, value = argument.partition("=")
+        arguments.append(f"{flag}={portable(value)}" if equals and flag.startswith("--") else portable(argument))
+    return shlex.join([program, *arguments])
 
 
 @contextlib.contextmanager
@@ -76,13 +107,16 @@ def write_results(args, results: dict) -> None:
     training loss, the step count and every flag)."""
     training_only = ("epoch", "step", "train_loss", "train_perplexity", "train_codes_used")
     evaluation = {k: v for k, v in results.items() if k not in training_only}
-    source = {"dataset": args.dataset or "scikit-learn/digits", "split": args.eval_split or "test"}
+    # everything here is published with the model: no local path, no token
+    source = {"dataset": portable(args.dataset) or "scikit-learn/digits", "split": args.eval_split or "test"}
     if "protocol" in evaluation:  # the protocol names the data it was measured on, too
         evaluation["protocol"] = results["protocol"] = {**source, **evaluation["protocol"]}
-    command = shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])  # how this run was started
+    arguments = {k: portable(v) for k, v in vars(args).items() if k != "hub_token"}
+    results = {k: portable(v) for k, v in results.items()}
     write_json(Path(args.output_dir) / "eval_results.json", {**source, **evaluation})
     write_json(
-        Path(args.output_dir) / "all_results.json", {**source, **results, "command": command, "args": vars(args)}
+        Path(args.output_dir) / "all_results.json",
+        {**source, **results, "command": portable_command(), "args": arguments},
     )
 
 

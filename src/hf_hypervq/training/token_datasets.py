@@ -10,9 +10,13 @@ A token dataset is a folder laid out as a Hub dataset repository, which is what 
                                            SHA-256 of its weights), image size, grid, K, the image processor, the
                                            source, and each split's codebook usage
 
+    README.md                              the dataset card (`hub.build_dataset_card`), with the `configs` and
+                                           `dataset_info` that datasets reads
+
 so `datasets.load_dataset(folder_or_repo_id)` reads it anywhere, and `load_token_dataset` adds `tokenization.json`.
-`tokenization.json` is written last: a folder without it is unfinished, and rerunning the same tokenization resumes
-it, keeping the shards that are done (their files are renamed into place only when complete).
+Nothing half-written is ever visible: finished shards wait in the hidden folder `.tokenizing/` (datasets skips
+dot-folders), which a rerun of the same tokenization resumes from, and move into `data/` only when every shard is
+done, just before the card and `tokenization.json`.
 """
 
 import contextlib
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset, List, Value
 from datasets.fingerprint import Hasher
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from tqdm.auto import tqdm
 
@@ -38,16 +42,31 @@ from .outputs import write_json
 
 
 METADATA_FILE = "tokenization.json"
-PARTIAL_METADATA_FILE = ".partial-tokenization.json"  # what an unfinished run is doing, for its resume
+STAGING_DIR = ".tokenizing"  # an unfinished run's shards and settings, hidden from datasets until the run completes
+PARTIAL_METADATA_FILE = f"{STAGING_DIR}/{METADATA_FILE}"  # what an unfinished run is doing, for its resume
 DATA_DIR = "data"
+CARD_FILE = "README.md"
 FORMAT = "hf-hypervq token dataset"
 FORMAT_VERSION = 1
-DEFAULT_SHARD_SIZE = 10_000
+DEFAULT_MAX_SHARD_SIZE = "500MB"  # datasets' own default for `push_to_hub`
 # The split names datasets accepts (and that can name a file).
 SPLIT_NAME = re.compile(r"\w+(\.\w+)*")
 # The image processor settings the dataset card shows (the whole processor is in tokenization.json).
 PROCESSOR_SETTINGS = ("size", "resample", "do_center_crop", "crop_size", "do_pad", "pad_size", "do_convert_rgb",
                       "image_mean", "image_std")  # fmt: skip
+
+
+def parse_size(size) -> int:
+    """Bytes from an int or a string such as "500MB" or "1GiB" (as datasets' `max_shard_size`)."""
+    from datasets.utils.py_utils import convert_file_size_to_int
+
+    try:
+        value = convert_file_size_to_int(size if not str(size).isdigit() else int(size))
+    except ValueError:
+        raise ValueError("not a size: write it as e.g. 500MB or 1GB") from None
+    if value < 1:
+        raise ValueError("must be at least 1 byte")
+    return value
 
 
 def token_dtype(codebook_size: int) -> str:
@@ -59,24 +78,53 @@ def token_dtype(codebook_size: int) -> str:
     raise ValueError(f"a codebook of {codebook_size} codes does not fit 32-bit token ids")
 
 
-def shard_path(folder, split: str, index: int, count: int) -> Path:
-    """Where shard `index` of `count` of a split goes: datasets' own naming, which it reads as that split."""
-    return Path(folder) / DATA_DIR / f"{split}-{index:05d}-of-{count:05d}.parquet"
+def shard_path(folder, split: str, index: int, count: int, staged: bool = False) -> Path:
+    """Where shard `index` of `count` of a split goes: datasets' own naming, which it reads as that split; with
+    `staged`, where it waits until the run completes."""
+    return Path(folder) / (STAGING_DIR if staged else "") / DATA_DIR / f"{split}-{index:05d}-of-{count:05d}.parquet"
 
 
-def tokenizer_record(name_or_path, tokenizer) -> dict:
-    """How a token dataset records its tokenizer: where it came from (a local folder as its absolute path, a Hub id
-    as given, with the commit it was loaded at), the SHA-256 of its weights (which identifies it anywhere), its
-    quantizer and downsampling factor, and its own evaluation when its folder or repository has `eval_results.json`."""
+def is_hub_id(name) -> bool:
+    """Whether `name` reads as a Hub repo id ('namespace/name') rather than a local path."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(name, str) or name.count("/") != 1 or name.startswith((".", "~", "/")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not Path(name).exists()
+
+
+def resolve_commit(repo_id: str, revision: str | None, *, repo_type: str = "model", filename: str, flag: str) -> str:
+    """The commit that `revision` (a branch, tag or commit; default main) of a Hub repo is at, resolved once so that
+    every later read uses the same files: the snapshot folder `filename` lands in is named after it (which also works
+    offline, from the cache). `DataError` in one line naming `flag` otherwise."""
+    try:
+        path = Path(hf_hub_download(repo_id, filename, revision=revision, repo_type=repo_type))
+    except EntryNotFoundError:  # the repo is there, the file not: the caller says what that means
+        raise
+    except Exception as error:  # not found, offline and not cached, no such revision, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        at = f" at revision {revision!r}" if revision else ""
+        raise DataError(f"{flag} {repo_id}{at}: cannot read it from the Hub ({reason})") from None
+    return path.parents[len(Path(filename).parts) - 1].name  # .../snapshots/<commit>/<filename>
+
+
+def tokenizer_record(name_or_path, tokenizer, revision: str | None = None) -> dict:
+    """How a token dataset records its tokenizer: a Hub id with the commit it was loaded at (`revision`, resolved
+    by `resolve_commit`), or a local folder as its absolute path (usable on this machine only: such a dataset cannot
+    be pushed); the SHA-256 of its weights (which identifies it anywhere), its quantizer and downsampling factor, and
+    its own evaluation when its folder or repository has `eval_results.json`."""
     from .evaluation import protocol_line
 
     folder = Path(name_or_path).expanduser()
-    revision, evaluation = None, {}
+    evaluation = {}
     if folder.is_dir():
-        results_file = folder / "eval_results.json"
-    else:  # the snapshot transformers loaded it from: .../snapshots/<commit>/config.json
-        cached = try_to_load_from_cache(str(name_or_path), "config.json")
-        revision = Path(cached).parent.name if isinstance(cached, str) else None
+        results_file, revision = folder / "eval_results.json", None
+    else:
         try:
             results_file = Path(hf_hub_download(str(name_or_path), "eval_results.json", revision=revision))
         except Exception:  # offline, not published with it, ...: the card then goes without
@@ -163,40 +211,69 @@ def _datasets_progress_bars_off():
             datasets.enable_progress_bars()
 
 
+# What identifies the tokenizer for a resume: its weights and shape, not where it was loaded from (a folder that
+# moved, its Hub id, a commit that changed only the README).
+TOKENIZER_IDENTITY = ("weights_sha256", "quantizer_type", "downsampling_factor")
+
+
 def _resumable(metadata: dict) -> dict:
-    """What a resumed run must share with the one it resumes: everything but the outcome and the command."""
-    kept = {k: v for k, v in metadata.items() if k not in ("splits", "command")}
-    return {**kept, "splits": {split: {"num_shards": s["num_shards"]} for split, s in metadata["splits"].items()}}
+    """What a resumed run must share with the one it resumes: the tokenizer's weights, K, the grid, the image
+    processor, the source and the shards; not the outcome, the command, or where the tokenizer came from."""
+    kept = {k: v for k, v in metadata.items() if k not in ("splits", "command", "tokenizer")}
+    tokenizer = {k: metadata["tokenizer"].get(k) for k in TOKENIZER_IDENTITY}
+    splits = {split: {"num_shards": s["num_shards"]} for split, s in metadata["splits"].items()}
+    return {**kept, "tokenizer": tokenizer, "splits": splits}
 
 
-def _check_resumable(folder: Path, settings: dict) -> None:
+def _check_resumable(folder: Path, settings: dict, overwrite: bool = False) -> None:
     for name in (METADATA_FILE, PARTIAL_METADATA_FILE):
         if (folder / name).is_file():
             try:
                 before = _resumable(json.loads((folder / name).read_text()))
             except (ValueError, KeyError, TypeError, AttributeError):
-                raise DataError(f"{folder / name} is damaged: delete the folder to start over") from None
-            different = [key for key in {**settings, **before} if before.get(key) != settings.get(key)]
-            if different:
+                before = None
+            now = _resumable(settings)
+            different = sorted(key for key in {**now, **(before or {})} if (before or {}).get(key) != now.get(key))
+            if before is None or different:
+                if overwrite:  # --overwrite_output_dir: start over
+                    _remove_tokens(folder)
+                    return
+                if before is None:
+                    raise DataError(
+                        f"{folder / name} is damaged: pass --overwrite_output_dir to start over, or delete the folder"
+                    )
                 raise DataError(
-                    f"--output_dir {folder} holds tokens made differently ({', '.join(sorted(different))} differ): "
-                    "choose another folder, or delete this one to start over"
+                    f"--output_dir {folder} holds tokens made differently ({', '.join(different)} differ): "
+                    "choose another folder, or pass --overwrite_output_dir to start over"
                 )
             return
 
 
+def _remove_tokens(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder / STAGING_DIR, ignore_errors=True)
+    shutil.rmtree(folder / DATA_DIR, ignore_errors=True)
+    for name in (METADATA_FILE, CARD_FILE):
+        (folder / name).unlink(missing_ok=True)
+
+
 def write_token_dataset(
     splits: dict, tokenizer, processor, output_dir, accelerator, *, record: dict, source: dict, batch_size: int = 256,
-    shard_size: int = DEFAULT_SHARD_SIZE, command: str | None = None,
+    shard_size: int | None = None, max_shard_bytes: int | None = None, command: str | None = None,
+    overwrite: bool = False, write_card=None,
 ) -> dict:  # fmt: skip
     """Tokenize each split of `splits` (`{name: Dataset or IterableDataset}` with an `image` column, and `label` when
     there is one) into the token dataset folder `output_dir`; returns its metadata (`tokenization.json`).
 
-    Each split is cut into shards (`shard_size` images; a stream where its source files are) that the processes
+    Each split is cut into shards (`shard_size` images, or as many as `max_shard_bytes` of uncompressed tokens and
+    labels hold, default `DEFAULT_MAX_SHARD_SIZE`; a stream where its source files are) that the processes
     take in turn, so several processes write exactly what one would. A shard is tokenized with `datasets.map`
-    (batched, in `batch_size`s, cached by datasets like any map) and written under a temporary name, then renamed:
-    a rerun skips the shards that are there. `record` is `tokenizer_record(...)`, `source` says where the images came
-    from; both go into `tokenization.json` with the image size, the grid, K and each split's codebook usage."""
+    (batched, in `batch_size`s, cached by datasets like any map) and written into the hidden `.tokenizing/` folder
+    under a temporary name, then renamed: a rerun skips the shards that are there. When all are done they move into
+    `data/`, then `write_card(folder)` writes the card and `tokenization.json` comes last. `record` is
+    `tokenizer_record(...)`, `source` says where the images came from; both go into `tokenization.json` with the image
+    size, the grid, K and each split's codebook usage. `overwrite` starts over in a folder that holds other tokens."""
     folder = Path(output_dir)
     first_split = next(iter(splits))
     probe = TokenizeBatch(tokenizer, processor, (), "int64")  # the first image gives the image size and the grid
@@ -211,6 +288,9 @@ def write_token_dataset(
             f"downsampling factor {factor}: pass --image_size"
         )
     dtype = token_dtype(codebook_size)
+    if shard_size is None:  # rows of `max_shard_bytes`: each row holds h*w ids and an int64 label
+        row_bytes = math.prod(grid) * np.dtype(dtype).itemsize + 8
+        shard_size = max(1, (max_shard_bytes or parse_size(DEFAULT_MAX_SHARD_SIZE)) // row_bytes)
     counts = {split: _num_shards(data, shard_size) for split, data in splits.items()}
     empty = [split for split, count in counts.items() if count == 0]
     if empty:
@@ -229,24 +309,30 @@ def write_token_dataset(
         "shard_size": None if streaming else shard_size,
         "splits": {split: {"num_shards": count} for split, count in counts.items()},
     }
-    _check_resumable(folder, settings)  # on every process, before any writes
+    if overwrite and accelerator.is_main_process:
+        _check_resumable(folder, settings, overwrite=True)  # removes tokens made otherwise
     accelerator.wait_for_everyone()
+    _check_resumable(folder, settings)  # on every process, before any writes
     if accelerator.is_main_process:
+        (folder / STAGING_DIR).mkdir(parents=True, exist_ok=True)
         write_json(folder / PARTIAL_METADATA_FILE, settings)
-    (folder / DATA_DIR).mkdir(parents=True, exist_ok=True)
+    (folder / STAGING_DIR / DATA_DIR).mkdir(parents=True, exist_ok=True)
 
     mine = [(split, index) for split, count in counts.items() for index in range(count)]
     mine = mine[accelerator.process_index :: accelerator.num_processes]
     total = None if streaming else sum(_shard_rows(splits[split], index, shard_size) for split, index in mine)
+    done = [(split, index) for split, index in mine  # by an earlier, interrupted run
+            if any(shard_path(folder, split, index, counts[split], staged).exists() for staged in (True, False))]  # fmt: skip
+    initial = 0 if streaming else sum(_shard_rows(splits[split], index, shard_size) for split, index in done)
+    progress = dict(total=total, initial=initial, unit="images", desc="tokenizing")
     with (
         _datasets_progress_bars_off(),
-        tqdm(total=total, unit="images", desc="tokenizing", disable=not accelerator.is_local_main_process) as bar,
+        tqdm(**progress, disable=not accelerator.is_local_main_process) as bar,
     ):
         for split, index in mine:
-            path = shard_path(folder, split, index, counts[split])
+            path = shard_path(folder, split, index, counts[split], staged=True)
             data = splits[split]
-            if path.exists():  # done by an earlier, interrupted run
-                bar.update(_shard_rows(data, index, shard_size) or 0)
+            if (split, index) in done:
                 continue
             label = (data.features or {}).get("label")
             features = Features({"input_ids": List(Value(dtype), length=math.prod(grid))})
@@ -266,13 +352,25 @@ def write_token_dataset(
             os.replace(partial, path)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (folder / DATA_DIR).mkdir(exist_ok=True)
+        for split, count in counts.items():  # every shard is done: now datasets may see them
+            for index in range(count):
+                staged = shard_path(folder, split, index, count, staged=True)
+                if staged.exists():
+                    os.replace(staged, shard_path(folder, split, index, count))
+        named = {shard_path(folder, split, i, n).name for split, n in counts.items() for i in range(n)}
+        for stale in (folder / DATA_DIR).glob("*.parquet"):  # of other settings, before --overwrite_output_dir
+            if stale.name not in named:
+                stale.unlink()
         metadata = {**settings, "splits": {split: split_usage(folder, split, counts[split], codebook_size)
                                            for split in counts}}  # fmt: skip
         metadata["command"] = command
+        if write_card is not None:
+            write_card(folder, metadata)
         write_json(folder / METADATA_FILE, metadata)  # last: the folder is complete
-        (folder / PARTIAL_METADATA_FILE).unlink(missing_ok=True)
-        for stale in (folder / DATA_DIR).glob(".partial-*"):  # temporary shards of an interrupted run
-            stale.unlink()
+        import shutil
+
+        shutil.rmtree(folder / STAGING_DIR, ignore_errors=True)  # with the temporary shards of an interrupted run
     accelerator.wait_for_everyone()
     return read_metadata(folder)
 
@@ -294,11 +392,11 @@ def read_metadata(folder) -> dict:
     """`tokenization.json` of a token dataset folder, or `DataError` saying why the folder is not (yet) one."""
     folder = Path(folder)
     if not (folder / METADATA_FILE).is_file():
-        if (folder / PARTIAL_METADATA_FILE).is_file():
+        if (folder / STAGING_DIR).is_dir():
             raise DataError(
-                f"{folder} is an unfinished token dataset: rerun the tokenize_dataset.py command to finish it"
+                f"{folder} is an unfinished token dataset: rerun the hypervq-tokenize command to finish it"
             )
-        raise DataError(f"{folder} is not a token dataset: it has no {METADATA_FILE} (scripts/tokenize_dataset.py writes one)")  # fmt: skip
+        raise DataError(f"{folder} is not a token dataset: it has no {METADATA_FILE} (hypervq-tokenize writes one)")
     try:
         metadata = json.loads((folder / METADATA_FILE).read_text())
     except ValueError as error:
@@ -308,25 +406,30 @@ def read_metadata(folder) -> dict:
     return metadata
 
 
-def load_token_dataset(name_or_path) -> tuple[DatasetDict, dict]:
-    """A token dataset (a folder or a Hub dataset id) as a `DatasetDict` of its splits, and its metadata
-    (`tokenization.json`). Any problem is a `DataError` of one line."""
+def load_token_dataset(name_or_path, revision: str | None = None) -> tuple[DatasetDict, dict]:
+    """A token dataset (a folder or a Hub dataset id, at `revision`: a branch, tag or commit) as a `DatasetDict` of
+    its splits, and its metadata (`tokenization.json`). A Hub dataset's revision is resolved to a commit once, and
+    both reads use it; the metadata records it as `token_dataset_revision`. Any problem is a `DataError` of one line."""
     folder = Path(name_or_path).expanduser()
     text = str(name_or_path)
     try:
         if folder.is_dir():
             metadata = read_metadata(folder)
-        elif text.startswith(("/", ".", "~")) or text.count("/") != 1:
+            data = datasets.load_dataset(str(folder))
+        elif not is_hub_id(text):
             raise DataError(f"--token_dataset {name_or_path}: no such folder")
         else:
             try:
-                metadata = read_metadata(Path(hf_hub_download(text, METADATA_FILE, repo_type="dataset")).parent)
+                commit = resolve_commit(
+                    text, revision, repo_type="dataset", filename=METADATA_FILE, flag="--token_dataset"
+                )
+                downloaded = hf_hub_download(text, METADATA_FILE, repo_type="dataset", revision=commit)
             except EntryNotFoundError:
                 raise DataError(
-                    f"{name_or_path} is not a token dataset: it has no {METADATA_FILE} (scripts/tokenize_dataset.py "
-                    "writes one)"
+                    f"{name_or_path} is not a token dataset: it has no {METADATA_FILE} (hypervq-tokenize writes one)"
                 ) from None
-        data = datasets.load_dataset(str(folder) if folder.is_dir() else text)
+            metadata = {**read_metadata(Path(downloaded).parent), "token_dataset_revision": commit}
+            data = datasets.load_dataset(text, revision=commit)
     except DataError:
         raise
     except Exception as error:  # the Hub's and datasets' many errors: not found, offline, ...

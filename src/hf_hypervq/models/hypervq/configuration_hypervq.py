@@ -239,7 +239,10 @@ class HyperVQPriorConfig(PreTrainedConfig):
         grid_size (`list[int]`, *optional*, defaults to `[8, 8]`):
             `(height, width)` of the token grids it was trained on, the default for sampling.
         tokenizer_name_or_path (`str`, *optional*):
-            The tokenizer whose tokens it models (a folder or Hub id), so samples can be decoded to images.
+            The tokenizer whose tokens it models (a Hub id, or on the machine that trained it a folder), so samples can
+            be decoded to images.
+        tokenizer_revision (`str`, *optional*):
+            The commit of the tokenizer's Hub repo it was trained with.
 
     Example:
 
@@ -260,6 +263,7 @@ class HyperVQPriorConfig(PreTrainedConfig):
     num_classes: int = 0
     grid_size: list[int] | tuple[int, ...] = (8, 8)
     tokenizer_name_or_path: str | None = None
+    tokenizer_revision: str | None = None
 
     def __post_init__(self, **kwargs):
         if self.codebook_size < 2:

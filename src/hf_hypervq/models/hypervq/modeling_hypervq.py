@@ -404,6 +404,25 @@ class HyperVQVAEModel(HyperVQVAEPreTrainedModel):
     ```
     """
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # The `image-tokenization` pipeline travels with every tokenizer, as `Pipeline.save_pretrained` would save it:
+        # `pipeline("image-tokenization", model=repo, trust_remote_code=True)` then works without hf_hypervq.
+        if self._auto_class is not None:
+            from transformers.dynamic_module_utils import custom_object_save
+
+            from .pipeline_hypervq import ImageTokenizationPipeline
+
+            self.config.custom_pipelines = {
+                "image-tokenization": {
+                    "impl": "pipeline_hypervq.ImageTokenizationPipeline",
+                    "pt": ["AutoModel"],
+                    "type": "image",
+                }
+            }
+            Path(save_directory).mkdir(parents=True, exist_ok=True)
+            custom_object_save(ImageTokenizationPipeline, save_directory)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def __init__(self, config: HyperVQVAEConfig):
         super().__init__(config)
         self.encoder = HyperVQVAEEncoder(config)
