@@ -1,17 +1,18 @@
 #!/usr/bin/env python
 """HyperVQ image tokenizer demo (a Gradio app, also a Hugging Face Space).
 
-    python demo/app.py                                        # the tokenizer in outputs/tokenizer
+    python demo/app.py                                        # the published tokenizer (HYPERVQ_MODEL, DEFAULT_MODEL)
     python demo/app.py --model your-name/hypervq-digits --classifier your-name/hypervq-digits-classifier
     python demo/app.py --model outputs/tokenizer --prior outputs/prior      # adds a Sample tab
     HYPERVQ_MODEL=outputs/tokenizer python demo/app.py --server_name 0.0.0.0 --server_port 7860
 
 Pick an example or upload an image: the page shows its reconstruction, its token map (one colour per code id), how
 often each code occurs in it, the grid of token ids and, with a classifier, the predicted classes. The Codebook tab
-shows every code decoded on its own; with `--prior` (a token prior from scripts/train_prior.py) a Sample tab generates
+shows every code decoded on its own; with `--prior` (a token prior from hypervq-train-prior) a Sample tab generates
 new images. `--model`, `--classifier` and `--prior` take a local folder or a Hub id (also read from HYPERVQ_MODEL,
-HYPERVQ_CLASSIFIER and HYPERVQ_PRIOR, for a Space). A classifier folder of `HyperVQVAEForImageClassification` also
-serves as the tokenizer.
+HYPERVQ_CLASSIFIER and HYPERVQ_PRIOR, a Space's variables). A classifier folder of `HyperVQVAEForImageClassification`
+also serves as the tokenizer. On a Space, a model that is not set (HYPERVQ_MODEL empty) or cannot be loaded is said
+in one line on the page instead of a failed start.
 
 `run(image, tokenizer, classifier)` is the whole computation, without Gradio; `build_demo` wraps it in a page.
 """
@@ -38,7 +39,9 @@ try:  # registers the HyperVQ Auto classes; without the package, the code saved 
 except ImportError:
     TRUST_REMOTE_CODE = True
 
-DEFAULT_MODEL = "outputs/tokenizer"  # what `python scripts/train_vqvae.py --output_dir outputs/tokenizer` writes
+# The published tokenizer of the main job (docs/hub.md), so that the folder copied into a Space runs as it is; it is
+# listed under `models:` in README.md. HYPERVQ_MODEL (a Space variable) or --model picks another.
+DEFAULT_MODEL = "hf-hypervq/hypervq-digits"
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 # Reconstructions and token maps are small (e.g. 32×32): fill the frame, pixels as sharp blocks rather than blurred.
 CSS = ".pixelated img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
@@ -327,21 +330,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def message_page(line: str) -> gr.Blocks:
+    """A page that says one thing: what a Space shows instead of failing to start."""
+    with gr.Blocks(title="HyperVQ image tokenizer") as demo:
+        gr.Markdown(f"# HyperVQ image tokenizer\n{line}")
+    return demo
+
+
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    on_space = bool(os.environ.get("SPACE_ID"))  # set by the Hub in every Space
+    launch = dict(server_name=args.server_name, server_port=args.server_port, css=CSS)
+    if not args.model:
+        line = "No model is set: set the Space variable `HYPERVQ_MODEL` to a HyperVQ tokenizer's Hub id."
+        if not on_space:
+            parser.error("no model is set: pass --model or set HYPERVQ_MODEL")
+        return message_page(line).launch(**launch)
     try:
         tokenizer = load_tokenizer(args.model)
         classifier = load_classifier(args.classifier) if args.classifier else None
         prior = load_prior(args.prior) if args.prior else None
     except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if on_space:
+            return message_page(f"Could not load the model `{args.model}`: {reason}").launch(**launch)
         hint = ""
-        if args.model == DEFAULT_MODEL and not Path(DEFAULT_MODEL).is_dir():
-            hint = f" (train one with `python scripts/train_vqvae.py --output_dir {DEFAULT_MODEL}`, or pass --model)"
+        if args.model == DEFAULT_MODEL:
+            hint = " (train one with `hypervq-train-vqvae --output_dir outputs/tokenizer`, then pass --model)"
         parser.error(f"could not load the model{hint}: {error}")
-    build_demo(tokenizer, classifier, prior).launch(
-        server_name=args.server_name, server_port=args.server_port, css=CSS
-    )
+    build_demo(tokenizer, classifier, prior).launch(**launch)
 
 
 if __name__ == "__main__":

@@ -257,6 +257,22 @@ def test_main_explains_a_missing_model(tmp_path, capsys):
     assert "could not load the model" in capsys.readouterr().err
 
 
+def test_the_space_runs_as_copied(monkeypatch):
+    """A Space made from demo/ as it is loads the published tokenizer its card lists; one whose HYPERVQ_MODEL is
+    empty, or whose model cannot be loaded, says so in one line on the page instead of failing to start."""
+    front_matter = (DEMO_DIR / "README.md").read_text().split("---")[1]
+    assert f"models:\n- {app.DEFAULT_MODEL}\n" in front_matter and "/" in app.DEFAULT_MODEL
+    assert app.build_parser().parse_args([]).model in (app.DEFAULT_MODEL, os.environ.get("HYPERVQ_MODEL"))
+    pages = []
+    monkeypatch.setattr(app, "message_page", lambda line: pages.append(line) or gr.Blocks())
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: None)
+    monkeypatch.setenv("SPACE_ID", "your-name/hypervq-demo")
+    app.main(["--model", ""])
+    app.main(["--model", "org/not-there"])  # offline in the tests: cannot be loaded
+    assert pages[0].startswith("No model is set: set the Space variable `HYPERVQ_MODEL`")
+    assert pages[1].startswith("Could not load the model `org/not-there`: ") and len(pages) == 2
+
+
 # ---- the launched app: HTTP API and browser ----
 
 

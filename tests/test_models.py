@@ -633,7 +633,8 @@ def test_classification_pipeline_uses_id2label(tokenizer_dir, tmp_path):
 
 
 def test_image_tokenization_pipeline(tokenizer_dir, tmp_path):
-    tokenize = pipeline("image-tokenization", model=tokenizer_dir)
+    # a saved tokenizer carries the pipeline (`custom_pipelines`), which transformers loads only when trusted
+    tokenize = pipeline("image-tokenization", model=tokenizer_dir, trust_remote_code=True)
     model = HyperVQVAEModel.from_pretrained(tokenizer_dir).eval()
     processor = AutoImageProcessor.from_pretrained(tokenizer_dir)
     image = pil_image()

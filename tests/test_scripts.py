@@ -451,7 +451,7 @@ def test_bad_input_is_one_clear_error_before_training(args, message, tmp_path):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--severities", "0", "3"], "--severities must be between 1 and 5"), (["--batch_size", "0"], "--batch_size"),
+    [(["--severities", "0", "3"], "--severities must be between 1 and 5"), (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size"),
      (["--max_eval_samples", "0"], "--max_eval_samples")],
 )  # fmt: skip
 def test_evaluate_checks_its_flags_before_loading_anything(args, message, tmp_path):
@@ -509,3 +509,33 @@ def test_scripts_are_thin_wrappers_of_the_commands():
         assert f"from hf_hypervq.commands.{path.stem} import main\n" in text, path.name
         assert len(text.splitlines()) <= 15, f"{path.name} holds code: move it to hf_hypervq.commands.{path.stem}"
         assert callable(importlib.import_module(f"hf_hypervq.commands.{path.stem}").main)
+
+
+def test_every_command_is_a_console_entry_point():
+    """A `pip install` user has the commands, not scripts/: `[project.scripts]` names each command's `main`."""
+    import tomllib
+
+    from hf_hypervq.training.outputs import COMMANDS
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert declared == {entry: f"hf_hypervq.commands.{name}:main" for name, entry in COMMANDS.items()}
+    assert {f"hf_hypervq.commands.{path.stem}:main" for path in SCRIPTS.glob("*.py")} == set(declared.values())
+
+
+def test_old_flag_spellings_still_work_with_a_deprecation_line(tmp_path, capsys):
+    from hf_hypervq.commands import push_to_hub, tokenize_dataset
+
+    args = tokenize_dataset.parse_args(["--tokenizer", "org/tok", "--output_dir", str(tmp_path), "--batch_size", "8",
+                                        "--max_samples", "5", "--repo_id", "org/x", "--private"])  # fmt: skip
+    assert (args.per_device_eval_batch_size, args.max_train_samples, args.max_eval_samples) == (8, 5, 5)
+    assert (args.hub_dataset_id, args.hub_private_repo) == ("org/x", True)
+    parser = push_to_hub.build_parser()
+    args = parser.parse_args([str(tmp_path), "--repo_id", "org/x", "--token", "t", "--revision", "dev"])
+    assert (args.repo_id, args.hub_token, args.hub_revision) == ("org/x", "t", "dev")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert (
+        "warning: --batch_size is deprecated and will be removed in the next release: use --per_device_eval_batch_size"
+        in lines
+        and len(lines) == 7
+    )
+    assert "--private" not in parser.format_help() and "--hub_private_repo" in parser.format_help()

@@ -432,20 +432,29 @@ def test_publish_once_use_anywhere(token_dataset, tokenizer_dir, tmp_path):
             assert str(tmp_path).encode() not in data and b"/tmp/" not in data, (repo, name)
 
 
-def test_the_readme_commands_run(tmp_path):
-    """The README's token dataset commands, as written, against the local Hub server, with a tiny tokenizer standing
-    in for the main job's `outputs/tokenizer`."""
-    section = (ROOT / "README.md").read_text().split("## Token datasets")[1].split("\n## ")[0]
+def test_the_documented_commands_run(tmp_path):
+    """docs/token_datasets.md's commands, as written, against the local Hub server, with a tiny tokenizer (trained on
+    the digits, as the main job's) standing in for the main job's `outputs/tokenizer`."""
+    page = (ROOT / "docs" / "token_datasets.md").read_text()
+    section = page.split("## Push the tokenizer, tokenize with its Hub id, load, train")[1].split("\n## ")[0]
     block = re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)[0]
     commands = [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
-    assert [command[:2] for command in commands] == [
-        ["python", "scripts/tokenize_dataset.py"], ["python", "-c"], ["python", "scripts/train_prior.py"]
-    ]  # fmt: skip
-    (tmp_path / "scripts").symlink_to(SCRIPTS)
-    make_tokenizer(tmp_path / commands[0][commands[0].index("--tokenizer") + 1])
+    assert [command[0] for command in commands] == [
+        "hypervq-push",
+        "hypervq-tokenize",
+        "python",
+        "hypervq-train-prior",
+    ]
+    tokenizer = make_tokenizer(tmp_path / commands[0][1])
+    (tokenizer / "eval_results.json").write_text(json.dumps({"dataset": "scikit-learn/digits", "split": "test"}))
     with LocalHub(tmp_path / "hub") as hub:
         env = hub.client_env(tmp_path / "hf_home", base=ENV)
-        outputs = [run([sys.executable, *command[1:]], env=env, cwd=tmp_path).stdout for command in commands]
-    assert "pushed to" in outputs[0] and "num_rows: 1437" in outputs[1]
-    prior = tmp_path / commands[2][commands[2].index("--output_dir") + 1]
-    assert json.loads((prior / "config.json").read_text())["grid_size"] == [2, 2]
+        outputs = [
+            run([*(module_of(command[0]) if command[0] != "python" else [sys.executable]), *command[1:]], env=env,
+                cwd=tmp_path).stdout
+            for command in commands
+        ]  # fmt: skip
+    assert "pushed to" in outputs[1] and "num_rows: 1437" in outputs[2]
+    prior = tmp_path / commands[3][commands[3].index("--output_dir") + 1]
+    config = json.loads((prior / "config.json").read_text())
+    assert config["grid_size"] == [2, 2] and config["tokenizer_name_or_path"] == "your-name/hypervq-digits"

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 import hf_hypervq  # noqa: F401  (registers the models)
 from hf_hypervq.metrics.mean_corruption_error.mean_corruption_error import COMMON_CORRUPTIONS, EXTRA_CORRUPTIONS
 from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
-from hf_hypervq.training.cli import reported_errors
+from hf_hypervq.training.cli import add_deprecated_alias, reported_errors
 from hf_hypervq.training.corruptions import corrupted_after_crop
 from hf_hypervq.training.data import collate, load_image_dataset, with_image_transform
 from hf_hypervq.training.evaluation import (
@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_column", default=None, help="image column (default: auto)")
     parser.add_argument("--label_column", default=None, help="label column (default: auto)")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="evaluate the first N examples only")
-    parser.add_argument("--batch_size", type=int, default=256, help="batch size per process (default: 256)")
+    parser.add_argument(
+        "--per_device_eval_batch_size", type=int, default=256, help="batch size per process (default: 256)"
+    )
+    add_deprecated_alias(parser, "--batch_size", "--per_device_eval_batch_size", type=int)
     parser.add_argument(
         "--corruptions", default=None, choices=["common", "extra", "all"],
         help="classifiers: also evaluate under ImageNet-C corruptions (common = the 15 known, extra = the 4 unknown)",
@@ -60,8 +63,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not all(1 <= severity <= 5 for severity in args.severities):
         parser.error(f"--severities must be between 1 and 5, got {args.severities}")
-    if args.batch_size < 1:
-        parser.error("--batch_size must be >= 1")
+    if args.per_device_eval_batch_size < 1:
+        parser.error("--per_device_eval_batch_size must be >= 1")
     if args.max_eval_samples is not None and args.max_eval_samples < 1:
         parser.error("--max_eval_samples must be >= 1 (leave it out to evaluate every example)")
     if args.seed < 0:
@@ -90,7 +93,9 @@ def main(argv=None):
 
         def loader(image_transform=None, image_processor=processor):
             dataset = with_image_transform(data, image_processor, image_transform)
-            return accelerator.prepare(DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate))
+            return accelerator.prepare(
+                DataLoader(dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
+            )
 
         if is_classifier:
             results = evaluate_classifier(model, loader(), accelerator)

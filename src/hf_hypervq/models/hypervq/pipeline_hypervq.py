@@ -8,7 +8,8 @@ from transformers.image_utils import load_image
 class ImageTokenizationPipeline(Pipeline):
     """Tokenize images with a HyperVQ-VAE tokenizer.
 
-    `pipeline("image-tokenization", model=path_or_repo)` accepts a PIL image, a local path or a URL (or a list of
+    `pipeline("image-tokenization", model=path_or_repo, trust_remote_code=True)` (every saved tokenizer holds this
+    file and names it in its config's `custom_pipelines`, which transformers loads only when trusted) accepts a PIL image, a local path or a URL (or a list of
     them) and returns, per image, `{"image_tokens": [[...], ...]}` (the `(h, w)` grid of code ids) and, with
     `return_reconstruction=True`, `"reconstruction"`: the decoded tokens as a PIL image.
     """
