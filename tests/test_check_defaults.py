@@ -44,6 +44,7 @@ def test_extra_flags_go_to_both_quantizers_runs_alike():
     )
 
 
+@pytest.mark.slow
 def test_the_real_scripts_run_and_a_rerun_reuses_them(tmp_path):
     tiny = ["--hidden_size", "16", "--residual_hidden_size", "8", "--embedding_dim", "8", "--codebook_size", "16",
             "--max_train_steps", "4", "--max_train_samples", "256"]  # fmt: skip

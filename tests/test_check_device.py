@@ -53,6 +53,7 @@ def run_check(*args, timeout=600):
     )
 
 
+@pytest.mark.slow
 def test_the_whole_check_runs_on_cpu(tmp_path):
     """Every check, end to end: one table, a row per check, ok except fp16, which accelerate cannot run on a CPU."""
     result = run_check("--device", "cpu", "--quick", "--output", tmp_path / "check.json", "--time_limit", 540)

@@ -379,6 +379,7 @@ def _wait_for_outputs(browser, wait, expected) -> None:
     assert max(expected.prediction, key=expected.prediction.get) in page.text
 
 
+@pytest.mark.slow
 def test_browser_tokenizes_an_uploaded_image(browser, server_url, tokenizer, classifier, image_files):
     wait = _open_page(browser, server_url)
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#input-image input[type=file]"))).send_keys(
@@ -388,6 +389,7 @@ def test_browser_tokenizes_an_uploaded_image(browser, server_url, tokenizer, cla
     _wait_for_outputs(browser, wait, app.run(str(image_files[0]), tokenizer, classifier))
 
 
+@pytest.mark.slow
 def test_browser_tokenizes_an_example(browser, server_url, tokenizer, classifier):
     wait = _open_page(browser, server_url)
     examples = wait.until(EC.presence_of_all_elements_located((By.CSS_SELECTOR, "#examples .gallery-item")))
@@ -398,6 +400,7 @@ def test_browser_tokenizes_an_example(browser, server_url, tokenizer, classifier
     _wait_for_outputs(browser, wait, app.run(str(example), tokenizer, classifier))
 
 
+@pytest.mark.slow
 def test_browser_shows_an_error_for_a_broken_file(browser, server_url, image_files):
     wait = _open_page(browser, server_url)
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#input-image input[type=file]"))).send_keys(

@@ -273,6 +273,7 @@ def test_sample_flags_are_checked_before_loading(flags, message, tmp_path):
     assert result.returncode == 2 and message in result.stderr  # not the missing prior: the flags come first
 
 
+@pytest.mark.slow
 def test_train_prior_on_two_cpu_processes(tmp_path):
     import socket
 

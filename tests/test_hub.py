@@ -148,6 +148,7 @@ def test_prior_card_and_push(tmp_path):
         assert {"README.md", "config.json", "model.safetensors"} <= set(hub.snapshot("model", "org/prior", "main")[1])
 
 
+@pytest.mark.slow
 def test_an_installed_wheel_publishes_without_a_checkout(tmp_path):
     """The card templates used to resolve to the checkout's model_cards/, outside the package."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",

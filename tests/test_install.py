@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
 
 
@@ -44,6 +46,7 @@ def run(*command, **kwargs):
     return result
 
 
+@pytest.mark.slow
 def test_a_core_install_loads_a_tokenizer_and_names_the_training_extra(tmp_path):
     run(
         sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "wheel", ROOT

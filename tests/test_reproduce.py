@@ -29,6 +29,7 @@ def _run(script, *args, timeout=1200):
     return result
 
 
+@pytest.mark.slow
 def test_quick_reproduction_writes_the_report(tmp_path):
     results = tmp_path / "results"
     _run("reproduce.py", "--quick", "--output_dir", results)
@@ -78,6 +79,7 @@ def test_quick_reproduction_writes_the_report(tmp_path):
     assert json.loads((results / "results.json").read_text())["runs"] == runs  # wall times included
 
 
+@pytest.mark.slow
 def test_quick_ablation_writes_every_row(tmp_path):
     rows = ("defaults", "beta_0.25", "diversity_0.1", "kmeans", "vq_pytorch")
     _run("ablate.py", "--quick", "--seeds", "0", "--rows", *rows, "--output_dir", tmp_path)

@@ -188,6 +188,7 @@ def test_train_vqsa_with_corruptions_and_mce(tmp_path):
     assert result["mCE"] is None and result["unknown_mCE"] >= 0
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_in_sync(tmp_path):
     output = tmp_path / "ddp"
     command = [
@@ -208,6 +209,7 @@ def test_two_cpu_processes_train_in_sync(tmp_path):
     AutoModel.from_pretrained(output)
 
 
+@pytest.mark.slow
 def test_an_error_under_two_processes_ends_the_output(tmp_path):
     """The other process's gloo traceback used to bury the `error:` line; now the launcher's summary ends with it."""
     command = [
@@ -224,6 +226,7 @@ def test_an_error_under_two_processes_ends_the_output(tmp_path):
     assert "error: cannot load data set 'nobody/no-such-dataset'" in last
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     args = ["--max_train_steps", "60", "--checkpointing_steps", "5", "--seed", "3", *TINY_VQVAE]
     run_script("train_vqvae.py", "--output_dir", tmp_path / "straight", *args)
@@ -318,6 +321,7 @@ def test_a_truncated_optimizer_state_stops_the_resume_naming_the_file(tmp_path):
     assert "optimizer.bin is damaged" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_resume_edge_cases(tmp_path):
     args = ["--max_train_steps", "4", "--checkpointing_steps", "2", *TINY_VQVAE]
     run_script("train_vqvae.py", "--output_dir", tmp_path / "run", *args)

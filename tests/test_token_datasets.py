@@ -108,6 +108,7 @@ def test_token_ids_take_the_smallest_type_that_holds_k():
     assert [token_dtype(k) for k in (16, 255, 256, 65535, 65536)] == ["uint8", "uint8", "uint16", "uint16", "uint32"]
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_write_the_same_token_dataset(token_dataset, tokenizer_dir, tmp_path):
     two = tmp_path / "two"
     command = [
@@ -432,6 +433,7 @@ def test_publish_once_use_anywhere(token_dataset, tokenizer_dir, tmp_path):
             assert str(tmp_path).encode() not in data and b"/tmp/" not in data, (repo, name)
 
 
+@pytest.mark.slow
 def test_the_documented_commands_run(tmp_path):
     """docs/token_datasets.md's commands, as written, against the local Hub server, with a tiny tokenizer (trained on
     the digits, as the main job's) standing in for the main job's `outputs/tokenizer`."""
