@@ -197,6 +197,27 @@ def test_push_refuses_what_would_not_work_elsewhere_in_one_line(tmp_path):
         push_to_hub(local, "org/tokenizer")  # uoft-cs/cifar100's license is not known offline
 
 
+def test_a_push_keeps_the_folders_card_unless_asked_to_render_it_again(tmp_path):
+    folder = saved_tokenizer(tmp_path / "model")
+    script = str(ROOT / "scripts" / "push_to_hub.py")
+    with LocalHub(tmp_path / "hub") as hub:
+        env = hub.client_env(tmp_path / "hf_home")
+
+        def push(*flags):
+            result = subprocess.run([sys.executable, script, str(folder), "--hub_model_id", "org/x", *flags], env=env,
+                                    capture_output=True, text=True, timeout=300)  # fmt: skip
+            assert result.returncode == 0, result.stderr[-3000:]
+            return hub.blob_path(hub.snapshot("model", "org/x", "main")[1]["README.md"]["sha256"]).read_text()
+
+        subprocess.run([sys.executable, script, str(folder), "--hub_model_id", "org/x", "--card_only"], env=env,
+                       check=True, capture_output=True, timeout=300)  # fmt: skip
+        card = (folder / "README.md").read_text()
+        (folder / "README.md").write_text(card + "\nA note by the author.\n")
+        pushed = push("--license", "mit")  # sets the license, keeps the rest
+        assert pushed.endswith("A note by the author.\n") and ModelCard(pushed).data.license == "mit"
+        assert not push("--license", "mit", "--regenerate_card").endswith("A note by the author.\n")
+
+
 def test_network_error_is_one_line_and_a_failed_exit(tmp_path):
     saved_tokenizer(tmp_path / "model")
     with LocalHub(tmp_path / "hub") as hub:

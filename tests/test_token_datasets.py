@@ -451,12 +451,14 @@ def test_the_documented_commands_run(tmp_path):
     (tokenizer / "eval_results.json").write_text(json.dumps({"dataset": "scikit-learn/digits", "split": "test"}))
     with LocalHub(tmp_path / "hub") as hub:
         env = hub.client_env(tmp_path / "hf_home", base=ENV)
-        outputs = [
+        results = [
             run([*(module_of(command[0]) if command[0] != "python" else [sys.executable]), *command[1:]], env=env,
-                cwd=tmp_path).stdout
+                cwd=tmp_path)
             for command in commands
         ]  # fmt: skip
+    outputs = [result.stdout for result in results]
     assert "pushed to" in outputs[1] and "num_rows: 1437" in outputs[2]
+    assert not any("HTTP Request" in result.stderr for result in results)  # no log line per request
     prior = tmp_path / commands[3][commands[3].index("--output_dir") + 1]
     config = json.loads((prior / "config.json").read_text())
     assert config["grid_size"] == [2, 2] and config["tokenizer_name_or_path"] == "your-name/hypervq-digits"
