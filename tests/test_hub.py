@@ -314,7 +314,7 @@ def test_train_push_and_load_back_from_the_hub(tmp_path):
 def test_a_metric_pushed_to_the_hub_loads_with_evaluate_in_a_fresh_process(tmp_path):
     with LocalHub(tmp_path / "hub") as hub:
         env = hub.client_env(tmp_path / "hf_home")
-        push = [sys.executable, str(ROOT / "scripts" / "push_metric.py"), "codebook_usage", "--repo_id",
+        push = [sys.executable, str(ROOT / "scripts" / "push_metric.py"), "codebook_usage", "--hub_space_id",
                 "org/hypervq-codebook-usage"]  # fmt: skip
         result = subprocess.run(push, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
 from hf_hypervq.training.data import DataError, load_image_dataset
 from hf_hypervq.training.evaluation import metric
-from hf_hypervq.training.hub import build_dataset_card
+from hf_hypervq.training.hub import PublishError, build_dataset_card, push_token_dataset
 from hf_hypervq.training.token_datasets import check_tokenizer, load_token_dataset, token_dtype, token_grids
 
 
@@ -295,15 +295,41 @@ def test_the_dataset_card_says_which_tokenizer_how_and_how_much(token_dataset):
     assert data["configs"] == [{"config_name": "default", "data_files": [
         {"split": "train", "path": "data/train-*"}, {"split": "test", "path": "data/test-*"}]}]  # fmt: skip
     assert {"hf-hypervq", "image-tokens", "kmeansvq"} <= set(data["tags"])
+    assert data["license"] == "cc-by-4.0" and "source_datasets" not in data  # the digits: not on the Hub
+    assert data["task_categories"] == ["unconditional-image-generation", "image-classification"]
+    assert data["size_categories"] == ["1K<n<10K"] and data["codebook_size"] == 16 and data["grid"] == [2, 2]
+    info = data["dataset_info"]  # as `Dataset.push_to_hub` writes it, from datasets' own DatasetInfosDict
+    assert [(s["name"], s["num_examples"]) for s in info["splits"]] == [("train", 1437), ("test", 360)]
+    assert info["features"][0] == {"name": "input_ids", "list": "uint8", "length": 4}
+    assert info["download_size"] == sum(p.stat().st_size for p in (token_dataset / "data").iterdir())
     text = str(card)
     assert f"`{metadata['tokenizer']['weights_sha256']}`" in text and "| codebook size K | 16 |" in text
     train = metadata["splits"]["train"]
     assert f"| train | 1437 | 5748 | {train['perplexity']:.1f} | 16 of 16 (100.0%) | 0 |" in text
     assert "eval mode under `torch.no_grad`" in text and "| size | {'height': 8, 'width': 8} |" in text
+    assert "| resample | bilinear |" in text and str(token_dataset.parent) not in text
     assert 'load_dataset("org/digits-tokens", split="train")' in text and ".view(-1, 2, 2)" in text
     assert "tokenizer.decode_tokens(tokens)" in text and "--token_dataset org/digits-tokens" in text
     card.save(token_dataset.parent / "card.md")
     assert DatasetCard.load(token_dataset.parent / "card.md").data.to_dict() == data
+
+
+def test_tokens_that_name_a_local_tokenizer_are_not_pushed(token_dataset, tmp_path):
+    """No Hub runs here: a push that got as far as a request would fail otherwise."""
+    with pytest.raises(PublishError, match=r"local folder .*: push the tokenizer first \(hypervq-push TOKENIZER_DIR"):
+        push_token_dataset(token_dataset, "org/digits-tokens")
+    result = run([*module_of("hypervq-push"), token_dataset, "--hub_model_id", "org/x"], check=False)
+    assert result.returncode == 1 and "is a token dataset: pass --hub_dataset_id" in result.stderr
+    # an unknown license is refused too (the tokenizer named by a Hub id here)
+    folder = tmp_path / "tokens"
+    shutil.copytree(token_dataset, folder)
+    metadata = json.loads((folder / "tokenization.json").read_text())
+    metadata["tokenizer"]["name_or_path"] = "org/tokenizer"
+    metadata["source"]["dataset"] = "own-images"
+    (folder / "tokenization.json").write_text(json.dumps(metadata))
+    with pytest.raises(PublishError, match="does not say under which license.*pass --license"):
+        push_token_dataset(folder, "org/digits-tokens", regenerate_card=True)
+    assert DatasetCard.load(folder / "README.md").data.license == "unknown"
 
 
 def module_of(command: str) -> list[str]:

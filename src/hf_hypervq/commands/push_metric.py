@@ -1,6 +1,6 @@
 """Push one of hf-hypervq's metric modules to the Hub as an `evaluate` metric (a Space repo), in one commit.
 
-    python scripts/push_metric.py codebook_usage --repo_id your-name/hypervq-codebook-usage
+    hypervq-push-metric codebook_usage --hub_space_id your-name/hypervq-codebook-usage
     python -c 'import evaluate; print(evaluate.load("your-name/hypervq-codebook-usage").compute(
         predictions=[0, 1, 1, 3], codebook_size=4))'
 
@@ -19,6 +19,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from hf_hypervq.metrics import MODULES, module_path
+from hf_hypervq.training.cli import add_deprecated_alias
 from hf_hypervq.training.hub import PublishError, check_repo_id, push_failed
 
 
@@ -42,15 +43,19 @@ launch_gradio_widget(module)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("metric", choices=MODULES, help="the metric module to push")
-    parser.add_argument("--repo_id", required=True, help="the Hub repo (a Space), 'user/name' or 'org/name'")
-    parser.add_argument("--private", action="store_true", help="create the repo as private")
-    parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one, or HF_TOKEN)")
+    repo = parser.add_mutually_exclusive_group(required=True)
+    repo.add_argument("--hub_space_id", default=None, help="the Space to push to, 'user/name' or 'org/name'")
+    add_deprecated_alias(repo, "--repo_id", "--hub_space_id", dest="hub_space_id")
+    parser.add_argument("--hub_private_repo", action="store_true", help="create the Space as private")
+    parser.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one, or HF_TOKEN)")
+    add_deprecated_alias(parser, "--private", "--hub_private_repo", flag=True)
+    add_deprecated_alias(parser, "--token", "--hub_token")
     return parser
 
 
 def push_metric(metric: str, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Stage the module under the repo's name and upload it in one commit; returns the commit URL."""
-    check_repo_id(repo_id)
+    check_repo_id(repo_id, "--hub_space_id")
     source = module_path(metric)
     with tempfile.TemporaryDirectory() as staging:
         staging = Path(staging)
@@ -73,7 +78,7 @@ def push_metric(metric: str, repo_id: str, private: bool = False, token: str | N
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        url = push_metric(args.metric, args.repo_id, private=args.private, token=args.token)
+        url = push_metric(args.metric, args.hub_space_id, private=args.hub_private_repo, token=args.hub_token)
     except PublishError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -320,8 +320,8 @@ def dataset_info(folder, metadata: dict):
     from datasets import DatasetInfo, Features, SplitDict, SplitInfo
 
     splits, download_size, features = SplitDict(), 0, None
-    for split, usage in metadata["splits"].items():
-        num_bytes = 0
+    for split in sorted(metadata["splits"], key=lambda split: split != "train"):  # as load_dataset lists them
+        usage, num_bytes = metadata["splits"][split], 0
         for index in range(usage["num_shards"]):
             parquet = pq.ParquetFile(shard_path(folder, split, index, usage["num_shards"]))
             features = features or Features.from_arrow_schema(parquet.schema_arrow)
