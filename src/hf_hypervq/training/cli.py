@@ -238,7 +238,8 @@ def quiet_logs(is_local_main_process: bool) -> None:
     import datasets
     import transformers
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for client in ("httpx", "httpx2"):  # huggingface_hub 1.x's HTTP client, and 2.x's
+        logging.getLogger(client).setLevel(logging.WARNING)
     if is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_info()
