@@ -48,6 +48,31 @@ def fashion_mnist():
 
 
 @pytest.fixture
+def run_command(capsys):
+    """`run(name, *args)`: the command `hf_hypervq.commands.<name>` (what `scripts/<name>.py` runs) in this process;
+    returns its exit status and stderr. For the checks of bad input, which stop a command before it trains: a
+    subprocess would spend seconds importing torch and transformers for a check that takes milliseconds."""
+
+    def run(name: str, *args) -> tuple[int, str]:
+        import importlib
+
+        from accelerate.state import AcceleratorState
+
+        main = importlib.import_module(f"hf_hypervq.commands.{name}").main
+        capsys.readouterr()
+        try:
+            main([str(arg) for arg in args])
+            status = 0
+        except SystemExit as exit:  # argparse and `reported_errors` exit with status 2
+            status = exit.code if isinstance(exit.code, int) else 1
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)  # the next command starts from a clean state
+        return status, capsys.readouterr().err
+
+    return run
+
+
+@pytest.fixture
 def torch_threads():
     """`with torch_threads(n):` runs torch on n intra-op threads, then restores the count."""
 

@@ -268,9 +268,9 @@ def test_a_prior_finds_its_tokenizer_from_any_folder_and_a_missing_one_is_one_li
         (["--seed", "-1"], "--seed must be >= 0"),
     ],
 )
-def test_sample_flags_are_checked_before_loading(flags, message, tmp_path):
-    result = run("sample.py", "--prior", tmp_path / "no-such-prior", *flags, check=False)
-    assert result.returncode == 2 and message in result.stderr  # not the missing prior: the flags come first
+def test_sample_flags_are_checked_before_loading(flags, message, tmp_path, run_command):
+    status, stderr = run_command("sample", "--prior", tmp_path / "no-such-prior", *flags)
+    assert status == 2 and message in stderr  # not the missing prior: the flags come first
 
 
 @pytest.mark.slow

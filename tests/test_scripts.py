@@ -361,9 +361,9 @@ def test_resume_edge_cases(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [(["--checkpoints_total_limit", "-1"], "checkpoints_total_limit"),
                                             (["--checkpointing_steps", "0"], "checkpointing_steps")])  # fmt: skip
-def test_checkpoint_flags_that_would_keep_nothing_are_refused(flags, message, tmp_path):
-    result = run_script("train_vqvae.py", "--output_dir", tmp_path, *TINY_VQVAE, *flags, check=False)
-    assert result.returncode == 2 and message in result.stderr
+def test_checkpoint_flags_that_would_keep_nothing_are_refused(flags, message, tmp_path, run_command):
+    status, stderr = run_command("train_vqvae", "--output_dir", tmp_path, *TINY_VQVAE, *flags)
+    assert status == 2 and message in stderr
 
 
 def _learning_rates(folder):
@@ -445,12 +445,19 @@ def test_a_stream_is_shuffled_and_resumes_where_it_stopped(tmp_path):
         (["--torch_compile", "--torch_compile_backend", "tensorrtt"], "--torch_compile_backend must be one of"),
     ],
 )
-def test_bad_input_is_one_clear_error_before_training(args, message, tmp_path):
-    result = run_script("train_vqvae.py", "--output_dir", tmp_path / "out", *TINY_VQVAE, *args, check=False)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+def test_bad_input_is_one_clear_error_before_training(args, message, tmp_path, run_command):
+    status, stderr = run_command("train_vqvae", "--output_dir", tmp_path / "out", *TINY_VQVAE, *args)
+    assert status == 2
+    assert message in stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_bad_input_from_the_script_is_one_line_and_exit_status_2(tmp_path):
+    """The same check through `scripts/train_vqvae.py` in its own process: the line, the status, no traceback."""
+    result = run_script("train_vqvae.py", "--output_dir", tmp_path / "out", *TINY_VQVAE, "--seed", "-1", check=False)
+    assert result.returncode == 2
+    assert "--seed must be >= 0" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -458,17 +465,17 @@ def test_bad_input_is_one_clear_error_before_training(args, message, tmp_path):
     [(["--severities", "0", "3"], "--severities must be between 1 and 5"), (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size"),
      (["--max_eval_samples", "0"], "--max_eval_samples")],
 )  # fmt: skip
-def test_evaluate_checks_its_flags_before_loading_anything(args, message, tmp_path):
-    result = run_script("evaluate_model.py", tmp_path / "no-model-needed-yet", *args, check=False)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+def test_evaluate_checks_its_flags_before_loading_anything(args, message, tmp_path, run_command):
+    status, stderr = run_command("evaluate_model", tmp_path / "no-model-needed-yet", *args)
+    assert status == 2 and message in stderr
 
 
-def test_an_output_path_that_cannot_take_results_is_refused_before_training(tmp_path):
+def test_an_output_path_that_cannot_take_results_is_refused_before_training(tmp_path, run_command):
     (tmp_path / "file").write_text("not a folder")
-    result = run_script("train_vqvae.py", "--output_dir", tmp_path / "file", *TINY_VQVAE, check=False)
-    assert result.returncode == 2 and "is a file, not a folder" in result.stderr
-    result = run_script("train_vqvae.py", "--output_dir", tmp_path / "file" / "out", *TINY_VQVAE, check=False)
-    assert result.returncode == 2 and "is not writable" in result.stderr  # a folder below a file cannot be made
+    status, stderr = run_command("train_vqvae", "--output_dir", tmp_path / "file", *TINY_VQVAE)
+    assert status == 2 and "is a file, not a folder" in stderr
+    status, stderr = run_command("train_vqvae", "--output_dir", tmp_path / "file" / "out", *TINY_VQVAE)
+    assert status == 2 and "is not writable" in stderr  # a folder below a file cannot be made
 
 
 def test_unreadable_image_in_a_folder_is_reported(tmp_path):
