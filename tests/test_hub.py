@@ -148,6 +148,36 @@ def test_prior_card_and_push(tmp_path):
         assert {"README.md", "config.json", "model.safetensors"} <= set(hub.snapshot("model", "org/prior", "main")[1])
 
 
+def test_a_prior_of_a_local_tokenizer_is_pushed_once_its_tokenizer_is(tmp_path):
+    """`--tokenizer_hub_id` relinks a prior to its pushed tokenizer, at its commit, once the weights match."""
+    from hf_hypervq import HyperVQPriorConfig, HyperVQPriorModel
+
+    local = saved_tokenizer(tmp_path / "tokenizer")
+    other = saved_tokenizer(tmp_path / "other")  # the same shape, other random weights
+    config = HyperVQPriorConfig(codebook_size=16, grid_size=[2, 2], tokenizer_name_or_path=str(local))
+    HyperVQPriorModel(config).save_pretrained(tmp_path / "prior")
+    script = str(ROOT / "scripts" / "push_to_hub.py")
+    with LocalHub(tmp_path / "hub") as hub:
+        env = hub.client_env(tmp_path / "hf_home")
+
+        def push(folder, repo, *flags):
+            return subprocess.run([sys.executable, script, str(folder), "--hub_model_id", repo, "--license", "mit",
+                                   *flags], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+        assert push(local, "org/tokenizer").returncode == 0 and push(other, "org/other").returncode == 0
+        refused = push(tmp_path / "prior", "org/prior")
+        assert refused.returncode == 1 and "--tokenizer_hub_id ORG/NAME" in refused.stderr.strip().splitlines()[-1]
+        refused = push(tmp_path / "prior", "org/prior", "--tokenizer_hub_id", "org/other")
+        assert refused.returncode == 1 and "its weights differ" in refused.stderr.strip().splitlines()[-1]
+        result = push(tmp_path / "prior", "org/prior", "--tokenizer_hub_id", "org/tokenizer")
+        assert result.returncode == 0, result.stderr[-3000:]
+        commit, files, _ = hub.snapshot("model", "org/prior", "main")
+        pushed = json.loads(hub.blob_path(files["config.json"]["sha256"]).read_text())
+        assert pushed["tokenizer_name_or_path"] == "org/tokenizer"
+        assert pushed["tokenizer_revision"] == hub.snapshot("model", "org/tokenizer", "main")[0]
+        assert [r for r in hub.requests if "/commit/" in r[1] and "org/prior" in r[1]]  # one commit, after the checks
+
+
 @pytest.mark.slow
 def test_an_installed_wheel_publishes_without_a_checkout(tmp_path):
     """The card templates used to resolve to the checkout's model_cards/, outside the package."""

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--regenerate_card", action="store_true", help="render the card again, replacing OUTPUT_DIR/README.md"
     )
     parser.add_argument("--card_only", action="store_true", help="only write the card to OUTPUT_DIR/README.md")
+    parser.add_argument(
+        "--tokenizer_hub_id", default=None,
+        help="a prior trained with a local tokenizer: the Hub id that tokenizer was pushed to, recorded (at its "
+        "current commit) in the prior's config after checking that its weights are the same",
+    )  # fmt: skip
     add_deprecated_alias(parser, "--private", "--hub_private_repo", flag=True)
     add_deprecated_alias(parser, "--revision", "--hub_revision")
     add_deprecated_alias(parser, "--token", "--hub_token")
@@ -71,8 +76,10 @@ def main(argv=None):
                 write_model_card(args.output_dir, repo_id, license=args.license)
             print(f"wrote {args.output_dir}/README.md")
             return
-        push = push_token_dataset if dataset else push_to_hub
-        url = push(args.output_dir, repo_id, **options)
+        if dataset:
+            url = push_token_dataset(args.output_dir, repo_id, **options)
+        else:
+            url = push_to_hub(args.output_dir, repo_id, tokenizer_hub_id=args.tokenizer_hub_id, **options)
     except PublishError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -234,9 +234,45 @@ def check_portable_model(folder) -> None:
         if tokenizer and not _is_hub_id(tokenizer):
             raise PublishError(
                 f"the prior in {folder} names its tokenizer by the local folder {tokenizer}, which no other machine "
-                "has: push the tokenizer first (hypervq-push TOKENIZER_DIR --hub_model_id ORG/NAME) and train the "
-                "prior with --tokenizer ORG/NAME"
+                "has: push the tokenizer first (hypervq-push TOKENIZER_DIR --hub_model_id ORG/NAME), then pass "
+                "--tokenizer_hub_id ORG/NAME to this push"
             )
+
+
+def relink_tokenizer(folder, hub_id: str, revision: str | None = None) -> str:
+    """Make a prior that names its tokenizer by a local folder name it by `hub_id` instead, at the commit `revision`
+    (default main) resolves to, once the Hub copy is checked to have the same weights (SHA-256): its `config.json`
+    and `all_results.json` are rewritten. Returns the commit."""
+    from .generation import load_tokenizer, weights_sha256
+    from .outputs import write_json
+    from .token_datasets import resolve_commit
+
+    config, kind = read_model_folder(folder)
+    recorded = config.get("tokenizer_name_or_path")
+    if kind != "prior":
+        raise PublishError(f"--tokenizer_hub_id applies to a prior; {folder} holds a {kind}")
+    try:
+        check_repo_id(hub_id, "--tokenizer_hub_id")
+        commit = resolve_commit(hub_id, revision, filename="config.json", flag="--tokenizer_hub_id")
+        published = weights_sha256(load_tokenizer(hub_id, "--tokenizer_hub_id", revision=commit)[0])
+        if recorded and not _is_hub_id(recorded):
+            local = weights_sha256(load_tokenizer(recorded, "the prior's tokenizer", "; it is needed to check")[0])
+            if local != published:
+                raise PublishError(
+                    f"--tokenizer_hub_id {hub_id} is not the tokenizer the prior was trained with ({recorded}): "
+                    f"its weights differ (SHA-256 {published[:12]}…, the prior's {local[:12]}…)"
+                )
+    except (DataError, OSError, ValueError) as error:
+        raise PublishError(str(error)) from None
+    write_json(
+        Path(folder) / "config.json", {**config, "tokenizer_name_or_path": hub_id, "tokenizer_revision": commit}
+    )
+    everything = _read_json(Path(folder) / "all_results.json")
+    if everything:
+        write_json(
+            Path(folder) / "all_results.json", {**everything, "tokenizer": hub_id, "tokenizer_revision": commit}
+        )
+    return commit
 
 
 def check_license(card, flag: str = "--license") -> None:
@@ -258,15 +294,21 @@ def push_to_hub(
     commit_message: str | None = None,
     license: str | None = None,
     regenerate_card: bool = False,
+    tokenizer_hub_id: str | None = None,
 ) -> str:
     """Push a saved model folder with its `README.md` card to `repo_id`, in one commit; returns its URL.
 
     The folder's own card is kept (edits included) unless `regenerate_card`; a folder without one gets a generated
     one. Everything is checked before the first request (the repo id, the folder, its references, the license), and
     `upload_folder` makes a single commit, so a failure never leaves a half-pushed model. Checkpoints and TensorBoard
-    runs stay local; weights, code and pictures of an earlier push that the folder no longer has are deleted."""
+    runs stay local; weights, code and pictures of an earlier push that the folder no longer has are deleted. A prior
+    trained with a local tokenizer is first relinked to `tokenizer_hub_id` (`relink_tokenizer`), its card rendered
+    again."""
     check_repo_id(repo_id)
     read_model_folder(folder)
+    if tokenizer_hub_id:
+        relink_tokenizer(folder, tokenizer_hub_id)
+        regenerate_card = True  # the card names the tokenizer
     check_portable_model(folder)
     card = write_model_card(folder, repo_id, license=license, regenerate=regenerate_card)
     check_license(card)
