@@ -3,6 +3,7 @@ use, and the defaults chosen by `study/ablate.py` must keep their measured advan
 
 import statistics
 
+import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
@@ -64,6 +65,7 @@ def mean_ball_norm(quantizer, seed=0):
     return float(captured["ball"].norm(dim=-1).mean() * quantizer.curvature**0.5), mse
 
 
+@pytest.mark.slow
 def test_no_commitment_default_keeps_latents_off_the_flat_centre():
     """A commitment term (`study/ablate.py --rows beta_0.25`) pulls the latents towards the ball's centre, where the
     MLR logits are flat, and reconstruction suffers. Measured here with seeds 0-2: mean ball norm 0.99, 0.97, 0.97
@@ -95,6 +97,7 @@ def test_hypervq_keeps_many_codes_in_use_on_real_data():
     assert max(mses) < 0.03, runs  # an untrained decoder gives ~0.1
 
 
+@pytest.mark.slow
 def test_weight_norm_of_the_normals_keeps_more_codes_in_use():
     """The normals' weight norm (HyperVQ's docstring): with plain a_k, Adam grows the most used codes' norms faster
     and usage drops. Measured here at K = 128, seeds 0-2: eval perplexity 18.4, 33.2, 39.9 (mean 30.5) with it,

@@ -224,6 +224,7 @@ def test_train_prior_and_sample_with_fid_and_is(tmp_path):
     assert mismatch.returncode == 2 and "the prior models 16 codes but the tokenizer" in mismatch.stderr
 
 
+@pytest.mark.slow
 def test_a_prior_finds_its_tokenizer_from_any_folder_and_a_missing_one_is_one_line(tmp_path):
     """A prior used to record the tokenizer path it was given: relative, it meant nothing from another folder, and
     `sample.py` then asked the Hub for it and printed transformers' several-line connection message."""

@@ -267,20 +267,19 @@ def test_data_file_evaluates_on_a_held_out_split_and_records_it(tmp_path):
     assert evaluation["split"] == "train (25% held out, seed 0)" and evaluation["num_eval_samples"] == 10
 
 
-def test_a_prior_folder_as_tokenizer_is_one_clear_error(tmp_path):
+def test_a_prior_folder_as_tokenizer_is_one_clear_error(tmp_path, run_command):
     from hf_hypervq import HyperVQPriorConfig, HyperVQPriorModel
 
     HyperVQPriorModel(HyperVQPriorConfig(codebook_size=16, num_layers=2)).save_pretrained(tmp_path / "prior")
     HyperVQImageProcessor().save_pretrained(tmp_path / "prior")
-    result = run_script("train_classifier.py", "--tokenizer", tmp_path / "prior", "--output_dir", tmp_path / "out",
-                        check=False)  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "holds a 'hypervq_prior' model" in result.stderr.strip().splitlines()[-1]
+    status, stderr = run_command(
+        "train_classifier", "--tokenizer", tmp_path / "prior", "--output_dir", tmp_path / "out"
+    )
+    assert status == 2 and "holds a 'hypervq_prior' model" in stderr.strip().splitlines()[-1]
     # train_prior.py used to load the prior with AutoModel and fail deep in tokenization (AttributeError)
-    result = run_script("train_prior.py", "--tokenizer", tmp_path / "prior", "--output_dir", tmp_path / "out2",
-                        check=False)  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
+    status, stderr = run_command("train_prior", "--tokenizer", tmp_path / "prior", "--output_dir", tmp_path / "out2")
+    last = stderr.strip().splitlines()[-1]
+    assert status == 2
     assert f"--tokenizer {tmp_path / 'prior'} holds a token prior, not a tokenizer" in last
 
 
@@ -289,7 +288,7 @@ def test_a_prior_folder_as_tokenizer_is_one_clear_error(tmp_path):
     [("truncated weights", "model.safetensors is damaged"), ("no model_type", "config.json has no `model_type`"),
      ("bad quantizer_type", "config.json: `quantizer_type` must be one of"), ("missing", ": no such folder")],
 )  # fmt: skip
-def test_a_damaged_model_folder_is_one_line_naming_it(damage, message, tokenizer_dir, tmp_path):
+def test_a_damaged_model_folder_is_one_line_naming_it(damage, message, tokenizer_dir, tmp_path, run_command):
     folder = tmp_path / "tokenizer"
     if damage != "missing":
         shutil.copytree(tokenizer_dir, folder, ignore=shutil.ignore_patterns("checkpoints", "runs"))
@@ -301,15 +300,15 @@ def test_a_damaged_model_folder_is_one_line_naming_it(damage, message, tokenizer
         (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "model_type"}))
     elif damage == "bad quantizer_type":
         (folder / "config.json").write_text(json.dumps({**config, "quantizer_type": "nearest"}))
-    scripts = [("evaluate_model.py", folder)]
+    commands = [("evaluate_model", folder)]
     if damage == "missing":  # it used to say "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"
-        scripts.append(("train_classifier.py", "--tokenizer", folder, "--output_dir", tmp_path / "out"))
-    for name, *args in scripts:
-        result = run_script(name, *args, check=False)
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-        assert message in result.stderr.strip().splitlines()[-1]
+        commands.append(("train_classifier", "--tokenizer", folder, "--output_dir", tmp_path / "out"))
+    for name, *args in commands:
+        status, stderr = run_command(name, *args)
+        assert status == 2 and message in stderr.strip().splitlines()[-1], stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_truncated_optimizer_state_stops_the_resume_naming_the_file(tmp_path):
     args = ["--max_train_steps", "2", "--checkpointing_steps", "2", *TINY_VQVAE]
     run_script("train_vqvae.py", "--output_dir", tmp_path, *args)
@@ -373,6 +372,7 @@ def _learning_rates(folder):
     return [(e.step, e.value) for e in events.Scalars("train/learning_rate")]
 
 
+@pytest.mark.slow
 def test_cosine_schedule_with_accumulation_steps_per_update_and_resumes(tmp_path):
     """The schedule moves once per optimizer update (not per micro-batch), reaches 0 at the last update, lives in
     the checkpoint, and a resumed run ends with the weights of an uninterrupted one."""
@@ -407,6 +407,7 @@ def test_cosine_schedule_with_accumulation_steps_per_update_and_resumes(tmp_path
     assert any(not torch.equal(load_file(constant / "model.safetensors")[n], v) for n, v in weights.items())
 
 
+@pytest.mark.slow
 def test_a_stream_is_shuffled_and_resumes_where_it_stopped(tmp_path):
     """Streams used to be read in order, and a resume replayed them from the start."""
     args = ["--streaming", "--max_train_steps", "10", "--checkpointing_steps", "3", "--checkpoints_total_limit", "4",
@@ -493,6 +494,7 @@ def test_unreadable_image_in_a_folder_is_reported(tmp_path):
     assert result.returncode == 2 and "unreadable image" in result.stderr and "bad.png" in result.stderr
 
 
+@pytest.mark.slow
 def test_torch_compile_trains_the_compiled_model_and_saves_plain_weights(tmp_path):
     """`--torch_compile` hands `accelerator.prepare` a dynamo plugin; the saved weights must carry the model's own
     names (not the compiled wrapper's `_orig_mod.`) and equal an eager run's to float32 rounding. (aot_eager: the
