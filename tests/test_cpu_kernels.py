@@ -280,6 +280,7 @@ def test_a_compiler_stopped_by_a_signal_is_tried_again_later(tmp_path):
     assert len(builds) == 3 and "-fopenmp" in builds[2] and "run without" not in logs[0]
 
 
+@pytest.mark.slow
 def test_processes_starting_together_build_once(tmp_path):
     compiler = _script(tmp_path / "cc", f'echo "$*" >> {tmp_path}/calls\nsleep 1\nexec gcc "$@"\n')
     assert len(_load_in_fresh_processes(tmp_path, 3, compiler)[0]) == 1

@@ -174,6 +174,7 @@ def test_classifier_folder_loads_as_tokenizer(model_dirs, tokenizer, image_files
     assert output.image_tokens == app.run(str(image_files[0]), tokenizer).image_tokens
 
 
+@pytest.mark.slow
 def test_loads_with_remote_code_without_the_package(model_dirs, tokenizer, classifier, image_files, tmp_path):
     # a Space without hf-hypervq installed: the code saved next to the weights (trust_remote_code=True) is used
     script = f"""

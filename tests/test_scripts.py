@@ -254,6 +254,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert json.loads((interrupted / "all_results.json").read_text())["step"] == 60
 
 
+@pytest.mark.slow
 def test_data_file_evaluates_on_a_held_out_split_and_records_it(tmp_path):
     from datasets import Dataset
 
@@ -479,7 +480,7 @@ def test_an_output_path_that_cannot_take_results_is_refused_before_training(tmp_
     assert status == 2 and "is not writable" in stderr  # a folder below a file cannot be made
 
 
-def test_unreadable_image_in_a_folder_is_reported(tmp_path):
+def test_unreadable_image_in_a_folder_is_reported(tmp_path, run_command):
     from PIL import Image
 
     for split in ("train", "test"):
@@ -488,10 +489,8 @@ def test_unreadable_image_in_a_folder_is_reported(tmp_path):
         for i in range(3):
             Image.new("RGB", (8, 8), (i, i, i)).save(folder / f"{i}.png")
     (tmp_path / "data" / "train" / "a" / "bad.png").write_bytes(b"not an image")
-    result = run_script(
-        "train_vqvae.py", "--output_dir", tmp_path / "out", "--dataset", tmp_path / "data", check=False
-    )
-    assert result.returncode == 2 and "unreadable image" in result.stderr and "bad.png" in result.stderr
+    status, stderr = run_command("train_vqvae", "--output_dir", tmp_path / "out", "--dataset", tmp_path / "data")
+    assert status == 2 and "unreadable image" in stderr and "bad.png" in stderr
 
 
 @pytest.mark.slow

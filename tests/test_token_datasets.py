@@ -157,6 +157,7 @@ def test_the_tokens_are_those_of_get_image_tokens(token_dataset, tokenizer_dir):
     torch.testing.assert_close(decoded, reconstruction)  # the images the tokens stand for
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_without_redoing_finished_shards(token_dataset, tokenizer_dir, tmp_path):
     folder = tmp_path / "tokens"
     shutil.copytree(token_dataset, folder)
@@ -215,6 +216,7 @@ def test_shards_are_sized_in_bytes(tokenizer_dir, tmp_path):
     assert refused.returncode == 2 and "--max_shard_size 'big': not a size" in refused.stderr
 
 
+@pytest.mark.slow
 def test_a_stream_gives_the_same_rows(token_dataset, tokenizer_dir, tmp_path):
     tokenize("--tokenizer", tokenizer_dir, "--output_dir", tmp_path, "--streaming", "--split", "test")
     assert sorted(path.name for path in (tmp_path / "data").iterdir()) == ["test-00000-of-00001.parquet"]
@@ -268,7 +270,7 @@ def test_train_a_prior_from_a_token_dataset_folder(token_dataset, tokenizer_dir,
     assert (output / "samples.png").exists()
 
 
-def test_a_mismatched_tokenizer_is_refused(token_dataset, tokenizer_dir, tmp_path):
+def test_a_mismatched_tokenizer_is_refused(token_dataset, tokenizer_dir, tmp_path, run_command):
     _, metadata = load_token_dataset(token_dataset)
     check_tokenizer(metadata, HyperVQVAEModel.from_pretrained(tokenizer_dir), "tok", "tokens")  # the same: accepted
     others = {
@@ -279,10 +281,10 @@ def test_a_mismatched_tokenizer_is_refused(token_dataset, tokenizer_dir, tmp_pat
     for message, tokenizer in others.items():
         with pytest.raises(DataError, match=re.escape(message)):
             check_tokenizer(metadata, tokenizer, "other", "tokens")
-    result = run([sys.executable, SCRIPTS / "train_prior.py", "--token_dataset", token_dataset, "--tokenizer",
-                  tmp_path / "other", "--output_dir", tmp_path / "prior", *TINY_PRIOR], check=False)  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
+    status, stderr = run_command("train_prior", "--token_dataset", token_dataset, "--tokenizer", tmp_path / "other",
+                                 "--output_dir", tmp_path / "prior", *TINY_PRIOR)  # fmt: skip
+    assert status == 2, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: --tokenizer {tmp_path / 'other'} is not the tokenizer that made the tokens of")
     assert "its weights differ" in last and not (tmp_path / "prior" / "config.json").exists()
 
@@ -292,10 +294,10 @@ def test_a_mismatched_tokenizer_is_refused(token_dataset, tokenizer_dir, tmp_pat
     metadata = json.loads((moved / "tokenization.json").read_text())
     metadata["tokenizer"]["name_or_path"] = str(tmp_path / "elsewhere")
     (moved / "tokenization.json").write_text(json.dumps(metadata))
-    result = run([sys.executable, SCRIPTS / "train_prior.py", "--token_dataset", moved, "--output_dir",
-                  tmp_path / "prior", *TINY_PRIOR], check=False)  # fmt: skip
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1] == (
+    status, stderr = run_command("train_prior", "--token_dataset", moved, "--output_dir", tmp_path / "prior",
+                                 *TINY_PRIOR)  # fmt: skip
+    assert status == 2, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
         f"error: the token dataset's tokenizer {tmp_path / 'elsewhere'}: no such folder; pass --tokenizer, the "
         "tokenizer that made them"
     )
