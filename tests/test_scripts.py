@@ -445,6 +445,11 @@ def test_a_stream_is_shuffled_and_resumes_where_it_stopped(tmp_path):
         (["--image_size", "10"], "--image_size must be a positive multiple of 2**num_downsamples = 4"),
         (["--mixed_precision", "fp16", "--cpu"], "fp16 needs a GPU"),
         (["--torch_compile", "--torch_compile_backend", "tensorrtt"], "--torch_compile_backend must be one of"),
+        (["--dataset_revision", "v1"], "--dataset_revision applies to a Hub data set"),
+        (
+            ["--push_to_hub", "--hub_model_id", "org/bad--name"],
+            "--hub_model_id 'org/bad--name' is not a valid repo id",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_error_before_training(args, message, tmp_path, run_command):

@@ -456,7 +456,7 @@ def test_publish_once_use_anywhere(token_dataset, tokenizer_dir, tmp_path):
 
     results = json.loads((elsewhere / "all_results.json").read_text())
     assert (results["tokenizer"], results["tokenizer_revision"]) == ("org/tokenizer", tokenizer_commit)
-    assert results["token_dataset_revision"] == dataset_commit
+    assert results["token_dataset_revision"] == results["dataset_revision"] == dataset_commit
     dataset = cards["dataset"]
     assert dataset["license"] == "cc-by-4.0" and dataset["tokenizer"] == "org/tokenizer"  # the digits' license
     assert dataset["task_categories"] == ["unconditional-image-generation", "image-classification"]

@@ -89,7 +89,7 @@ def parse_args(argv=None):
             "it first (hypervq-push FOLDER --hub_model_id ORG/NAME), then pass --tokenizer ORG/NAME"
         )
     if args.token_dataset is not None:
-        given = [f"--{name}" for name in ("dataset", "dataset_config", "image_column", "label_column")
+        given = [f"--{name}" for name in ("dataset", "dataset_config", "dataset_revision", "image_column", "label_column")
                  if getattr(args, name) is not None]  # fmt: skip
         if given:
             parser.error(f"{given[0]} cannot be combined with --token_dataset: the tokens come from it")
@@ -124,7 +124,8 @@ def read_token_dataset(args, accelerator):
     names = label_names(train_data) if args.class_conditional else None
     if args.class_conditional and names is None:
         raise DataError(f"--class_conditional needs a ClassLabel label column, which {args.token_dataset} has not")
-    args.dataset = args.token_dataset  # what the results and the card say the prior was evaluated on
+    # what the results and the card say the prior was evaluated on, at which commit
+    args.dataset, args.dataset_revision = args.token_dataset, args.token_dataset_revision
     return tokenizer, processor, token_grids(train_data, metadata), token_grids(eval_data, metadata), names
 
 

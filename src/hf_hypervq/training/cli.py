@@ -37,6 +37,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, learning_rate: floa
         "ship with scikit-learn and need no network.",
     )
     data.add_argument("--dataset_config", default=None, help="configuration name of a Hub data set")
+    data.add_argument(
+        "--dataset_revision", default=None,
+        help="the Hub data set's branch, tag or commit (default: main), resolved to a commit that every read uses",
+    )  # fmt: skip
     data.add_argument("--train_split", default="train", help="split to train on (default: train)")
     data.add_argument("--eval_split", default=None, help="split to evaluate on (default: test, else validation)")
     data.add_argument("--image_column", default=None, help="image column (default: image, img, ... whichever exists)")
@@ -214,6 +218,8 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
     if args.streaming and args.max_train_steps is None:
         parser.error("--streaming needs --max_train_steps (a stream has no known length)")
     check_hub_arguments(args, parser, "hub_model_id")
+    if args.dataset_revision and not _is_hub_dataset(args.dataset):
+        parser.error("--dataset_revision applies to a Hub data set, not to --dataset's folder, file or default")
     backends = [b.value.lower() for b in DynamoBackend if b is not DynamoBackend.NO]
     if args.torch_compile_backend.lower() not in backends:
         parser.error(f"--torch_compile_backend must be one of {', '.join(backends)}; got {args.torch_compile_backend}")
@@ -230,6 +236,23 @@ def check_hub_arguments(args: argparse.Namespace, parser: argparse.ArgumentParse
             check_repo_id(getattr(args, repo), f"--{repo}")
         except ValueError as error:
             parser.error(str(error))
+
+
+def _is_hub_dataset(name) -> bool:
+    from .hub import _is_hub_id
+
+    return name is not None and _is_hub_id(name)
+
+
+def resolve_dataset_revision(args: argparse.Namespace) -> None:
+    """Set `args.dataset_revision` to the commit a Hub --dataset is at (at --dataset_revision, default main), once,
+    so that every split is read at it and the results record it; offline it stays as given (datasets reads the
+    cache)."""
+    if _is_hub_dataset(getattr(args, "dataset", None)):
+        from huggingface_hub import HfApi
+
+        with contextlib.suppress(Exception):  # offline, or not found (datasets says so when it loads it)
+            args.dataset_revision = HfApi().dataset_info(args.dataset, revision=args.dataset_revision).sha
 
 
 def quiet_logs(is_local_main_process: bool) -> None:
@@ -321,6 +344,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     if not accelerator.is_local_main_process:
         logging.getLogger().setLevel(logging.ERROR)
     quiet_logs(accelerator.is_local_main_process)
+    resolve_dataset_revision(args)
     logger.info(
         f"distributed: {accelerator.distributed_type}, processes: {accelerator.num_processes}, "
         f"device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}",

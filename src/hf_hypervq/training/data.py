@@ -370,6 +370,7 @@ def load_splits(args, require_labels: bool = False):
         image_column=args.image_column,
         label_column=args.label_column,
         require_labels=require_labels,
+        revision=getattr(args, "dataset_revision", None),  # the commit `cli.make_accelerator` resolved
     )
     train_data = load_image_dataset(args.dataset, split=args.train_split, streaming=args.streaming, **common)
     if args.validation_split_percentage:

@@ -156,6 +156,7 @@ def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR, license: 
                 dataset_type=dataset,
                 dataset_name=dataset,
                 dataset_split=split,
+                dataset_revision=evaluation.get("dataset_revision"),
                 metric_type=name,
                 metric_name=METRIC_NAMES[name],
                 metric_value=value,  # how it was measured is said once, in the card's text

@@ -109,6 +109,8 @@ def write_results(args, results: dict) -> None:
     evaluation = {k: v for k, v in results.items() if k not in training_only}
     # everything here is published with the model: no local path, no token
     source = {"dataset": portable(args.dataset) or "scikit-learn/digits", "split": args.eval_split or "test"}
+    if getattr(args, "dataset_revision", None):  # the commit of a Hub data set
+        source["dataset_revision"] = args.dataset_revision
     if "protocol" in evaluation:  # the protocol names the data it was measured on, too
         evaluation["protocol"] = results["protocol"] = {**source, **evaluation["protocol"]}
     arguments = {k: portable(v) for k, v in vars(args).items() if k != "hub_token"}
