@@ -368,14 +368,20 @@ def check_labels(labels: torch.Tensor, config, batch_size: int) -> None:
     """Class ids are checked where the loss will read them as such: `config.problem_type` single-label, or unset
     with integer labels and several classes (the loss infers the problem type as every transformers
     `*ForImageClassification` does: one label is regression, float labels multi-label)."""
-    single_label = config.problem_type == "single_label_classification" or (
-        config.problem_type is None
-        and config.num_labels > 1
-        and isinstance(labels, torch.Tensor)
-        and labels.dtype in (torch.long, torch.int)
-    )
-    if single_label:
+    inferred = config.problem_type is None and config.num_labels > 1
+    integer = isinstance(labels, torch.Tensor) and labels.dtype in (torch.long, torch.int)
+    if config.problem_type == "single_label_classification" or (inferred and integer):
         check_ids(labels, "labels", config.num_labels, batch_size)
+    elif config.problem_type == "multi_label_classification" or inferred:
+        wanted = (batch_size, config.num_labels)
+        if not isinstance(labels, torch.Tensor) or not labels.is_floating_point() or tuple(labels.shape) != wanted:
+            got = (
+                f"{labels.dtype} of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels)
+            )
+            raise TypeError(
+                f"`labels` must be an integer tensor of ids in [0, {config.num_labels}) of shape ({batch_size},), or "
+                f"for multi-label classification a float tensor of shape {wanted}; got {got}"
+            )
 
 
 class HyperVQVAEPreTrainedModel(HyperVQPreTrainedModel):
