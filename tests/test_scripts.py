@@ -447,6 +447,10 @@ def test_a_stream_is_shuffled_and_resumes_where_it_stopped(tmp_path):
         (["--torch_compile", "--torch_compile_backend", "tensorrtt"], "--torch_compile_backend must be one of"),
         (["--dataset_revision", "v1"], "--dataset_revision applies to a Hub data set"),
         (
+            ["--dataset", "uoft-cs/cifar100", "--push_to_hub", "--hub_model_id", "org/x"],
+            "--push_to_hub needs --license",
+        ),
+        (
             ["--push_to_hub", "--hub_model_id", "org/bad--name"],
             "--hub_model_id 'org/bad--name' is not a valid repo id",
         ),

@@ -255,6 +255,18 @@ def resolve_dataset_revision(args: argparse.Namespace) -> None:
             args.dataset_revision = HfApi().dataset_info(args.dataset, revision=args.dataset_revision).sha
 
 
+def check_license_known(args: argparse.Namespace) -> None:
+    """With --push_to_hub, the card must declare a license: found before training, not at the push after it."""
+    from .hub import dataset_license
+
+    data = args.dataset or getattr(args, "token_dataset", None) or "scikit-learn/digits"
+    if args.push_to_hub and not args.license and not dataset_license(data, args.dataset_revision):
+        raise ValueError(
+            f"--push_to_hub needs --license: the license of {data} is not known to the Hub (e.g. --license "
+            "cc-by-4.0, or other)"
+        )
+
+
 def quiet_logs(is_local_main_process: bool) -> None:
     """As the transformers examples set them: no line per HTTP request, datasets at WARNING and transformers at INFO
     on the main process, errors only on the others."""
@@ -345,6 +357,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         logging.getLogger().setLevel(logging.ERROR)
     quiet_logs(accelerator.is_local_main_process)
     resolve_dataset_revision(args)
+    check_license_known(args)
     logger.info(
         f"distributed: {accelerator.distributed_type}, processes: {accelerator.num_processes}, "
         f"device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}",
