@@ -31,6 +31,7 @@ ROWS = [
     "no host sync",
     "benchmark quantizers",
     "benchmark training",
+    "benchmark recipe",
 ]
 
 
@@ -82,6 +83,10 @@ def test_the_whole_check_runs_on_cpu(tmp_path):
     assert "HyperVQ ÷ VectorQuantize: train" in rows["benchmark quantizers"]["result"]
     assert "| HyperVQ |" in rows["benchmark quantizers"]["details"]  # the benchmark's own table goes to --output
     assert "hyperbolic:" in rows["benchmark training"]["result"] and "images/s" in rows["benchmark training"]["result"]
+    assert (
+        "tokenizer: 15.6 GFLOPs/image" in rows["benchmark recipe"]["result"]
+        and "(projected)" in rows["benchmark recipe"]["result"]
+    )
     assert all(row["seconds"] >= 0 for row in report["rows"])
 
 

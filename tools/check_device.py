@@ -23,6 +23,8 @@ The checks, in this order, all on the named device:
 - no host sync (CUDA only): a training step (forward and backward) of a tiny tokenizer with each of the five
   quantizers under `torch.cuda.set_sync_debug_mode("error")`, which raises at any copy to the host or other
   synchronisation; n/a elsewhere. Also in a child process.
+- benchmark recipe: benchmarks/benchmark_recipe.py at the ImageNet recipe's shapes (recipes/imagenet/): on a GPU
+  its measured images per second and GPU-hours replace the projection that a CPU run gives.
 - benchmark quantizers / benchmark training: benchmarks/benchmark_quantizers.py and benchmarks/benchmark_training.py with
   --device, one small shape and 3 rounds (their tables go into --output).
 
@@ -96,6 +98,7 @@ class Sizes:
     token_rounds: int
     quantizer_benchmark: tuple  # benchmark_quantizers.py flags
     training_benchmark: tuple  # benchmark_training.py flags
+    recipe_benchmark: tuple  # benchmark_recipe.py flags
 
 
 FULL = Sizes(
@@ -104,6 +107,7 @@ FULL = Sizes(
     token_rounds=20,
     quantizer_benchmark=("--sizes", "8192", "--codebook-sizes", "512", "--rounds", "3"),
     training_benchmark=("--rounds", "3"),  # the README's shape (32×32, batch 128, K = 512), every variant
+    recipe_benchmark=("--steps", "3"),  # the ImageNet recipe's three jobs at its shapes, with their memory
 )
 QUICK = Sizes(
     eval_samples=64,
@@ -117,6 +121,7 @@ QUICK = Sizes(
         "--image_size", "16", "--batch_size", "16", "--codebook_size", "64", "--rounds", "2",
         "--variants", "kmeans,hyperbolic",
     ),
+    recipe_benchmark=("--steps", "1", "--jobs", "tokenizer", "--no-memory"),
 )  # fmt: skip
 
 
@@ -609,6 +614,26 @@ def training_benchmark_row(device: str, sizes: Sizes, deadline: Deadline) -> Row
     return benchmark_row("benchmark training", run(command, deadline, env), variants, 0, [1, 2], key, deadline)
 
 
+def recipe_benchmark_row(device: str, sizes: Sizes, work: Path, deadline: Deadline) -> Row:
+    """The ImageNet recipe's jobs at their shapes for a few steps: on a GPU, measured images per second and
+    GPU-hours in place of the projection the CPU gives."""
+    device, env = child_device(device)
+    output = work / "recipe.json"
+    command = [sys.executable, BENCHMARKS / "benchmark_recipe.py", "--device", device, "--output", output,
+               *sizes.recipe_benchmark]  # fmt: skip
+    outcome = run(command, deadline, env)
+    if outcome.returncode != 0 or not output.exists():
+        return Row("benchmark recipe", "FAILED", failure(outcome, deadline), outcome.seconds, output_tail(outcome))
+    jobs = json.loads(output.read_text())["jobs"]
+    label = "measured" if device.startswith("cuda") else "projected"
+    summary = "; ".join(
+        f"{job}: {r['gflops_per_image']:.1f} GFLOPs/image, {r['gpu_images_per_second']:,.0f} images/s per GPU "
+        f"({label}), {r['gpu_hours']:,.1f} GPU-hours"
+        for job, r in jobs.items()
+    )
+    return Row("benchmark recipe", "ok", summary[:300], outcome.seconds, outcome.stdout[-4000:])
+
+
 # ---- the run ----
 
 
@@ -655,6 +680,7 @@ def run_checks(device: str, sizes: Sizes, work: Path, deadline: Deadline) -> lis
     rows += guarded("no host sync", sync_check, deadline)
     rows += guarded("benchmark quantizers", lambda: quantizer_benchmark_row(device, sizes, deadline), deadline)
     rows += guarded("benchmark training", lambda: training_benchmark_row(device, sizes, deadline), deadline)
+    rows += guarded("benchmark recipe", lambda: recipe_benchmark_row(device, sizes, work, deadline), deadline)
     return rows
 
 

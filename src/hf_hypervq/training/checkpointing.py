@@ -147,9 +147,18 @@ def resume(args, accelerator: Accelerator, epoch_stats, steps_per_epoch: int | N
     if checkpoint is None:
         logger.info("no checkpoint to resume from yet: starting from scratch", main_process_only=True)
         return 0, 0, 0
+    saved_processes = len(list(checkpoint.glob("random_states_*.pkl")))  # one per process that saved it
     states = checkpoint / f"random_states_{accelerator.process_index}.pkl"
-    if not states.exists():  # without it the resumed run would not repeat the uninterrupted one
-        raise FileNotFoundError(f"{checkpoint} is incomplete: it has no {states.name}")
+    if saved_processes == accelerator.num_processes and not states.exists():
+        raise FileNotFoundError(f"{checkpoint} is incomplete: it has no {states.name}")  # a lost file, not a resize
+    if saved_processes != accelerator.num_processes:
+        logger.warning(
+            f"{checkpoint} was saved by {saved_processes} process(es) and this run has {accelerator.num_processes}: "
+            "the weights, optimizer and schedule resume exactly, and so does the data order if the global batch "
+            "(per-device batch × processes × accumulation) is the same; the random numbers of the processes "
+            "beyond the saved ones start afresh from --seed",
+            main_process_only=True,
+        )
     check_checkpoint_files(checkpoint)
     check_checkpoint_fits(checkpoint, accelerator)
     accelerator.load_state(str(checkpoint))
