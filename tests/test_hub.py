@@ -21,7 +21,7 @@ from hf_hypervq import (
     HyperVQVAEForImageClassification,
     HyperVQVAEModel,
 )
-from hf_hypervq.training.hub import PublishError, build_model_card, push_to_hub
+from hf_hypervq.training.hub import PublishError, build_model_card, default_repo_id, push_to_hub, write_model_card
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,12 +239,12 @@ def test_a_push_keeps_the_folders_card_unless_asked_to_render_it_again(tmp_path)
             assert result.returncode == 0, result.stderr[-3000:]
             return hub.blob_path(hub.snapshot("model", "org/x", "main")[1]["README.md"]["sha256"]).read_text()
 
-        subprocess.run([sys.executable, script, str(folder), "--hub_model_id", "org/x", "--card_only"], env=env,
-                       check=True, capture_output=True, timeout=300)  # fmt: skip
-        card = (folder / "README.md").read_text()
+        card = str(write_model_card(folder, default_repo_id(folder)))  # what the training run wrote
+        assert 'from_pretrained("your-name/model")' in card
         (folder / "README.md").write_text(card + "\nA note by the author.\n")
-        pushed = push("--license", "mit")  # sets the license, keeps the rest
+        pushed = push("--license", "mit")  # sets the license and the repo id, keeps the rest
         assert pushed.endswith("A note by the author.\n") and ModelCard(pushed).data.license == "mit"
+        assert 'from_pretrained("org/x")' in pushed and "your-name/" not in pushed
         assert not push("--license", "mit", "--regenerate_card").endswith("A note by the author.\n")
 
 

@@ -36,7 +36,13 @@ from hf_hypervq.training.cli import (
 )
 from hf_hypervq.training.data import load_image_dataset
 from hf_hypervq.training.generation import load_tokenizer
-from hf_hypervq.training.hub import check_portable_dataset, push_token_dataset, source_record, write_dataset_card
+from hf_hypervq.training.hub import (
+    check_portable_dataset,
+    default_repo_id,
+    push_token_dataset,
+    source_record,
+    write_dataset_card,
+)
 from hf_hypervq.training.outputs import portable_command
 from hf_hypervq.training.token_datasets import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -202,7 +208,7 @@ def main(argv=None):
                 )  # fmt: skip
                 cap = args.max_train_samples if split == "train" else args.max_eval_samples
                 splits[split] = data.select(range(min(cap, len(data)))) if cap else data
-        repo_id = args.hub_dataset_id or f"your-name/{Path(args.output_dir).resolve().name}"
+        repo_id = args.hub_dataset_id or default_repo_id(args.output_dir)
         metadata = write_token_dataset(
             splits, tokenizer, processor, args.output_dir, accelerator,
             record=tokenizer_record(args.tokenizer, tokenizer, revision), source=source,

@@ -212,14 +212,26 @@ def codebook_usage_summary(config: dict, evaluation: dict, everything: dict) -> 
     }
 
 
+def default_repo_id(folder) -> str:
+    """The repo id a card names before its folder is pushed anywhere: `your-name/<folder name>`."""
+    return f"your-name/{Path(folder).resolve().name}"
+
+
+def _kept_card(card_class, path: Path, repo_id: str, license: str | None):
+    """The card in `path`, edits included, naming `repo_id` where a run wrote the placeholder (`default_repo_id`)."""
+    card = card_class(path.read_text().replace(default_repo_id(path.parent), repo_id))
+    if license:
+        card.data.license = license
+    return card
+
+
 def write_model_card(folder, repo_id: str, *, license: str | None = None, regenerate: bool = True) -> ModelCard:
     """`folder/README.md`: the card of a saved model, rendered (`build_model_card`) unless the folder has one and
-    `regenerate` is False, in which case that one is kept (with `license` set when given)."""
+    `regenerate` is False, in which case that one is kept (with `license` set when given, and `repo_id` where the run
+    that wrote it could only name a placeholder)."""
     path = Path(folder) / CARD_FILE
     if path.is_file() and not regenerate:
-        card = ModelCard.load(path)
-        if license:
-            card.data.license = license
+        card = _kept_card(ModelCard, path, repo_id, license)
     else:
         card = build_model_card(folder, repo_id, license=license)
     card.save(path)
@@ -486,9 +498,7 @@ def write_dataset_card(folder, repo_id: str, *, metadata=None, license=None, reg
     `regenerate` is False, in which case that one is kept (with `license` set when given)."""
     path = Path(folder) / CARD_FILE
     if path.is_file() and not regenerate:
-        card = DatasetCard.load(path)
-        if license:
-            card.data.license = license
+        card = _kept_card(DatasetCard, path, repo_id, license)
     else:
         card = build_dataset_card(folder, repo_id, metadata=metadata, license=license)
     card.save(path)
@@ -546,7 +556,7 @@ def push_token_dataset(
 def push_if_asked(args) -> None:
     """The end of every training run: write the model card into the output folder (`write_model_card`; kept where
     the folder has one already), and with --push_to_hub push the folder (`push_to_hub`)."""
-    repo_id = args.hub_model_id or f"your-name/{Path(args.output_dir).resolve().name}"
+    repo_id = args.hub_model_id or default_repo_id(args.output_dir)
     write_model_card(args.output_dir, repo_id, license=args.license, regenerate=True)
     if args.push_to_hub:
         url = push_to_hub(
