@@ -148,6 +148,7 @@ def test_prior_card_and_push(tmp_path):
         assert {"README.md", "config.json", "model.safetensors"} <= set(hub.snapshot("model", "org/prior", "main")[1])
 
 
+@pytest.mark.slow
 def test_a_prior_of_a_local_tokenizer_is_pushed_once_its_tokenizer_is(tmp_path):
     """`--tokenizer_hub_id` relinks a prior to its pushed tokenizer, at its commit, once the weights match."""
     from hf_hypervq import HyperVQPriorConfig, HyperVQPriorModel
@@ -227,6 +228,7 @@ def test_push_refuses_what_would_not_work_elsewhere_in_one_line(tmp_path):
         push_to_hub(local, "org/tokenizer")  # uoft-cs/cifar100's license is not known offline
 
 
+@pytest.mark.slow
 def test_a_push_keeps_the_folders_card_unless_asked_to_render_it_again(tmp_path):
     folder = saved_tokenizer(tmp_path / "model")
     script = str(ROOT / "scripts" / "push_to_hub.py")
