@@ -178,3 +178,66 @@ def test_token_dataset_items():
     assert (
         torch.equal(TokenDataset(tokens, None)[2]["image_tokens"], tokens[2]) and len(TokenDataset(tokens, None)) == 3
     )
+
+
+def _disc_photo(width=200, height=100):
+    """A 2:1 photo with a centred disc, as a JPEG would carry it."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (width, height), (30, 60, 90))
+    r = 0.4 * height
+    ImageDraw.Draw(image).ellipse([width / 2 - r, height / 2 - r, width / 2 + r, height / 2 + r], fill="white")
+    return image
+
+
+def _disc_aspect(pixel_values: torch.Tensor) -> float:
+    """Width over height of the bright disc in a processed (channels, height, width) image."""
+    bright = pixel_values.mean(0) > 0.5
+    rows, columns = bright.any(1).nonzero(), bright.any(0).nonzero()
+    return (columns.max() - columns.min() + 1).item() / (rows.max() - rows.min() + 1).item()
+
+
+def test_the_image_rule_keeps_a_photo_in_proportion():
+    """--image_size N: shorter side to N, centre N×N crop. Resizing to N×N made the 2:1 photo's disc an ellipse."""
+    photo = _disc_photo()
+    rule = HyperVQImageProcessor.for_image_size(32)(images=photo, return_tensors="pt")["pixel_values"][0]
+    assert rule.shape == (3, 32, 32) and abs(_disc_aspect(rule) - 1) < 0.1
+    squashed = HyperVQImageProcessor(size={"height": 32, "width": 32})(images=photo, return_tensors="pt")
+    assert abs(_disc_aspect(squashed["pixel_values"][0]) - 0.5) < 0.1
+    square = Image.new("RGB", (8, 8), (10, 200, 30))  # a square image is simply resized, as before
+    before = HyperVQImageProcessor(size={"height": 16, "width": 16})(images=square, return_tensors="pt")
+    after = HyperVQImageProcessor.for_image_size(16)(images=square, return_tensors="pt")
+    assert torch.equal(before["pixel_values"], after["pixel_values"])
+    with pytest.raises(ValueError, match="`image_size` must be a positive integer"):
+        HyperVQImageProcessor.for_image_size(0)
+
+
+def test_a_tokenizer_trained_on_photos_saves_the_rule_with_it(tmp_path, run_command):
+    """The processor saved with the tokenizer carries the rule: every later consumer (tokenization, the demo, the
+    pipeline) applies it, and the disc comes out round."""
+    from transformers import AutoImageProcessor
+
+    for name in ("a", "b"):
+        (tmp_path / "photos" / "train" / name).mkdir(parents=True)
+        for i in range(4):
+            _disc_photo().save(tmp_path / "photos" / "train" / name / f"{i}.jpg")
+    status, err = run_command(
+        "train_vqvae", "--cpu", "--dataset", tmp_path / "photos", "--output_dir", tmp_path / "out", "--image_size", 16,
+        "--max_train_steps", 1, "--hidden_size", 8, "--residual_hidden_size", 4, "--embedding_dim", 4,
+        "--codebook_size", 8, "--num_residual_layers", 1, "--per_device_train_batch_size", 4,
+        "--validation_split_percentage", 25, "--eval_at_end_only", "--train_augmentation", "crop_flip",
+    )  # fmt: skip
+    assert status == 0, err
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "out")
+    assert processor.size == {"shortest_edge": 16} and processor.do_center_crop
+    assert abs(_disc_aspect(processor(images=_disc_photo(), return_tensors="pt")["pixel_values"][0]) - 1) < 0.15
+
+
+def test_the_random_crop_and_flip_is_a_function_of_the_sample_key():
+    from hf_hypervq.training.data import RandomCropFlip, SampleKey
+
+    augment, photo = RandomCropFlip(32), _disc_photo()
+    crops = [augment(photo, SampleKey(0, 0, index)) for index in range(12)]
+    assert all(crop.size == (32, 32) for crop in crops)
+    assert np.array_equal(np.asarray(augment(photo, SampleKey(0, 0, 3))), np.asarray(crops[3]))  # repeatable
+    assert len({np.asarray(crop).tobytes() for crop in crops}) > 3  # different crops and flips

@@ -27,6 +27,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from transformers import AutoImageProcessor
 
+from hf_hypervq import HyperVQImageProcessor
 from hf_hypervq.training.cli import (
     add_deprecated_alias,
     add_hub_arguments,
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     images.add_argument(
         "--image_size", type=int, default=None,
-        help="resize images to N×N instead of the processor's size (a multiple of the tokenizer's downsampling factor)",
+        help="shorter side to N, then the centre N×N crop, instead of the processor's rule (a multiple of the "
+        "tokenizer's downsampling factor)",
     )  # fmt: skip
     run = parser.add_argument_group("run")
     run.add_argument(
@@ -175,9 +177,10 @@ def image_processor(args, processor):
         except (OSError, ValueError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise OSError(f"--processor {args.processor}: cannot load it ({reason})") from None
-    if args.image_size:
-        size = {"height": args.image_size, "width": args.image_size}
-        processor = type(processor).from_dict({**processor.to_dict(), "size": size})
+    if args.image_size:  # the image rule: shorter side to N, centre N×N crop
+        rule = HyperVQImageProcessor.for_image_size(args.image_size).to_dict()
+        processor = type(processor).from_dict({**processor.to_dict(), **{key: rule[key] for key in
+                                                                          ("size", "do_center_crop", "crop_size")}})  # fmt: skip
     return processor
 
 

@@ -20,7 +20,7 @@ from huggingface_hub.errors import StrictDataclassError
 from hf_hypervq import QUANTIZER_TYPES, HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
 from hf_hypervq.models.hypervq.quantizers import decay_for_run
 from hf_hypervq.training.cli import add_common_arguments, check_common_arguments, make_accelerator, reported_errors
-from hf_hypervq.training.data import FASHION_MNIST, load_splits, make_loaders
+from hf_hypervq.training.data import FASHION_MNIST, RandomCropFlip, load_splits, make_loaders
 from hf_hypervq.training.evaluation import evaluate_tokenizer, pixel_range
 from hf_hypervq.training.hub import push_if_asked
 from hf_hypervq.training.loop import make_scheduler, total_updates, train
@@ -35,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--quantizer", default="hyperbolic", choices=QUANTIZER_TYPES, help="the quantizer")
     model.add_argument(
         "--image_size", type=int, default=None,
-        help="square size images are resized to (default: 32; digits: 16; fashion_mnist: 28, padded to 32)",
+        help="images are resized so that their shorter side is N, then centre-cropped to N×N, here and by the saved "
+        "image processor (default: 32; digits: 16; fashion_mnist: 28, padded to 32)",
+    )  # fmt: skip
+    model.add_argument(
+        "--train_augmentation", default="none", choices=["none", "crop_flip"],
+        help="training images: 'none' (the paper: the centre crop, as in evaluation) or 'crop_flip' (a random N×N "
+        "crop of the shorter-side-N image, flipped half the time)",
     )  # fmt: skip
     model.add_argument(
         "--pad_to_size", type=int, default=None,
@@ -140,13 +146,15 @@ def main(argv=None):
     with reported_errors():
         accelerator = make_accelerator(args)
         padding = {"do_pad": True, "pad_size": {"height": args.pad_to_size, "width": args.pad_to_size}}
-        processor = HyperVQImageProcessor(
-            size={"height": args.image_size, "width": args.image_size}, **(padding if args.pad_to_size else {})
-        )
+        if args.pad_to_size:  # a square data set whose images are smaller than the token grid needs
+            processor = HyperVQImageProcessor(size={"height": args.image_size, "width": args.image_size}, **padding)
+        else:
+            processor = HyperVQImageProcessor.for_image_size(args.image_size)
+        augment = RandomCropFlip(args.image_size) if args.train_augmentation == "crop_flip" else None
         with accelerator.main_process_first():
             train_data, eval_data = load_splits(args)
         sample_images = [eval_data[i]["image"] for i in range(min(8, len(eval_data)))]
-        train_loader, eval_loader = make_loaders(args, train_data, eval_data, processor)
+        train_loader, eval_loader = make_loaders(args, train_data, eval_data, processor, augment)
         num_updates = total_updates(args, train_loader, accelerator)
         model = HyperVQVAEModel(build_config(args, num_updates=num_updates))
 

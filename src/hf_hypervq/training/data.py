@@ -438,3 +438,22 @@ def tokenize_split(data, tokenizer, processor, accelerator, args) -> tuple[torch
         tokens.append(gathered[0].cpu())
         labels.append(gathered[1].cpu())
     return torch.cat(tokens), torch.cat(labels) if "label" in data.column_names else None
+
+
+class RandomCropFlip:
+    """`--train_augmentation crop_flip`: the shorter side resized to `size`, a random `size`×`size` crop and a
+    horizontal flip half the time, as LlamaGen and TiTok train their tokenizers. Its random numbers come from the
+    example's `SampleKey`, so a resumed run draws those of an uninterrupted one."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image, key: SampleKey):
+        rng = key.rng()
+        width, height = image.size
+        scale = self.size / min(width, height)
+        resized = image.resize((max(self.size, round(width * scale)), max(self.size, round(height * scale))),
+                               Image.BILINEAR)  # fmt: skip
+        left, top = rng.randint(0, resized.width - self.size), rng.randint(0, resized.height - self.size)
+        crop = resized.crop((left, top, left + self.size, top + self.size))
+        return crop.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop

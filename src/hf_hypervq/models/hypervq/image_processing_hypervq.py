@@ -38,6 +38,16 @@ class HyperVQImageProcessor(PilBackend):
     do_convert_rgb = True
 
     @classmethod
+    def for_image_size(cls, image_size: int, **kwargs) -> "HyperVQImageProcessor":
+        """The image rule of `--image_size N`: the shorter side resized to N, then the centre N×N crop. A photo keeps
+        its proportions (resizing to N×N would stretch a 4:3 photo); a square image is simply resized."""
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"`image_size` must be a positive integer, got {image_size!r}")
+        rule = {"size": {"shortest_edge": image_size}, "do_center_crop": True,
+                "crop_size": {"height": image_size, "width": image_size}}  # fmt: skip
+        return cls(**{**rule, **kwargs})
+
+    @classmethod
     def for_imagenet(cls, **kwargs) -> "HyperVQImageProcessor":
         """ResNet/ImageNet evaluation preprocessing: shortest edge 256, centre crop 224, ImageNet mean and std."""
         defaults = {
