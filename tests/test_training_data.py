@@ -241,3 +241,34 @@ def test_the_random_crop_and_flip_is_a_function_of_the_sample_key():
     assert all(crop.size == (32, 32) for crop in crops)
     assert np.array_equal(np.asarray(augment(photo, SampleKey(0, 0, 3))), np.asarray(crops[3]))  # repeatable
     assert len({np.asarray(crop).tobytes() for crop in crops}) > 3  # different crops and flips
+
+
+def test_a_data_file_of_image_paths_relative_to_it_loads_the_images(tmp_path, monkeypatch):
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (10, 6), (i * 80, 20, 20)).save(tmp_path / "data" / "images" / f"{i}.png")
+    rows = "".join(f"images/{i}.png,{i % 2}\n" for i in range(3))
+    (tmp_path / "data" / "train.csv").write_text("image,label\n" + rows)
+    monkeypatch.chdir(tmp_path)  # the paths are relative to the file, not to where the run starts
+    data = load_image_dataset(str(tmp_path / "data" / "train.csv"))
+    assert data[2]["image"].size == (10, 6) and data[2]["image"].getpixel((0, 0)) == (160, 20, 20)
+    (tmp_path / "data" / "numbers.csv").write_text("image,label\n1,0\n2,1\n")
+    with pytest.raises(DataError, match="its image column holds .*not images or paths to them"):
+        load_image_dataset(str(tmp_path / "data" / "numbers.csv"))
+
+
+def test_an_unreadable_image_past_the_checked_ones_is_named_when_the_loader_meets_it(tmp_path):
+    """Only the first images are opened up front (every one would be read twice); a bad one further on stops the
+    run with its rows named, not a trace from deep inside PIL."""
+    from hf_hypervq.training.data import IMAGES_TO_CHECK
+
+    folder = tmp_path / "folder" / "train" / "cat"
+    folder.mkdir(parents=True)
+    for i in range(IMAGES_TO_CHECK + 2):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(folder / f"{i:03d}.png")
+    (folder / "999.png").write_bytes(b"this is not a png")  # sorted last
+    data = load_image_dataset(str(tmp_path / "folder"), split="train")
+    examples = with_image_transform(data, HyperVQImageProcessor(size={"height": 4, "width": 4}))
+    examples[0]
+    with pytest.raises(DataError, match=f"unreadable image among rows {len(data) - 1}"):
+        examples[len(data) - 1]

@@ -22,7 +22,7 @@ IMAGE_COLUMNS = ("image", "img", "pixel_values", "png", "jpg")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "cls")
 DEFAULT_DATASET = "scikit-learn digits"
 # Local data sets up to this size have every image opened before training starts.
-MAX_IMAGES_TO_CHECK = 50_000
+IMAGES_TO_CHECK = 64  # opened up front: a data set of unreadable files fails at once
 # `--dataset fashion_mnist`: Fashion-MNIST read from the IDX files of Debian's `dataset-fashion-mnist` package.
 FASHION_MNIST = "fashion_mnist"
 FASHION_MNIST_FOLDER = "/usr/share/datasets/fashion-mnist"
@@ -208,17 +208,38 @@ def load_image_dataset(
     keep = ["image"] + (["label"] if label else [])
     data = data.rename_columns(renames) if renames else data
     data = data.select_columns(keep)
+    if name_or_path is not None and Path(name_or_path).is_file():
+        data = _images_from_paths(data, Path(name_or_path))
     if not streaming and not from_debian:  # Fashion-MNIST's images were encoded here, from the IDX bytes
         check_images(data, name)
     return data
 
 
-def check_images(data: Dataset, name: str, limit: int = MAX_IMAGES_TO_CHECK) -> None:
-    """Open every image of a data set up to `limit` rows (the first 64 otherwise), so that an unreadable file
-    stops the run before training rather than in the middle of it."""
+def _images_from_paths(data, data_file: Path):
+    """A CSV, JSON or Parquet file whose image column holds file paths (relative to the file) or URLs: datasets'
+    `Image()` feature loads them. Paths are made absolute first, so the run may start from any folder."""
+    feature = (data.features or {}).get("image")
+    if isinstance(feature, ImageFeature):
+        return data
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise DataError(
+            f"{data_file}: its image column holds {feature}, not images or paths to them; store file paths (relative "
+            "to the file) or URLs, or encoded images (datasets' Image() feature, as in Parquet files on the Hub)"
+        )
+    folder = data_file.resolve().parent
+
+    def absolute(batch):
+        return {"image": [path if "://" in path else str(folder / path) for path in batch["image"]]}
+
+    return data.map(absolute, batched=True).cast_column("image", ImageFeature())
+
+
+def check_images(data: Dataset, name: str, count: int = IMAGES_TO_CHECK) -> None:
+    """Open the first `count` images up front, so that a data set of unreadable files (the wrong folder, a
+    truncated download) stops the run before training. Not every image: that would read each one twice; an
+    unreadable image further on stops the run when the loader meets it, naming its row (`ImageExamples`)."""
     raw = data.cast_column("image", ImageFeature(decode=False))
-    count = len(raw) if len(raw) <= limit else 64
-    for index in range(count):
+    for index in range(min(count, len(raw))):
         entry = raw[index]["image"]
         try:
             if entry is None:
@@ -280,7 +301,12 @@ class ImageExamples(torch.utils.data.Dataset):
         self.transform.epoch = epoch
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        out = self.transform(self.data[indices], indices)
+        try:
+            rows = self.data[indices]  # datasets decodes the images here
+        except Exception as error:
+            raise DataError(f"unreadable image among rows {indices[0]}..{indices[-1]}: {type(error).__name__}: "
+                            f"{error}") from None  # fmt: skip
+        out = self.transform(rows, indices)
         return [{key: value[i] for key, value in out.items()} for i in range(len(indices))]
 
     def __getitem__(self, index: int) -> dict:
