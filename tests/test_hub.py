@@ -220,7 +220,10 @@ def test_push_refuses_what_would_not_work_elsewhere_in_one_line(tmp_path):
     local = saved_tokenizer(tmp_path / "tokenizer")
     config = HyperVQPriorConfig(codebook_size=16, grid_size=[2, 2], tokenizer_name_or_path=str(local))
     HyperVQPriorModel(config).save_pretrained(tmp_path / "prior")
-    with pytest.raises(PublishError, match=r"local folder .*tokenizer.*hypervq-push TOKENIZER_DIR --hub_model_id"):
+    with pytest.raises(
+        PublishError,
+        match=r"local folder .*hypervq-push TOKENIZER_DIR --hub_model_id ORG/NAME.*--tokenizer_hub_id ORG/NAME",
+    ):
         push_to_hub(tmp_path / "prior", "org/prior", license="mit")
     with pytest.raises(PublishError, match="does not say under which license.*pass --license"):
         push_to_hub(local, "org/tokenizer")  # uoft-cs/cifar100's license is not known offline
