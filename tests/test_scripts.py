@@ -344,6 +344,11 @@ def test_resume_edge_cases(tmp_path):
     # a new run into a folder with another run's checkpoints is refused before training
     refused = run_script("train_vqvae.py", "--output_dir", tmp_path / "run", *args, check=False)
     assert refused.returncode == 2 and "holds checkpoints of an earlier run" in refused.stderr
+    # unless it asks to start over: the old checkpoints go, the new run's come
+    run_script("train_vqvae.py", "--output_dir", tmp_path / "run", *args, "--overwrite_output_dir", "--seed", "9")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    overwritten = load_file(tmp_path / "run" / "model.safetensors")
+    assert any(not torch.equal(overwritten[name], value) for name, value in before.items())  # another seed's run
     # a resume that asks for another codebook size (its weights would not fit) is one line naming both
     other_k = [*args, "--codebook_size", "32"]  # TINY_VQVAE's 16 is overridden by the later flag
     changed = run_script("train_vqvae.py", "--output_dir", tmp_path / "run", *other_k, "--resume_from_checkpoint",
@@ -360,7 +365,9 @@ def test_resume_edge_cases(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [(["--checkpoints_total_limit", "-1"], "checkpoints_total_limit"),
-                                            (["--checkpointing_steps", "0"], "checkpointing_steps")])  # fmt: skip
+                                            (["--checkpointing_steps", "0"], "checkpointing_steps"),
+                                            (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"],
+                                             "pass one of them")])  # fmt: skip
 def test_checkpoint_flags_that_would_keep_nothing_are_refused(flags, message, tmp_path, run_command):
     status, stderr = run_command("train_vqvae", "--output_dir", tmp_path, *TINY_VQVAE, *flags)
     assert status == 2 and message in stderr

@@ -2,6 +2,7 @@
 killed while saving never leaves a half-written checkpoint), rotation, and the checks a resume makes before it
 loads one: the folder is this run's, complete, and undamaged."""
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from .outputs import reported_write_failure
 
 logger = get_logger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)$")
+PROCESSES_FILE = "processes.json"  # how many processes saved a checkpoint
 
 
 def checkpoint_steps(output_dir) -> list[int]:
@@ -122,6 +124,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir, step: int, total_limit
     accelerator.wait_for_everyone()
     with reported_write_failure(partial):
         accelerator.save_state(str(partial))
+        if accelerator.is_main_process:  # a resume on another number of processes says so (`resume`)
+            (partial / PROCESSES_FILE).write_text(json.dumps({"num_processes": accelerator.num_processes}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -137,17 +141,25 @@ def resume(args, accelerator: Accelerator, epoch_stats, steps_per_epoch: int | N
     batches of it to skip)`. A new run into a folder with another run's checkpoints is refused: their rotation
     would delete this run's own checkpoints and keep the stale ones."""
     if not args.resume_from_checkpoint:
-        if checkpoint_steps(args.output_dir):
+        if checkpoint_steps(args.output_dir) and getattr(args, "overwrite_output_dir", False):
+            if accelerator.is_main_process:
+                shutil.rmtree(Path(args.output_dir) / "checkpoints")
+            accelerator.wait_for_everyone()
+        elif checkpoint_steps(args.output_dir):
             raise FileExistsError(
                 f"{Path(args.output_dir) / 'checkpoints'} holds checkpoints of an earlier run: resume it with "
-                "--resume_from_checkpoint latest, or train into a new --output_dir"
+                "--resume_from_checkpoint latest, start over with --overwrite_output_dir, or train into a new "
+                "--output_dir"
             )
         return 0, 0, 0
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if checkpoint is None:
         logger.info("no checkpoint to resume from yet: starting from scratch", main_process_only=True)
         return 0, 0, 0
-    saved_processes = len(list(checkpoint.glob("random_states_*.pkl")))  # one per process that saved it
+    try:
+        saved_processes = json.loads((checkpoint / PROCESSES_FILE).read_text())["num_processes"]
+    except (OSError, ValueError, KeyError):  # a checkpoint of hf-hypervq 0.2: one random state per process
+        saved_processes = len(list(checkpoint.glob("random_states_*.pkl")))
     states = checkpoint / f"random_states_{accelerator.process_index}.pkl"
     if saved_processes == accelerator.num_processes and not states.exists():
         raise FileNotFoundError(f"{checkpoint} is incomplete: it has no {states.name}")  # a lost file, not a resize

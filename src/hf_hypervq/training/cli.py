@@ -101,6 +101,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, learning_rate: floa
         help="a checkpoint folder, or 'latest' for the newest in --output_dir",
     )
     train.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="start a new run in an --output_dir that holds an earlier run's checkpoints (they are deleted)",
+    )
+    train.add_argument(
         "--with_tracking", action="store_true", help="log scalars to the --report_to trackers, in --output_dir/runs"
     )
     train.add_argument(
@@ -210,6 +215,8 @@ def check_common_arguments(args: argparse.Namespace, parser: argparse.ArgumentPa
         parser.error("--checkpointing_steps must be a positive integer or 'epoch'")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be >= 1")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("--overwrite_output_dir starts over and --resume_from_checkpoint goes on: pass one of them")
     if args.validation_split_percentage is not None:
         if not 1 <= args.validation_split_percentage <= 50:
             parser.error("--validation_split_percentage must be between 1 and 50")
