@@ -152,3 +152,37 @@ def test_study_results_table_is_the_committed_report():
     report = (ROOT / "results" / "REPORT.md").read_text()
     assert len(rows) >= 10  # the header, five quantizers, three with the diversity term, the anchor
     assert all(row in report for row in rows)
+
+
+API_ENTRY = re.compile(r"^::: ([\w.]+)\s*$", flags=re.MULTILINE)
+
+
+def api_entries():
+    """(page, dotted path) of every API-reference entry mkdocstrings renders."""
+    for page in sorted(DOCS.glob("*.md")):
+        for match in API_ENTRY.finditer(page.read_text(encoding="utf-8")):
+            yield page.name, match.group(1)
+
+
+def test_the_api_reference_has_entries():
+    assert {page for page, _ in api_entries()} >= {"quantizers.md", "models.md"}
+
+
+@pytest.mark.parametrize("page, path", sorted(api_entries()))
+def test_api_reference_entry_exists(page, path):
+    """What `mkdocs build --strict` would fail on, found without building the site: an object renamed or removed."""
+    import importlib
+
+    module_name, _, attribute = path.rpartition(".")
+    while module_name:
+        try:
+            target = importlib.import_module(module_name)
+            break
+        except ModuleNotFoundError:
+            module_name, _, parent = module_name.rpartition(".")
+            attribute = f"{parent}.{attribute}"
+    else:
+        raise AssertionError(f"docs/{page}: `::: {path}` names no module")
+    for name in attribute.split(".") if attribute else []:
+        assert hasattr(target, name), f"docs/{page}: `::: {path}`: {target.__name__} has no {name}"
+        target = getattr(target, name)
