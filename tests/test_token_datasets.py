@@ -23,7 +23,7 @@ from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
 from hf_hypervq.training.data import DataError, load_image_dataset
 from hf_hypervq.training.evaluation import metric
 from hf_hypervq.training.hub import PublishError, build_dataset_card, push_token_dataset
-from hf_hypervq.training.token_datasets import check_tokenizer, load_token_dataset, token_dtype, token_grids
+from hf_hypervq.training.token_datasets import TokenGrids, check_tokenizer, load_token_dataset, token_dtype
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +142,13 @@ def test_one_and_two_processes_write_the_same_token_dataset(token_dataset, token
 
 def test_the_tokens_are_those_of_get_image_tokens(token_dataset, tokenizer_dir):
     data, metadata = load_token_dataset(token_dataset)
-    tokens, labels = token_grids(data["test"], metadata)
+    items = TokenGrids(data["test"], metadata["grid"], with_labels=True)
+    rows = items.__getitems__(list(range(len(items))))
+    tokens = torch.stack([row["image_tokens"] for row in rows])
+    labels = torch.stack([row["class_labels"] for row in rows])
+    assert torch.equal(items[7]["image_tokens"], tokens[7]) and set(TokenGrids(data["test"], [2, 2], False)[0]) == {
+        "image_tokens"
+    }
     images = load_image_dataset(None, split="test")
     tokenizer = HyperVQVAEModel.from_pretrained(tokenizer_dir).eval()
     processor = HyperVQImageProcessor.from_pretrained(tokenizer_dir)

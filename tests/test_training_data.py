@@ -272,3 +272,14 @@ def test_an_unreadable_image_past_the_checked_ones_is_named_when_the_loader_meet
     examples[0]
     with pytest.raises(DataError, match=f"unreadable image among rows {len(data) - 1}"):
         examples[len(data) - 1]
+
+
+def test_shuffled_indices_are_a_permutation_of_the_seed_and_epoch():
+    from hf_hypervq.training.data import ShuffledIndices
+
+    sampler = ShuffledIndices(200_000, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(200_000)) and first != list(range(200_000))
+    assert list(ShuffledIndices(200_000, seed=3)) == first  # a function of (seed, epoch) alone
+    sampler.set_epoch(1)
+    assert list(sampler) != first

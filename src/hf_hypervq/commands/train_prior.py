@@ -31,11 +31,11 @@ from hf_hypervq.training.loop import make_scheduler, total_updates, train
 from hf_hypervq.training.outputs import save_figure, save_model, write_results
 from hf_hypervq.training.plots import save_sample_grid
 from hf_hypervq.training.token_datasets import (
+    TokenGrids,
     check_tokenizer,
     is_hub_id,
     load_token_dataset,
     resolve_commit,
-    token_grids,
     token_splits,
 )
 
@@ -126,7 +126,8 @@ def read_token_dataset(args, accelerator):
         raise DataError(f"--class_conditional needs a ClassLabel label column, which {args.token_dataset} has not")
     # what the results and the card say the prior was evaluated on, at which commit
     args.dataset, args.dataset_revision = args.token_dataset, args.token_dataset_revision
-    return tokenizer, processor, token_grids(train_data, metadata), token_grids(eval_data, metadata), names
+    grid, labelled = metadata["grid"], names is not None  # read from the memory-mapped Arrow tables, batch by batch
+    return tokenizer, processor, TokenGrids(train_data, grid, labelled), TokenGrids(eval_data, grid, labelled), names
 
 
 def main(argv=None):
@@ -139,8 +140,8 @@ def main(argv=None):
                 args.tokenizer, args.tokenizer_revision, filename="config.json", flag="--tokenizer"
             )
         if args.token_dataset:
-            tokenizer, processor, train_split, eval_split, names = read_token_dataset(args, accelerator)
-            (train_tokens, train_labels), (eval_tokens, eval_labels) = train_split, eval_split
+            tokenizer, processor, train_set, eval_set, names = read_token_dataset(args, accelerator)
+            grid_size = list(train_set.grid)
             tokenizer.to(accelerator.device)
         else:
             # one line for a prior's folder, or a missing Hub id
@@ -153,26 +154,24 @@ def main(argv=None):
                 raise DataError("--class_conditional needs a ClassLabel label column")
             train_tokens, train_labels = tokenize_split(train_data, tokenizer, processor, accelerator, args)
             eval_tokens, eval_labels = tokenize_split(eval_data, tokenizer, processor, accelerator, args)
+            grid_size = list(train_tokens.shape[1:])
+            labels = (train_labels, eval_labels) if names else (None, None)
+            train_set, eval_set = TokenDataset(train_tokens, labels[0]), TokenDataset(eval_tokens, labels[1])
         config = HyperVQPriorConfig(
             codebook_size=tokenizer.config.codebook_size,
             hidden_size=args.hidden_size,
             num_layers=args.num_layers,
             head_hidden_size=args.head_hidden_size,
             num_classes=len(names) if names else 0,
-            grid_size=list(train_tokens.shape[1:]),
+            grid_size=grid_size,
             tokenizer_name_or_path=recorded_tokenizer(args.tokenizer),  # a folder absolute: found from any folder
             tokenizer_revision=args.tokenizer_revision,
             id2label=dict(enumerate(names)) if names else None,
         )
         prior = HyperVQPriorModel(config)
         stack = lambda items: {k: torch.stack([item[k] for item in items]) for k in items[0]}  # noqa: E731
-        labels = (train_labels, eval_labels) if names else (None, None)
-        train_loader = make_loader(
-            TokenDataset(train_tokens, labels[0]), args.per_device_train_batch_size, stack, args, True
-        )
-        eval_loader = make_loader(
-            TokenDataset(eval_tokens, labels[1]), args.per_device_eval_batch_size, stack, args, False
-        )
+        train_loader = make_loader(train_set, args.per_device_train_batch_size, stack, args, True, large=True)
+        eval_loader = make_loader(eval_set, args.per_device_eval_batch_size, stack, args, False)
         optimizer = torch.optim.AdamW(prior.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         scheduler = make_scheduler(args, optimizer, total_updates(args, train_loader, accelerator), accelerator)
         prior, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
