@@ -15,8 +15,9 @@ a ResNet-50 at 224×224) it measures:
 - the time of a training step at that batch on `--device`, median of `--steps` steps after one warm-up;
 
 and for the data pipeline, the images per second one core decodes and prepares as the tokenizer's training loader
-does (JPEG decode, shorter side to 128, random 128×128 crop, horizontal flip, normalise), on the rehearsal data set
-(`benchmarks/make_rehearsal_data.py`; `--data_dir`, else 256 images made on the fly).
+does with `--train_augmentation crop_flip` (JPEG decode, shorter side to 128, random 128×128 crop, flip,
+normalise), on the rehearsal data set (`benchmarks/make_rehearsal_data.py`; `--data_dir`, else 256 images made on
+the fly).
 
 From these it projects, labelled as a projection, the GPU-hours of each job on the paper's data (1,281,167
 ImageNet training images, the epochs below) at an assumed GPU throughput (`--gpu_tflops`, dense bf16 tensor-core
@@ -168,38 +169,37 @@ def peak_memory(job: str, device: str, batch_size: int) -> float:
 
 
 def pipeline_images_per_second(data_dir: str | None, seconds: float = 5.0) -> float:
-    """Images per second one core prepares as the tokenizer's training loader does."""
-    import numpy as np
+    """Images per second one core prepares as the tokenizer's training loader does with `--train_augmentation
+    crop_flip`: JPEG decode, `RandomCropFlip`, then the saved processor's rule and normalisation."""
     from PIL import Image
 
     from hf_hypervq import HyperVQImageProcessor
+    from hf_hypervq.training.data import RandomCropFlip, SampleKey
 
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as scratch:
-        if data_dir is None:
-            sys.path.insert(0, str(Path(__file__).parent))
-            from make_rehearsal_data import make_rehearsal_data
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core; the training steps measured afterwards get all of them back
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            if data_dir is None:
+                sys.path.insert(0, str(Path(__file__).parent))
+                from make_rehearsal_data import make_rehearsal_data
 
-            data_dir = make_rehearsal_data(Path(scratch, "rehearsal"), 256, num_shards=1)
-        files = sorted(Path(data_dir, "images", "train").rglob("*.jpg"))
-        size = JOBS["tokenizer"]["image_size"]
-        processor = HyperVQImageProcessor(size={"shortest_edge": size}, do_center_crop=False)
-        rng = np.random.default_rng(0)
-        count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            for path in files:
-                with Image.open(path) as image:
-                    array = processor(images=image.convert("RGB"), return_tensors="np")["pixel_values"][0]
-                top = int(rng.integers(0, array.shape[1] - size + 1))  # a random crop and flip
-                left = int(rng.integers(0, array.shape[2] - size + 1))
-                crop = array[:, top : top + size, left : left + size]
-                if rng.random() < 0.5:
-                    crop = crop[:, :, ::-1]
-                torch.from_numpy(np.ascontiguousarray(crop))
-                count += 1
-                if time.perf_counter() - started >= seconds:
-                    break
-        return count / (time.perf_counter() - started)
+                data_dir = make_rehearsal_data(Path(scratch, "rehearsal"), 256, num_shards=1)
+            files = sorted(Path(data_dir, "images", "train").rglob("*.jpg"))
+            size = JOBS["tokenizer"]["image_size"]
+            augment, processor = RandomCropFlip(size), HyperVQImageProcessor.for_image_size(size)
+            count, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                for path in files:
+                    with Image.open(path) as image:
+                        crop = augment(image.convert("RGB"), SampleKey(0, 0, count))
+                    processor(images=crop, return_tensors="pt")
+                    count += 1
+                    if time.perf_counter() - started >= seconds:
+                        break
+            return count / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main(argv=None):
