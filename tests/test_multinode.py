@@ -2,13 +2,17 @@
 of two processes. Training and tokenization there must give what two processes on one machine give, bit for bit;
 and a checkpoint resumes on another number of processes."""
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -44,21 +48,38 @@ def launcher(num_processes: int, num_machines: int = 1, machine_rank: int = 0, p
     ]  # fmt: skip
 
 
-def run_on_two_machines(script: str, *args) -> None:
+def run_on_two_machines(script: str, *args, logs: Path, timeout: float = 600) -> None:
+    """Both launchers write to files, not pipes (a pipe nobody drains yet can fill up and block its machine). If they
+    have not finished in `timeout` seconds, every process of both gets SIGABRT, which makes Python print each
+    thread's stack (PYTHONFAULTHANDLER), and the failure shows both logs: where a hang was, not only that it was."""
     port = free_port()
-    processes = [
-        subprocess.Popen(
-            [*launcher(2, 2, rank, port), str(SCRIPTS / script), "--cpu", *map(str, args)],
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
-    for process in processes:
-        _, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr[-4000:]
+    env = {**ENV, "PYTHONFAULTHANDLER": "1"}
+    machines = []
+    for rank in (0, 1):
+        log = logs / f"{Path(script).stem}-machine-{rank}.log"
+        command = [*launcher(2, 2, rank, port), str(SCRIPTS / script), "--cpu", *map(str, args)]
+        with log.open("w") as out:
+            machines.append((subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + timeout
+    try:
+        for process, _ in machines:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for process, _ in machines:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for child in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.send_signal(signal.SIGABRT)
+        for process, _ in machines:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=30)
+            process.kill()
+        pytest.fail(
+            f"{script} on two machines did not finish in {timeout:.0f} s:\n"
+            + "\n".join(f"--- machine {rank} ---\n{log.read_text()[-6000:]}" for rank, (_, log) in enumerate(machines))
+        )
+    for rank, (process, log) in enumerate(machines):
+        assert process.returncode == 0, f"machine {rank}: {log.read_text()[-4000:]}"
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:
@@ -69,7 +90,7 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
 
 def test_two_machines_train_and_tokenize_as_two_processes_on_one(tmp_path):
     train = ["--max_train_steps", "6", "--per_device_train_batch_size", "16", *TINY]
-    run_on_two_machines("train_vqvae.py", "--output_dir", tmp_path / "machines", *train)
+    run_on_two_machines("train_vqvae.py", "--output_dir", tmp_path / "machines", *train, logs=tmp_path)
     run([*launcher(2), str(SCRIPTS / "train_vqvae.py"), "--cpu", "--output_dir", str(tmp_path / "one"), *train])
     machines = json.loads((tmp_path / "machines" / "all_results.json").read_text())
     assert machines["num_processes"] == 2 and machines["weights_identical_across_processes"]
@@ -80,7 +101,7 @@ def test_two_machines_train_and_tokenize_as_two_processes_on_one(tmp_path):
     assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
 
     tokenize = ["--tokenizer", tmp_path / "one", "--max_train_samples", "60", "--max_eval_samples", "30"]
-    run_on_two_machines("tokenize_dataset.py", "--output_dir", tmp_path / "tokens-machines", *tokenize)
+    run_on_two_machines("tokenize_dataset.py", "--output_dir", tmp_path / "tokens-machines", *tokenize, logs=tmp_path)
     run([sys.executable, str(SCRIPTS / "tokenize_dataset.py"), "--cpu", "--output_dir", str(tmp_path / "tokens-one"),
          *map(str, tokenize)])  # fmt: skip
     import datasets
