@@ -173,6 +173,7 @@ def load_image_dataset(
     require_labels: bool = False,
     streaming: bool = False,
     revision: str | None = None,
+    keep_columns=(),
 ) -> Dataset | IterableDataset:
     """One split of an image data set, with its columns renamed to `image` (and `label` when there is one).
 
@@ -181,7 +182,8 @@ def load_image_dataset(
     `"fashion_mnist"` for Fashion-MNIST from Debian's package (`fashion_mnist_dataset`; a local folder or file of that
     name is read as one).
     Every problem (no such data set offline, a missing column, an unreadable image) raises `DataError` with one
-    line that names it. `revision` (a branch, tag or commit) applies to a Hub id.
+    line that names it. `revision` (a branch, tag or commit) applies to a Hub id. `keep_columns` are kept as they
+    are (the others are dropped).
     """
     name = name_or_path or DEFAULT_DATASET
     from_debian = name_or_path == FASHION_MNIST and not Path(name_or_path).exists()
@@ -205,7 +207,12 @@ def load_image_dataset(
     image = _pick_column(columns, image_column, IMAGE_COLUMNS, "--image_column", name, required=True)
     label = _pick_column(columns, label_column, LABEL_COLUMNS, "--label_column", name, required=require_labels)
     renames = {old: new for old, new in ((image, "image"), (label, "label")) if old is not None and old != new}
-    keep = ["image"] + (["label"] if label else [])
+    for column in keep_columns:
+        if column not in columns:
+            raise DataError(f"--keep_columns {column!r} is not a column of {name}; its columns are {sorted(columns)}")
+        if column in (image, label, *renames.values()):
+            raise DataError(f"--keep_columns {column!r} is {name}'s image or label column, which is always kept")
+    keep = ["image"] + (["label"] if label else []) + list(keep_columns)
     data = data.rename_columns(renames) if renames else data
     data = data.select_columns(keep)
     if name_or_path is not None and Path(name_or_path).is_file():
