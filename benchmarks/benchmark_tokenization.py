@@ -26,7 +26,7 @@ from benchmarking import Timer, cpu_clock, others_cpu, rerun_with_tuned_allocato
 from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
 from hf_hypervq.training.data import DEFAULT_DATASET, load_image_dataset
 from hf_hypervq.training.generation import load_tokenizer
-from hf_hypervq.training.token_datasets import TokenizeBatch, tokenizer_record, write_token_dataset
+from hf_hypervq.training.token_datasets import pixel_values, tokenizer_record, write_token_dataset
 
 
 def parse_args(argv=None):
@@ -63,14 +63,13 @@ def main(argv=None):
         tokenizer.to(accelerator.device)
         record = tokenizer_record(name, tokenizer)
         data = load_image_dataset(args.dataset, split=args.split)
-        tokenize = TokenizeBatch(tokenizer, processor, (), "int64")
-        batches = [tokenize.pixel_values(data[i : i + args.batch_size]["image"]) for i in range(0, len(data), args.batch_size)]  # fmt: skip
+        batches = [pixel_values(processor, data[i : i + args.batch_size]["image"]) for i in range(0, len(data), args.batch_size)]  # fmt: skip
         timer = Timer(args.device)
 
         def forward():
             with torch.no_grad():
-                for pixel_values in batches:
-                    tokenizer.get_image_tokens(pixel_values)
+                for batch in batches:
+                    tokenizer.get_image_tokens(batch)
 
         def pipeline():
             with tempfile.TemporaryDirectory() as output:

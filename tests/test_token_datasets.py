@@ -209,13 +209,74 @@ def test_an_interrupted_run_resumes_without_redoing_finished_shards(token_datase
     assert shard_files(folder) == shard_files(token_dataset)
 
 
+def test_views_kept_columns_and_loader_workers(tokenizer_dir, tmp_path):
+    """--views flip stores each image's grid and its mirror image's (the first is the plain tokens), ten_crop ten
+    grids; --keep_columns and the row index come along; two loader workers write the very bytes one process does."""
+    digits = load_image_dataset(None, split="test").select(range(40))
+    digits = digits.add_column("caption", [f"a handwritten {label}" for label in digits["label"]])
+    digits.to_parquet(str(tmp_path / "digits.parquet"))
+    common = ["--tokenizer", tokenizer_dir, "--dataset", tmp_path / "digits.parquet", "--split", "train",
+              "--shard_size", "16", "--keep_columns", "caption"]  # fmt: skip
+    tokenize(*common, "--output_dir", tmp_path / "center")
+    tokenize(*common, "--output_dir", tmp_path / "flip", "--views", "flip", "--dataloader_num_workers", "2")
+    tokenize(*common, "--output_dir", tmp_path / "flip-main", "--views", "flip")
+    tokenize(*common, "--output_dir", tmp_path / "ten", "--views", "ten_crop")
+    assert shard_files(tmp_path / "flip") == shard_files(tmp_path / "flip-main")
+
+    (center, _), (flip, flip_metadata), (ten, ten_metadata) = (
+        load_token_dataset(tmp_path / name) for name in ("center", "flip", "ten")
+    )
+    assert set(center["train"].column_names) == {"input_ids", "index", "label", "caption"}
+    center, flip, ten = center["train"].with_format("numpy")[:], flip["train"].with_format("numpy")[:], ten["train"]
+    assert center["index"].tolist() == list(range(40)) and center["caption"].tolist() == digits[:]["caption"]
+    assert flip_metadata["views"] == ["center", "center_flipped"] and flip["input_ids"].shape == (40, 2, 4)
+    assert (flip["input_ids"][:, 0] == center["input_ids"]).all()
+    tokenizer = HyperVQVAEModel.from_pretrained(tokenizer_dir).eval()
+    processor = HyperVQImageProcessor.from_pretrained(tokenizer_dir)
+    mirrored = [image.convert("RGB").transpose(Image.FLIP_LEFT_RIGHT) for image in digits["image"]]
+    with torch.no_grad():
+        expected = tokenizer.get_image_tokens(processor(images=mirrored, return_tensors="pt")["pixel_values"])
+    assert (flip["input_ids"][:, 1] == expected.flatten(1).numpy()).all()
+    assert (flip["input_ids"][:, 1] != flip["input_ids"][:, 0]).any()
+    assert len(ten_metadata["views"]) == 10 and ten_metadata["views"][0] == "center"
+    assert str(ten.features["input_ids"]) == "List(List(Value('uint8'), length=4), length=10)"
+    assert ten_metadata["splits"]["train"]["num_tokens"] == 40 * 10 * 4
+
+    # a prior draws one view per image and epoch, from (seed, epoch, index); evaluation takes the first
+    drawn = TokenGrids(load_token_dataset(tmp_path / "flip")[0]["train"], [2, 2], False, views=2, seed=0)
+    first = TokenGrids(load_token_dataset(tmp_path / "flip")[0]["train"], [2, 2], False, views=2)
+    views = torch.tensor(flip["input_ids"]).long().view(40, 2, 2, 2)
+
+    def chosen(dataset, epoch):
+        dataset.set_epoch(epoch)
+        grids = torch.stack([row["image_tokens"] for row in dataset.__getitems__(list(range(40)))])
+        return [next(v for v in range(2) if torch.equal(grids[i], views[i, v])) for i in range(40)]
+
+    mixed = [i for i in range(40) if not torch.equal(views[i, 0], views[i, 1])]
+    epochs = [chosen(drawn, epoch) for epoch in range(3)]
+    assert epochs[1] == chosen(drawn, 1)  # a resumed epoch draws the same views
+    assert all(0 < sum(epoch[i] for i in mixed) < len(mixed) for epoch in epochs) and epochs[0] != epochs[1]
+    assert chosen(first, 5) == [0] * 40
+
+
+def test_bad_views_and_kept_columns_are_one_line(tokenizer_dir, tmp_path):
+    for args, expected in (
+        (["--keep_columns", "index"], "--keep_columns index: the token dataset has its own 'index' column"),
+        (["--keep_columns", "caption"], "--keep_columns 'caption' is not a column of"),
+        (["--views", "five"], "argument --views: invalid choice: 'five'"),
+    ):
+        result = tokenize("--tokenizer", tokenizer_dir, "--output_dir", tmp_path / "x", *args, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert expected in result.stderr, result.stderr
+
+
 def test_shards_are_sized_in_bytes(tokenizer_dir, tmp_path, capsys):
-    # 2×2 uint8 ids and an int64 label: 12 bytes a row, so 2KB (2,000 bytes) hold 166 rows
+    # 2×2 uint8 ids, an int64 index and an int64 label: 20 bytes a row, so 2KB (2,000 bytes) hold 100 of the 360
     tokenize("--tokenizer", tokenizer_dir, "--output_dir", tmp_path, "--split", "test", "--max_shard_size", "2KB")
     assert sorted(path.name for path in (tmp_path / "data").iterdir()) == [
-        f"test-0000{i}-of-00003.parquet" for i in range(3)
+        f"test-0000{i}-of-00004.parquet" for i in range(4)
     ]
-    assert json.loads((tmp_path / "tokenization.json").read_text())["shard_size"] == 166
+    assert json.loads((tmp_path / "tokenization.json").read_text())["shard_size"] == 100
     from hf_hypervq.commands import tokenize_dataset
 
     with pytest.raises(SystemExit):

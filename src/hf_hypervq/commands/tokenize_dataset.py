@@ -8,13 +8,14 @@ token models on many times; optionally push it to the Hub with its dataset card.
     hypervq-train-prior --token_dataset outputs/digits-tokens --output_dir outputs/prior
 
 The data set is any the training scripts take (a Hub id, a folder, a data file, `fashion_mnist`, the embedded digits
-by default; `--streaming` reads it as a stream). Each split is mapped through the tokenizer in eval mode, in batches
-(`datasets.map`), shard by shard; under `accelerate launch` the processes take the shards in turn, and the folder
-holds exactly what one process would write. The output folder is laid out as a Hub dataset repository:
-`data/<split>-NNNNN-of-NNNNN.parquet` with `input_ids` (the token grid, row-major, in the smallest unsigned integer
-type that holds K) and `label` when the source has one, `README.md` (the dataset card) and `tokenization.json` (the
-tokenizer's Hub id and commit, or its folder, and weights SHA-256, image size, grid, K, each split's codebook usage),
-written last. `datasets.load_dataset(OUTPUT_DIR)` reads it. Finished shards wait in the hidden `.tokenizing/` until
+by default; `--streaming` reads it as a stream). Each split is tokenized in eval mode, in batches, shard by shard,
+its images decoded by `--dataloader_num_workers` loader workers; under `accelerate launch` the processes take the
+shards in turn, and the folder holds exactly what one process would write. The output folder is laid out as a Hub
+dataset repository: `data/<split>-NNNNN-of-NNNNN.parquet` with `input_ids` (the token grid, row-major, in the
+smallest unsigned integer type that holds K; with `--views flip` or `ten_crop`, one grid per view, which a prior
+draws one of per epoch), `index` (the row's position in its split), `label` when the source has one and the
+`--keep_columns`; `README.md` (the dataset card) and `tokenization.json` (the tokenizer's Hub id and commit, or its
+folder, and weights SHA-256, image size, grid, K, the views, each split's codebook usage), written last. `datasets.load_dataset(OUTPUT_DIR)` reads it. Finished shards wait in the hidden `.tokenizing/` until
 all are done, so no half-written data is ever visible; rerunning an interrupted command resumes it.
 
 A token dataset is pushed only when its tokenizer is on the Hub: push the tokenizer first (`hypervq-push`) and
@@ -48,6 +49,7 @@ from hf_hypervq.training.outputs import portable_command
 from hf_hypervq.training.token_datasets import (
     DEFAULT_MAX_SHARD_SIZE,
     SPLIT_NAME,
+    VIEWS,
     is_hub_id,
     parse_size,
     resolve_commit,
@@ -92,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_deprecated_alias(
         data, "--max_samples", "--max_train_samples and --max_eval_samples", dest="max_samples", type=int
     )
+    data.add_argument(
+        "--keep_columns", nargs="+", default=[],
+        help="other columns of the data set to keep beside the tokens, e.g. captions (each row's index is always kept)",
+    )  # fmt: skip
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="worker processes that decode the images")
     images = parser.add_argument_group("images")
     images.add_argument(
         "--processor", default=None,
@@ -101,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--image_size", type=int, default=None,
         help="shorter side to N, then the centre N×N crop, instead of the processor's rule (a multiple of the "
         "tokenizer's downsampling factor)",
+    )  # fmt: skip
+    images.add_argument(
+        "--views", choices=VIEWS, default="center",
+        help="what to store of each image: center (the processor's rule), flip (that and its mirror image) or ten_crop "
+        "(the shorter side to 1.1·N, the centre and four corner N×N crops and their mirror images); a prior trained on "
+        "the tokens draws one view per image per epoch (default: center)",
     )  # fmt: skip
     run = parser.add_argument_group("run")
     run.add_argument(
@@ -136,6 +149,13 @@ def parse_args(argv=None):
     for name in ("per_device_eval_batch_size", "shard_size", "image_size", "max_train_samples", "max_eval_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.dataloader_num_workers < 0:
+        parser.error(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    taken = sorted({"input_ids", "index", "image", "label"} & set(args.keep_columns))
+    if taken:
+        parser.error(f"--keep_columns {taken[0]}: the token dataset has its own {taken[0]!r} column")
+    if len(set(args.keep_columns)) != len(args.keep_columns):
+        parser.error(f"--keep_columns names a column twice: {args.keep_columns}")
     try:
         args.max_shard_bytes = parse_size(args.max_shard_size)
     except ValueError as error:
@@ -208,6 +228,7 @@ def main(argv=None):
                 data = load_image_dataset(
                     args.dataset, split=split, config_name=args.dataset_config, image_column=args.image_column,
                     label_column=args.label_column, streaming=args.streaming, revision=source["revision"],
+                    keep_columns=args.keep_columns,
                 )  # fmt: skip
                 cap = args.max_train_samples if split == "train" else args.max_eval_samples
                 splits[split] = data.select(range(min(cap, len(data)))) if cap else data
@@ -217,7 +238,8 @@ def main(argv=None):
             record=tokenizer_record(args.tokenizer, tokenizer, revision), source=source,
             batch_size=args.per_device_eval_batch_size, shard_size=args.shard_size,
             max_shard_bytes=args.max_shard_bytes, command=portable_command("hypervq-tokenize"),
-            overwrite=args.overwrite_output_dir,
+            overwrite=args.overwrite_output_dir, views=args.views, keep_columns=args.keep_columns,
+            num_workers=args.dataloader_num_workers,
             write_card=lambda folder, metadata: write_dataset_card(folder, repo_id, metadata=metadata, license=args.license),
         )  # fmt: skip
         if accelerator.is_main_process:

@@ -127,7 +127,9 @@ def read_token_dataset(args, accelerator):
     # what the results and the card say the prior was evaluated on, at which commit
     args.dataset, args.dataset_revision = args.token_dataset, args.token_dataset_revision
     grid, labelled = metadata["grid"], names is not None  # read from the memory-mapped Arrow tables, batch by batch
-    return tokenizer, processor, TokenGrids(train_data, grid, labelled), TokenGrids(eval_data, grid, labelled), names
+    views = len(metadata.get("views", ["center"]))  # training draws one per epoch; evaluation takes the first
+    train_tokens = TokenGrids(train_data, grid, labelled, views=views, seed=args.seed)
+    return tokenizer, processor, train_tokens, TokenGrids(eval_data, grid, labelled, views=views), names
 
 
 def main(argv=None):

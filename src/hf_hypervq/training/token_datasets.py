@@ -28,15 +28,17 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset, List, Value
-from datasets.fingerprint import Hasher
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..metrics.codebook_usage.codebook_usage import usage_from_counts
-from .data import DataError
+from .data import DataError, SampleKey
 from .generation import recorded_tokenizer, weights_sha256
 from .outputs import write_json
 
@@ -146,35 +148,97 @@ def tokenizer_record(name_or_path, tokenizer, revision: str | None = None) -> di
     }
 
 
-class TokenizeBatch:
-    """`datasets.map(batched=True)`'s function: a batch of `image`s -> `input_ids`, each image's token grid from the
-    tokenizer in eval mode (the quantizer's argmax, no noise), flattened row-major, as `dtype`."""
+VIEWS = ("center", "flip", "ten_crop")
+# `--views ten_crop`, as LlamaGen stores ImageNet: the shorter side to 1.1·N, the five N×N crops (centre, corners)
+# and their mirror images.
+TEN_CROP_SCALE = 1.1
+_CROPS = ("center", "top_left", "top_right", "bottom_left", "bottom_right")
 
-    def __init__(self, tokenizer, processor, grid: tuple, dtype: str, progress=None):
-        self.tokenizer, self.processor, self.grid, self.dtype = tokenizer.eval(), processor, tuple(grid), dtype
-        self.progress, self.count = progress, 0
 
-    def __call__(self, batch: dict) -> dict:
-        tokens = self.tokens(batch["image"])
-        if tuple(tokens.shape[1:]) != self.grid:
-            raise DataError(
-                f"an image gave a {'×'.join(map(str, tokens.shape[1:]))} token grid where the first gave "
-                f"{'×'.join(map(str, self.grid))}: the processor must bring every image to one size (--image_size)"
-            )
-        self.count += len(tokens)
-        if self.progress is not None:
-            self.progress.update(len(tokens))
-        return {"input_ids": tokens.flatten(1).cpu().numpy().astype(self.dtype)}
+def view_names(views: str) -> list[str]:
+    """The views `--views` stores of each image, in their order in `input_ids`; the first is always the image as
+    the tokenizer's own rule (shorter side to N, centre crop) shows it."""
+    if views not in VIEWS:
+        raise ValueError(f"views must be one of {VIEWS}, not {views!r}")
+    crops = {"center": ["center"], "flip": ["center"], "ten_crop": list(_CROPS)}[views]
+    return crops + ([f"{crop}_flipped" for crop in crops] if views != "center" else [])
 
-    def pixel_values(self, images) -> torch.Tensor:
-        """PIL images as the tokenizer's input `(B, C, H, W)`, on its device."""
-        images = [image.convert("RGB") if self.processor.do_convert_rgb else image for image in images]
-        return self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.tokenizer.device)
 
-    @torch.no_grad()
-    def tokens(self, images) -> torch.Tensor:
-        """The token grids `(B, h, w)` of PIL images, as `get_image_tokens` gives them."""
-        return self.tokenizer.get_image_tokens(self.pixel_values(images))
+def image_views(image, views: str, size: int, resample) -> list:
+    """The PIL images of `view_names(views)` for one image. `center` and `flip` leave resizing and cropping to the
+    processor; `ten_crop` cuts `size`×`size` crops, which the processor then leaves as they are."""
+    if views == "center":
+        return [image]
+    if views == "flip":
+        return [image, image.transpose(Image.FLIP_LEFT_RIGHT)]
+    width, height = image.size
+    scale = round(size * TEN_CROP_SCALE) / min(width, height)
+    width, height = max(size, round(width * scale)), max(size, round(height * scale))
+    resized = image.resize((width, height), resample)
+    corners = {"center": ((width - size) // 2, (height - size) // 2), "top_left": (0, 0),
+               "top_right": (width - size, 0), "bottom_left": (0, height - size),
+               "bottom_right": (width - size, height - size)}  # fmt: skip
+    crops = [resized.crop((left, top, left + size, top + size)) for left, top in (corners[c] for c in _CROPS)]
+    return crops + [crop.transpose(Image.FLIP_LEFT_RIGHT) for crop in crops]
+
+
+def pixel_values(processor, images) -> torch.Tensor:
+    """PIL images as the tokenizer's input `(B, C, H, W)` by `processor`'s rule."""
+    images = [image.convert("RGB") if processor.do_convert_rgb else image for image in images]
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+class TokenizerInputs:
+    """What a loader worker makes of a batch of rows: `pixel_values` `(B, V, C, H, W)`, every view of every image;
+    `index`, each row's position in its split; and the carried columns (`label`, `--keep_columns`) as they are."""
+
+    def __init__(self, processor, views: str, size: int, carried: list[str]):
+        self.processor, self.views, self.size, self.carried = processor, views, size, carried
+
+    def __call__(self, rows: dict, indices: list[int]) -> dict:
+        resample = getattr(self.processor, "resample", Image.BILINEAR)
+        views = [view for image in rows["image"] for view in image_views(image, self.views, self.size, resample)]
+        values = pixel_values(self.processor, views)
+        out = {"pixel_values": values.view(len(indices), -1, *values.shape[1:]), "index": list(indices)}
+        return {**out, **{column: rows[column] for column in self.carried}}
+
+
+class _SplitRows(torch.utils.data.Dataset):
+    """A shard of a map-style split, decoded and processed by the loader's workers (`TokenizerInputs`)."""
+
+    def __init__(self, data: Dataset, inputs: TokenizerInputs, first_index: int):
+        self.data, self.inputs, self.first_index = data, inputs, first_index
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitems__(self, positions: list[int]) -> list[dict]:
+        indices = [self.first_index + position for position in positions]
+        try:
+            rows = self.data[positions]  # datasets decodes the images here
+        except Exception as error:
+            raise DataError(f"unreadable image among rows {indices[0]}..{indices[-1]}: {type(error).__name__}: "
+                            f"{error}") from None  # fmt: skip
+        batch = self.inputs(rows, indices)
+        return [{key: value[i] for key, value in batch.items()} for i in range(len(positions))]
+
+
+def _collate_rows(rows: list[dict]) -> dict:
+    batch = {key: [row[key] for row in rows] for key in rows[0]}
+    batch["pixel_values"] = torch.stack(batch["pixel_values"])
+    return batch
+
+
+def _shard_loader(shard, inputs: TokenizerInputs, first_index: int, batch_size: int, num_workers: int):
+    """A loader of a shard's rows as tokenizer inputs, in order, decoded in `num_workers` worker processes. A stream's
+    shard is one source file, which one worker reads (its positions count from the file's start)."""
+    if isinstance(shard, IterableDataset):
+        columns = list(shard.column_names or ["image", *inputs.carried])
+        rows = shard.map(inputs, batched=True, batch_size=batch_size, with_indices=True, remove_columns=columns)
+        num_workers = min(num_workers, shard.num_shards)
+    else:
+        rows = _SplitRows(shard, inputs, first_index)
+    return torch.utils.data.DataLoader(rows, batch_size=batch_size, collate_fn=_collate_rows, num_workers=num_workers)
 
 
 def _first_image(data, split: str):
@@ -261,35 +325,42 @@ def _remove_tokens(folder: Path) -> None:
 def write_token_dataset(
     splits: dict, tokenizer, processor, output_dir, accelerator, *, record: dict, source: dict, batch_size: int = 256,
     shard_size: int | None = None, max_shard_bytes: int | None = None, command: str | None = None,
-    overwrite: bool = False, write_card=None,
+    overwrite: bool = False, write_card=None, views: str = "center", keep_columns=(), num_workers: int = 0,
 ) -> dict:  # fmt: skip
     """Tokenize each split of `splits` (`{name: Dataset or IterableDataset}` with an `image` column, and `label` when
-    there is one) into the token dataset folder `output_dir`; returns its metadata (`tokenization.json`).
+    there is one, and the `keep_columns`) into the token dataset folder `output_dir`; returns its metadata
+    (`tokenization.json`). Every row keeps `index`, its position in its split (for a stream: in its source file), and
+    `input_ids` holds the token grids of `view_names(views)`: one flat grid for `center`, one per view otherwise.
 
     Each split is cut into shards (`shard_size` images, or as many as `max_shard_bytes` of uncompressed tokens and
     labels hold, default `DEFAULT_MAX_SHARD_SIZE`; a stream where its source files are) that the processes
-    take in turn, so several processes write exactly what one would. A shard is tokenized with `datasets.map`
-    (batched, in `batch_size`s, cached by datasets like any map) and written into the hidden `.tokenizing/` folder
-    under a temporary name, then renamed: a rerun skips the shards that are there. When all are done they move into
+    take in turn, so several processes write exactly what one would. A shard's images are decoded and processed by
+    `num_workers` DataLoader workers, tokenized in batches of `batch_size` images and streamed into a Parquet file in
+    the hidden `.tokenizing/` folder under a temporary name, then renamed: a rerun skips the shards that are there. When all are done they move into
     `data/`, then `write_card(folder)` writes the card and `tokenization.json` comes last. `record` is
     `tokenizer_record(...)`, `source` says where the images came from; both go into `tokenization.json` with the image
     size, the grid, K and each split's codebook usage. `overwrite` starts over in a folder that holds other tokens."""
     folder = Path(output_dir)
     first_split = next(iter(splits))
-    probe = TokenizeBatch(tokenizer, processor, (), "int64")  # the first image gives the image size and the grid
-    pixel_values = probe.pixel_values([_first_image(splits[first_split], first_split)])
+    tokenizer.eval()  # the quantizer's argmax, no noise
+    probe = pixel_values(processor, [_first_image(splits[first_split], first_split)])  # gives the image size and grid
     with torch.no_grad():
-        grid = tuple(tokenizer.get_image_tokens(pixel_values).shape[1:])  # (h, w)
+        grid = tuple(tokenizer.get_image_tokens(probe.to(tokenizer.device)).shape[1:])  # (h, w)
     codebook_size = tokenizer.config.codebook_size
-    image_size, factor = list(pixel_values.shape[2:]), tokenizer.config.downsampling_factor
+    image_size, factor = list(probe.shape[2:]), tokenizer.config.downsampling_factor
+    if views == "ten_crop" and image_size[0] != image_size[1]:
+        raise DataError(f"--views ten_crop cuts square crops, and the processor makes {image_size[0]}×{image_size[1]} "
+                        "images: pass --image_size")  # fmt: skip
+    names = view_names(views)
+    carried = [column for column in ("label", *keep_columns) if column in (splits[first_split].column_names or [])]
     if any(size % factor for size in image_size):
         raise DataError(
             f"the images are {image_size[0]}×{image_size[1]} after processing, not a multiple of the tokenizer's "
             f"downsampling factor {factor}: pass --image_size"
         )
     dtype = token_dtype(codebook_size)
-    if shard_size is None:  # rows of `max_shard_bytes`: each row holds h*w ids and an int64 label
-        row_bytes = math.prod(grid) * np.dtype(dtype).itemsize + 8
+    if shard_size is None:  # rows of `max_shard_bytes`: each row holds h*w ids per view, an index and a label
+        row_bytes = len(names) * math.prod(grid) * np.dtype(dtype).itemsize + 16
         shard_size = max(1, (max_shard_bytes or parse_size(DEFAULT_MAX_SHARD_SIZE)) // row_bytes)
     counts = {split: _num_shards(data, shard_size) for split, data in splits.items()}
     empty = [split for split, count in counts.items() if count == 0]
@@ -306,6 +377,8 @@ def write_token_dataset(
         "dtype": dtype,
         "processor": json.loads(processor.to_json_string()),
         "source": source,
+        "views": names,
+        "kept_columns": list(keep_columns),
         "shard_size": None if streaming else shard_size,
         "splits": {split: {"num_shards": count} for split, count in counts.items()},
     }
@@ -330,25 +403,30 @@ def write_token_dataset(
         tqdm(**progress, disable=not accelerator.is_local_main_process) as bar,
     ):
         for split, index in mine:
-            path = shard_path(folder, split, index, counts[split], staged=True)
-            data = splits[split]
             if (split, index) in done:
                 continue
-            label = (data.features or {}).get("label")
-            features = Features({"input_ids": List(Value(dtype), length=math.prod(grid))})
-            if "label" in (data.column_names or []):
-                features["label"] = label if isinstance(label, (ClassLabel, Value)) else Value("int64")
-            tokenize = TokenizeBatch(tokenizer, processor, grid, dtype, progress=bar)
-            shard = _shard(data, index, counts[split], shard_size)
-            mapping = dict(batched=True, batch_size=batch_size, remove_columns=["image"], features=features)
-            if not streaming:  # datasets' cache key: the images and what makes tokens of them, not the model object
-                key = [shard._fingerprint, record["weights_sha256"], settings["processor"], dtype, batch_size]
-                mapping["new_fingerprint"] = Hasher.hash(key)
-            tokens = shard.map(tokenize, **mapping)
+            data = splits[split]
+            features = Features({"input_ids": List(Value(dtype), length=math.prod(grid)), "index": Value("int64")})
+            if len(names) > 1:
+                features["input_ids"] = List(features["input_ids"], length=len(names))
+            for column in carried:
+                feature = (data.features or {}).get(column)
+                if column == "label" and not isinstance(feature, (ClassLabel, Value)):
+                    feature = Value("int64")
+                if feature is None:
+                    raise DataError(f"--keep_columns {column}: the stream does not say what its type is")
+                features[column] = feature
+            inputs = TokenizerInputs(processor, views, image_size[0], carried)
+            loader = _shard_loader(_shard(data, index, counts[split], shard_size), inputs,
+                                   0 if streaming else index * shard_size, batch_size, num_workers)  # fmt: skip
+            path = shard_path(folder, split, index, counts[split], staged=True)
             partial = path.with_name(f".partial-{path.name}.{os.getpid()}")
-            tokens.to_parquet(str(partial))
-            if not streaming:  # a map datasets found in its cache did not call `tokenize`
-                bar.update(len(tokens) - tokenize.count)
+            with pq.ParquetWriter(str(partial), features.arrow_schema) as writer:
+                for batch in loader:
+                    ids = _token_ids(tokenizer, batch.pop("pixel_values"), grid, dtype)
+                    rows = {"input_ids": ids if len(names) > 1 else ids[:, 0], **batch}
+                    writer.write_table(Dataset.from_dict(rows, features=features).data.table)
+                    bar.update(len(ids))
             os.replace(partial, path)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -375,14 +453,27 @@ def write_token_dataset(
     return read_metadata(folder)
 
 
+@torch.no_grad()
+def _token_ids(tokenizer, pixel_values: torch.Tensor, grid: tuple, dtype: str) -> np.ndarray:
+    """`(B, V, h·w)` token ids of `(B, V, C, H, W)` pixel values, as `dtype`."""
+    tokens = tokenizer.get_image_tokens(pixel_values.flatten(0, 1).to(tokenizer.device))
+    if tuple(tokens.shape[1:]) != grid:
+        raise DataError(
+            f"an image gave a {'×'.join(map(str, tokens.shape[1:]))} token grid where the first gave "
+            f"{'×'.join(map(str, grid))}: the processor must bring every image to one size (--image_size)"
+        )
+    return tokens.reshape(*pixel_values.shape[:2], -1).cpu().numpy().astype(dtype)
+
+
 def split_usage(folder, split: str, count: int, codebook_size: int) -> dict:
     """A split's images, tokens and codebook usage (perplexity, codes used, dead codes), from its shards."""
-    import pyarrow.parquet as pq
-
     counts, images = np.zeros(codebook_size, dtype=np.int64), 0
     for index in range(count):
         column = pq.read_table(shard_path(folder, split, index, count), columns=["input_ids"]).column("input_ids")
-        ids = column.combine_chunks().flatten().to_numpy()
+        ids = column.combine_chunks()
+        while pa.types.is_fixed_size_list(ids.type):  # one grid, or one per view
+            ids = ids.flatten()
+        ids = ids.to_numpy()
         counts += np.bincount(ids, minlength=codebook_size)
         images += len(column)
     return {"num_shards": count, "num_images": images, "num_tokens": int(counts.sum()), **usage_from_counts(counts)}
@@ -499,18 +590,31 @@ class TokenGrids(torch.utils.data.Dataset):
     """A token dataset's split as the prior trains on it: `image_tokens` `(h, w)` int64 (the ids of
     `get_image_tokens`) and, with `with_labels`, `class_labels`. Rows are read from the split's memory-mapped Arrow
     table a batch at a time, never copied whole into RAM (ImageNet's 1.28 M grids of 16×16 tokens would be 2.6 GB
-    in every process, 21 GB on an 8-GPU machine); loader workers share the mapping."""
+    in every process, 21 GB on an 8-GPU machine); loader workers share the mapping.
 
-    def __init__(self, split: Dataset, grid, with_labels: bool):
+    A split stored with several `views` (`--views flip` or `ten_crop`) gives one of them per row: with `seed`, a view
+    drawn from the row's `SampleKey` (seed, epoch, index), so every epoch sees other views and a resumed run the
+    same ones; without, the first view (the image as the tokenizer's own rule shows it), for evaluation."""
+
+    def __init__(self, split: Dataset, grid, with_labels: bool, views: int = 1, seed: int | None = None):
         columns = ["input_ids", "label"] if with_labels else ["input_ids"]
         self.rows, self.grid, self.with_labels = split.with_format("numpy", columns=columns), tuple(grid), with_labels
+        self.views, self.seed, self.epoch = views, seed, 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __getitems__(self, indices: list[int]) -> list[dict]:
         rows = self.rows[indices]
-        tokens = torch.from_numpy(np.asarray(rows["input_ids"]).astype(np.int64)).view(len(indices), *self.grid)
+        ids = np.asarray(rows["input_ids"])
+        if self.views > 1:  # (B, views, h·w): one view per row
+            drawn = [0 if self.seed is None else SampleKey(self.seed, self.epoch, i).rng().randrange(self.views)
+                     for i in indices]  # fmt: skip
+            ids = ids[np.arange(len(indices)), drawn]
+        tokens = torch.from_numpy(ids.astype(np.int64)).view(len(indices), *self.grid)
         if not self.with_labels:
             return [{"image_tokens": grid} for grid in tokens]
         labels = torch.as_tensor(np.asarray(rows["label"]), dtype=torch.long)
