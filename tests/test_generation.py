@@ -224,6 +224,29 @@ def test_train_prior_and_sample_with_fid_and_is(tmp_path):
     assert mismatch.returncode == 2 and "the prior models 16 codes but the tokenizer" in mismatch.stderr
 
 
+def test_sample_decodes_the_real_images_in_loader_workers_with_the_same_fid_and_is(tmp_path, run_command):
+    """Issue 34: the real images of FID were decoded one by one in the main process, at ImageNet scale the slow part."""
+    tokenizer_dir = tmp_path / "tokenizer"
+    HyperVQVAEModel(HyperVQVAEConfig(hidden_size=16, residual_hidden_size=8, embedding_dim=8, codebook_size=12)
+                    ).save_pretrained(tokenizer_dir)  # fmt: skip
+    HyperVQImageProcessor(size={"height": 8, "width": 8}).save_pretrained(tokenizer_dir)
+    HyperVQVAEForImageClassification.from_pretrained(tokenizer_dir, num_labels=10).save_pretrained(tmp_path / "cls")
+    HyperVQImageProcessor(size={"height": 8, "width": 8}).save_pretrained(tmp_path / "cls")
+    tiny_prior(grid_size=[2, 2], tokenizer_name_or_path=str(tokenizer_dir)).save_pretrained(tmp_path / "prior")
+    scores = {}
+    for workers in (0, 2):
+        metrics_file = tmp_path / f"metrics-{workers}.json"
+        status, stderr = run_command(
+            "sample", "--prior", tmp_path / "prior", "--num_images", "1", "--output", tmp_path / "grid.png",
+            "--num_samples", "70", "--feature_extractor", tmp_path / "cls", "--metrics_file", metrics_file,
+            "--dataloader_num_workers", workers,
+        )  # fmt: skip
+        assert status == 0, stderr
+        scores[workers] = json.loads(metrics_file.read_text())
+    assert scores[0]["protocol"]["num_real_images"] == 70  # two batches of the loader, the second partial
+    assert scores[2] == scores[0]  # the same numbers, to the last bit
+
+
 @pytest.mark.slow
 def test_a_prior_finds_its_tokenizer_from_any_folder_and_a_missing_one_is_one_line(tmp_path):
     """A prior used to record the tokenizer path it was given: relative, it meant nothing from another folder, and
@@ -267,6 +290,7 @@ def test_a_prior_finds_its_tokenizer_from_any_folder_and_a_missing_one_is_one_li
         (["--temperature", "0"], "--temperature must be a finite number > 0"),
         (["--temperature", "nan"], "--temperature must be a finite number > 0"),
         (["--seed", "-1"], "--seed must be >= 0"),
+        (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0"),
     ],
 )
 def test_sample_flags_are_checked_before_loading(flags, message, tmp_path, run_command):

@@ -93,6 +93,30 @@ def test_cards_say_which_options_beyond_the_paper_a_model_was_trained_with(tmp_p
         assert expected in str(build_model_card(tmp_path / f"classifier-{normalize}", "org/hypervq-classifier"))
 
 
+def test_the_tokenizer_card_says_which_augmentation_and_image_rule_trained_it(tmp_path):
+    """Issue 34: a card that did not say whether the weights saw random crops and flips or only centre crops."""
+    sentences = {
+        "none": "**Training images**: no augmentation (`--train_augmentation none`): every training image went "
+        "through the evaluation rule, that of the saved image processor: the shorter side resized to 8, then the "
+        "centre 8×8 crop.",
+        "crop_flip": "**Training images**: random crop and flip (`--train_augmentation crop_flip`): the shorter side "
+        "resized to 8, a random 8×8 crop, flipped horizontally half the time. Evaluation used the saved image "
+        "processor's rule: the shorter side resized to 8, then the centre 8×8 crop.",
+    }
+    for augmentation, sentence in sentences.items():
+        folder = saved_tokenizer(tmp_path / augmentation)
+        HyperVQImageProcessor.for_image_size(8).save_pretrained(folder)
+        everything = json.loads((folder / "all_results.json").read_text())
+        everything["args"] |= {"train_augmentation": augmentation, "image_size": 8}
+        (folder / "all_results.json").write_text(json.dumps(everything))
+        assert sentence in str(build_model_card(folder, "org/hypervq-tiny")).replace("\n", " "), augmentation
+    padded = saved_tokenizer(tmp_path / "padded")  # the fashion_mnist default: 28×28 on a 32×32 canvas
+    HyperVQImageProcessor(size={"height": 28, "width": 28}, do_pad=True,
+                          pad_size={"height": 32, "width": 32}).save_pretrained(padded)  # fmt: skip
+    assert ("the saved image processor: resized to 28×28, then centred on a 32×32 black canvas."
+            in str(build_model_card(padded, "org/hypervq-tiny")))  # fmt: skip
+
+
 def test_vqsa_card_names_its_base_model_and_robustness(tmp_path):
     config = HyperVQSAConfig(
         backbone_config=dict(hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"), num_labels=3

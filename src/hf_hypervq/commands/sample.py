@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default=None, help="real images for FID (default: scikit-learn digits)")
     parser.add_argument("--split", default="test", help="split of --dataset (default: test)")
     parser.add_argument("--image_column", default=None, help="image column of --dataset")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="worker processes per data loader")
     parser.add_argument("--metrics_file", default=None, help="where FID/IS go (default: next to --output)")
     return parser
 
@@ -65,8 +66,9 @@ def parse_args(argv=None):
         parser.error(f"--num_samples must be >= 2 (FID needs a covariance), got {args.num_samples}")
     if not 0 < args.temperature < math.inf:  # also NaN
         parser.error(f"--temperature must be a finite number > 0, got {args.temperature}")
-    if args.seed < 0:
-        parser.error(f"--seed must be >= 0, got {args.seed}")
+    for name in ("seed", "dataloader_num_workers"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.class_labels and min(args.class_labels) < 0:
         parser.error(f"--class_labels must be class ids >= 0, got {args.class_labels}")
     return args
@@ -123,9 +125,10 @@ def main(argv=None):
                 **labels(args.num_samples),
             )
             real = load_image_dataset(args.dataset, split=args.split, image_column=args.image_column)
-            real_images = [real[i]["image"] for i in range(min(args.num_samples, len(real)))]
+            real = real.select(range(min(args.num_samples, len(real))))
             sample_features, sample_probabilities = extractor(samples)
-            real_features, _ = extractor(real_images)
+            # the real images are decoded in the loader's workers, each once
+            real_features, _ = extractor.of_dataset(real, num_workers=args.dataloader_num_workers)
             scores = metric("fid_inception_score").compute(
                 predictions=torch.cat([real_features, sample_features]).numpy(),
                 references=[0] * len(real_features) + [1] * len(sample_features),
@@ -142,7 +145,7 @@ def main(argv=None):
                     "feature_extractor": extractor.name,
                     "feature_extractor_sha256": extractor.weights_sha256,
                     "num_samples": len(samples),
-                    "num_real_images": len(real_images),
+                    "num_real_images": len(real),
                     "real_images": f"{args.dataset or 'scikit-learn/digits'}:{args.split}",
                     "resolution": [samples[0].height, samples[0].width],
                     "temperature": args.temperature,
@@ -152,7 +155,7 @@ def main(argv=None):
             write_json(path, metrics)
             print(
                 f"FID {metrics['fid']:.2f}, IS {score:.2f} ± {score_std:.2f} over {len(samples)} samples against "
-                f"{len(real_images)} real images, features from {extractor.name} "
+                f"{len(real)} real images, features from {extractor.name} "
                 f"(sha256 {extractor.weights_sha256[:12]}), wrote {path}"
             )
 

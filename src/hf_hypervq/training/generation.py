@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader
 
 
 class FeatureExtractor:
@@ -23,16 +24,55 @@ class FeatureExtractor:
         self._features = None
         linears[-1].register_forward_hook(lambda module, inputs, output: setattr(self, "_features", inputs[0]))
 
-    @torch.no_grad()
     def __call__(self, images: list[Image.Image], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = (
+            self.processor(images=[image.convert("RGB") for image in images[start : start + batch_size]],
+                           return_tensors="pt")
+            for start in range(0, len(images), batch_size)
+        )  # fmt: skip
+        return self._extract(batches)
+
+    def of_dataset(self, data, num_workers: int = 0, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same for the `image` column of a data set: each image is decoded and preprocessed once, by
+        `num_workers` DataLoader worker processes (0: this one), while this process runs the network."""
+        inputs = ExtractorInputs(data, self.processor)
+        return self._extract(DataLoader(inputs, batch_size=batch_size, collate_fn=_as_is, num_workers=num_workers))
+
+    @torch.no_grad()
+    def _extract(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
         features, probabilities = [], []
-        for start in range(0, len(images), batch_size):
-            batch = [image.convert("RGB") for image in images[start : start + batch_size]]
-            inputs = self.processor(images=batch, return_tensors="pt")
+        for inputs in batches:
             logits = self.model(**inputs).logits
             features.append(self._features.flatten(1).float())
             probabilities.append(torch.softmax(logits.float(), -1))
         return torch.cat(features), torch.cat(probabilities)
+
+
+class ExtractorInputs(torch.utils.data.Dataset):
+    """A data set's images as a feature extractor's inputs, a batch of rows at a time (`__getitems__`): decoded and
+    preprocessed where the loader fetches them, in its workers."""
+
+    def __init__(self, data, processor):
+        self.data, self.processor = data.select_columns(["image"]), processor
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        from .data import DataError
+
+        try:
+            images = self.data[indices]["image"]  # datasets decodes the images here
+        except Exception as error:
+            raise DataError(f"unreadable image among rows {indices[0]}..{indices[-1]}: {type(error).__name__}: "
+                            f"{error}") from None  # fmt: skip
+        return dict(self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt"))
+
+
+def _as_is(batch: dict) -> dict:
+    """The loader's collate function: `ExtractorInputs` gives whole batches already (a module-level function, so
+    that workers can unpickle it)."""
+    return batch
 
 
 def weights_sha256(model: nn.Module) -> str:

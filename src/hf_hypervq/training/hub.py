@@ -171,6 +171,8 @@ def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR, license: 
         for k, v in arguments.items()
         if v not in (None, False) and k not in ("output_dir", "hub_model_id", "hub_token", "push_to_hub")
     }
+    processor = _read_json(Path(folder) / "preprocessor_config.json")
+    images = training_images(processor, arguments) if kind == "tokenizer" else None
     return ModelCard.from_template(
         card_data,
         template_path=Path(template_dir) / f"{kind}.md",
@@ -194,7 +196,52 @@ def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR, license: 
         usage=codebook_usage_summary(config, evaluation, everything),
         protocol=protocol,
         protocol_summary=protocol_summary,
+        training_images=images,
     )
+
+
+def image_rule(processor: dict) -> str | None:
+    """What a saved image processor (its `preprocessor_config.json`) does to an image's size, in words; None without
+    one."""
+    size, crop, pad = processor.get("size") or {}, processor.get("crop_size") or {}, processor.get("pad_size") or {}
+    if not processor.get("do_resize", True):
+        rule = "kept at its size"
+    elif "shortest_edge" in size:
+        rule = f"the shorter side resized to {size['shortest_edge']}"
+    elif "height" in size and "width" in size:
+        rule = f"resized to {size['height']}×{size['width']}"
+    else:
+        return None
+    if processor.get("do_center_crop") and crop:
+        rule += f", then the centre {crop['height']}×{crop['width']} crop"
+    if processor.get("do_pad") and pad:
+        rule += f", then centred on a {pad['height']}×{pad['width']} black canvas"
+    return rule
+
+
+def training_images(processor: dict, arguments: dict) -> str | None:
+    """The tokenizer card's sentence on its training images: the augmentation (`--train_augmentation`; runs made
+    before the flag had none) and the saved image processor's rule, which evaluation used."""
+    rule = image_rule(processor)
+    augmentation = arguments.get("train_augmentation", "none")
+    if rule is None:
+        return None
+    if augmentation == "none":
+        return (
+            "no augmentation (`--train_augmentation none`): every training image went through the evaluation rule, "
+            f"that of the saved image processor: {rule}."
+        )
+    if augmentation == "crop_flip":  # `data.RandomCropFlip`, before the processor (whose resize is then a no-op)
+        n = arguments.get("image_size")
+        pad = processor.get("pad_size") if processor.get("do_pad") else None
+        canvas = f", then centred on a {pad['height']}×{pad['width']} black canvas" if pad else ""
+        augmentation = (
+            f"random crop and flip (`--train_augmentation crop_flip`): the shorter side resized to {n}, a random "
+            f"{n}×{n} crop, flipped horizontally half the time{canvas}"
+        )
+    else:
+        augmentation = f"`--train_augmentation {augmentation}`"
+    return f"{augmentation}. Evaluation used the saved image processor's rule: {rule}."
 
 
 def codebook_usage_summary(config: dict, evaluation: dict, everything: dict) -> dict | None:
