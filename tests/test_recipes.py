@@ -120,3 +120,49 @@ def test_the_rehearsal_data_is_deterministic_and_shaped_like_imagenet(tmp_path):
     assert (
         parquet["train"][3]["image"].size == Image.open(first / "images" / "train" / "n00000003" / "0000003.jpg").size
     )
+
+
+@pytest.mark.slow
+def test_the_rehearsal_runs_end_to_end(tmp_path):
+    """The recipe's four jobs at a test's size on the ImageNet-shaped photos: a tokenizer trained with random crops
+    and flips, its token dataset with flipped views (decoded by two loader workers), a prior on those tokens, and
+    VQ-SA for a few steps. The two-machine launch of the same scripts is tests/test_multinode.py."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import datasets
+
+    make = _module(ROOT / "benchmarks" / "make_rehearsal_data.py", "make_rehearsal_data")
+    images = make.make_rehearsal_data(tmp_path / "data", 48) / "images"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def run(script, *args):
+        command = [sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--cpu", *map(str, args)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result
+
+    workers = ["--dataloader_num_workers", "2"]
+    tiny = ["--hidden_size", "16", "--residual_hidden_size", "8", "--embedding_dim", "8", "--codebook_size", "16"]
+    run("train_vqvae", "--dataset", images, "--eval_split", "validation", "--image_size", "32", "--train_augmentation",
+        "crop_flip", *tiny, "--max_train_steps", "4", "--per_device_train_batch_size", "8", *workers,
+        "--output_dir", tmp_path / "tokenizer")  # fmt: skip
+    assert (
+        "random crop and flip (`--train_augmentation crop_flip`)" in (tmp_path / "tokenizer" / "README.md").read_text()
+    )
+    run("tokenize_dataset", "--tokenizer", tmp_path / "tokenizer", "--dataset", images, "--split", "train",
+        "validation", "--views", "flip", *workers, "--output_dir", tmp_path / "tokens")  # fmt: skip
+    metadata = json.loads((tmp_path / "tokens" / "tokenization.json").read_text())
+    assert metadata["image_size"] == [32, 32] and metadata["grid"] == [8, 8] and len(metadata["views"]) == 2
+    tokens = datasets.load_dataset(str(tmp_path / "tokens"))
+    assert tokens["train"].num_rows == 48 and tokens["validation"].num_rows == 4
+    run("train_prior", "--token_dataset", tmp_path / "tokens", "--class_conditional", "--num_layers", "2",
+        "--hidden_size", "8", "--max_train_steps", "3", "--per_device_train_batch_size", "8",
+        "--num_sample_images", "2", "--output_dir", tmp_path / "prior")  # fmt: skip
+    assert json.loads((tmp_path / "prior" / "all_results.json").read_text())["step"] == 3
+    run("train_vqsa", "--dataset", images, "--eval_split", "validation", "--image_size", "32", "--codebook_size",
+        "16", "--max_train_steps", "2", "--per_device_train_batch_size", "4", *workers, "--output_dir",
+        tmp_path / "vqsa")  # fmt: skip
+    assert json.loads((tmp_path / "vqsa" / "all_results.json").read_text())["step"] == 2
