@@ -12,27 +12,34 @@ The data sets (`DATASETS`), read through the library's data path (`load_image_da
   centred on a 32×32 canvas by the image processor (an 8×8 token grid, as the paper's CIFAR runs);
 - `digits`: scikit-learn's digits, 1,437 training and 360 test images at 16×16 (a 4×4 grid).
 
-The classifier protocols, all on the frozen tokenizer's eval-mode quantized latents, all measured on the whole test
-split. The head learns from a fixed, seeded, class-stratified subset of the training split (`classifier_images` in
-`DATASETS`: all of digits' 1,437, 6,250 of Fashion-MNIST's 60,000, to fit the budget), of which 20% is held out for
-validation:
+A fixed, class-stratified tenth of each training split is the *validation* split (6,000 and 144 images): the
+tokenizers train on the rest, every choice (defaults, recipes, "best" rows) is made on validation numbers, and the
+test split is only measured, once per run, for the report. Each run's file holds both: the test numbers at its top
+level, the validation numbers under `validation`.
+
+The classifier protocols, all on the frozen tokenizer's eval-mode quantized latents, each measured on the validation
+and the test split. The head learns from a fixed, seeded, class-stratified subset of the tokenizers' training part
+(`classifier_images` in `DATASETS`: all of digits' 1,293, 6,250 of Fashion-MNIST's 54,000, to fit the budget), of
+which 20% is held out for early stopping; every quantizer's head starts from the same weights for a given seed:
 
 - `accuracy`: `scripts/train_classifier.py`'s defaults: features standardised per channel by a BatchNorm without
   affine parameters (`classifier_normalize_features=True`), 20 epochs at a constant learning rate of 1e-3 (AdamW, no
   weight decay, batch 128), on the 80%;
 - `accuracy_unnormalized`: the same without the BatchNorm (the paper's head, the script's default until this study);
 - `accuracy_early_stopping`: the paper's head with early stopping (hf-hypervq 0.2's study): for each learning rate
-  in {1e-3, 3e-3, 1e-2} the head trains on the 80% until validation accuracy has not improved for
-  `EARLY_STOPPING_PATIENCE` epochs (at most `MAX_EARLY_STOPPING_EPOCHS`), its best-validation weights are kept,
-  and the learning rate with the best validation accuracy gives the reported test accuracy. The test split never
-  chooses anything.
+  of `CLASSIFIER_LEARNING_RATES` (3e-4 to 1e-1: wide enough that no quantizer picks an edge) the head trains on the
+  80% until accuracy on the held-out 20% has not improved for `EARLY_STOPPING_PATIENCE` epochs (at most
+  `MAX_EARLY_STOPPING_EPOCHS`), its best weights are kept, and the learning rate with the best held-out accuracy
+  is the one measured. The test split never chooses anything.
 
 Each finished run is a JSON file (and, beside it, a PNG of its decoded codes: `decoded_codebook`) named by a hash of
-its setting, its model sizes and `code_fingerprint()` (the code that computes it), and by its seed. A rerun (or the other script) with the same setting on the same code reuses it,
+its setting, its model sizes, `code_fingerprint()` (the code that computes it) and `run_environment()` (the CPU
+kernel path and build actually used, the `HF_HYPERVQ_*` variables, the SHA-256 of the data files and the versions
+of every package that computes), and by its seed. A rerun (or the other script) with the same setting on the same code reuses it,
 and an interrupted study resumes where it stopped; after a change to any of that code every run is recomputed, and
 runs of other code are never read back (their fingerprint is inside each file, with the package versions, and is
 checked too). The code that counts is `FINGERPRINT_SOURCES`, this module among them; a run of the anchor row (below) is also
-keyed by the version of vector-quantize-pytorch, whose code is not in this repository.
+keyed by the version of vector-quantize-pytorch, whose code is not in this repository (the dev extra pins it).
 
 Besides the library's five quantizers, a setting may name `ANCHOR` (`"vq_pytorch"`): vector-quantize-pytorch's
 `VectorQuantize`, the quantizer practitioners reach for, in the same VQ-VAE with the same budget, as a reference row.
@@ -52,17 +59,16 @@ import platform
 import time
 from pathlib import Path
 
-import numpy
 import sklearn
 import torch
 import torch.nn.functional as F
-import transformers
 from PIL import Image
 
 import hf_hypervq
 from hf_hypervq import HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEForImageClassification, HyperVQVAEModel
+from hf_hypervq.models.hypervq import kernels
 from hf_hypervq.models.hypervq.quantizers import QUANTIZER_TYPES, VectorQuantizer, decay_for_run
-from hf_hypervq.training.data import FASHION_MNIST, load_image_dataset
+from hf_hypervq.training.data import FASHION_MNIST, FASHION_MNIST_FOLDER, load_image_dataset
 from hf_hypervq.training.evaluation import cluster_scores, metric
 from hf_hypervq.training.metrics import logit_confidence_per_row, perturb
 from hf_hypervq.training.outputs import write_text
@@ -82,9 +88,11 @@ DEFAULTS = {
     "diversity_weight": 0.0,
     "feature_clip": None,
     "steps": 2000,
+    "embedding_dim": None,  # MODEL's (64); the paper's Table 5 setting is 3
 }
 TAU_MAX, TAU_MIN, PER_UPDATE_DECAY = 2.0, 0.5, 0.999995
-CLASSIFIER_LEARNING_RATES = (1e-3, 3e-3, 1e-2)
+CLASSIFIER_LEARNING_RATES = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # early stopping's grid: 1e-2 was its edge
+VALIDATION_SHARE = 0.1  # of each training split, stratified: where every choice is made
 CLASSIFIER_EPOCHS = 20  # scripts/train_classifier.py's default
 EARLY_STOPPING_PATIENCE, MAX_EARLY_STOPPING_EPOCHS = 5, 50
 BATCH_SIZE = 128
@@ -182,11 +190,53 @@ def anchor_version() -> str | None:
         return None
 
 
+# The packages whose code computes a run's numbers (besides this repository's): a run is keyed by their versions.
+COMPUTING_PACKAGES = ("torch", "numpy", "scipy", "scikit-learn", "pillow", "datasets", "evaluate", "transformers",
+                      "geoopt")  # fmt: skip
+
+
 def package_versions() -> dict:
     """The versions a run was computed with, recorded in its file."""
-    return {"hf-hypervq": hf_hypervq.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,
-            ANCHOR_PACKAGE: anchor_version() or "not installed", "python": platform.python_version()}  # fmt: skip
+    return {"hf-hypervq": hf_hypervq.__version__, **computing_versions(),
+            ANCHOR_PACKAGE: anchor_version() or "not installed"}  # fmt: skip
+
+
+@functools.cache
+def computing_versions() -> dict:
+    """The versions of `COMPUTING_PACKAGES` and of Python."""
+
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {**{name: version(name) for name in COMPUTING_PACKAGES}, "python": platform.python_version()}
+
+
+@functools.cache
+def data_sha256(dataset: str) -> str:
+    """SHA-256 of the files a data set is read from: Fashion-MNIST's four IDX files, scikit-learn's digits file."""
+    if dataset == FASHION_MNIST:
+        paths = sorted(Path(FASHION_MNIST_FOLDER).glob("*-ubyte.gz"))
+    else:
+        paths = [Path(sklearn.__file__).parent / "datasets" / "data" / "digits.csv.gz"]
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_environment(dataset: str) -> dict:
+    """What changes a run's numbers besides its setting and this repository's code: the CPU kernel path and build
+    actually taken (`kernels.cpu_kernel_path`), the `HF_HYPERVQ_*` variables, the data files' SHA-256 and the
+    versions of the packages that compute (`computing_versions`)."""
+    return {
+        "cpu_kernels": kernels.cpu_kernel_path(),
+        "variables": {name: value for name, value in sorted(os.environ.items()) if name.startswith("HF_HYPERVQ_")},
+        "data_sha256": data_sha256(dataset),
+        "versions": computing_versions(),
+    }
 
 
 def keyed_versions(setting: dict) -> dict:
@@ -234,10 +284,11 @@ def _stratified_sample(labels: torch.Tensor, fraction: float, generator: torch.G
 
 @functools.cache
 def load_tensors(dataset: str) -> dict:
-    """A data set's train and test splits as `[-1, 1]` tensors (its image processor's output), read through the
-    library's data path, and the classifier's splits: a fixed, stratified subset of the training split
-    (`classifier_images`), divided 80/20 (stratified, seeded) into `classifier_train` and `validation`. Cached: a
-    worker process loads each data set once."""
+    """A data set's splits as `[-1, 1]` tensors (its image processor's output), read through the library's data path:
+    `train` (what the tokenizers train on) and `validation` (a fixed, stratified `VALIDATION_SHARE` of the training
+    split), `test`, and the classifier's: a fixed, stratified subset of `train` (`classifier_images`), divided 80/20
+    (stratified, seeded) into `classifier_train` and `classifier_held_out` (early stopping's). Cached: a worker
+    process loads each data set once."""
     spec = DATASETS[dataset]
     processor = spec.image_processor()
     tensors = {}
@@ -247,12 +298,15 @@ def load_tensors(dataset: str) -> dict:
         tensors[split] = (processor(images=images, return_tensors="pt")["pixel_values"], torch.tensor(data["label"]))
     pixels, labels = tensors["train"]
     generator = torch.Generator().manual_seed(0)
+    validation = _stratified_sample(labels, VALIDATION_SHARE, generator)
+    tensors["validation"] = (pixels[validation], labels[validation])
+    tensors["train"] = pixels, labels = (pixels[~validation], labels[~validation])
     if spec.classifier_images is not None:
         subset = _stratified_sample(labels, spec.classifier_images / len(labels), generator)
         pixels, labels = pixels[subset], labels[subset]
-    validation = _stratified_sample(labels, 0.2, generator)
-    tensors["classifier_train"] = (pixels[~validation], labels[~validation])
-    tensors["validation"] = (pixels[validation], labels[validation])
+    held_out = _stratified_sample(labels, 0.2, generator)
+    tensors["classifier_train"] = (pixels[~held_out], labels[~held_out])
+    tensors["classifier_held_out"] = (pixels[held_out], labels[held_out])
     return tensors
 
 
@@ -373,11 +427,15 @@ def usage(tokens: torch.Tensor, codebook_size: int) -> dict:
     return {k: result[k] for k in ("perplexity", "codes_used", "dead_codes")}
 
 
+VALIDATION_METRICS = ("reconstruction_mse", "perplexity", "codes_used", "dead_codes", "silhouette", "davies_bouldin")
+
+
 @torch.no_grad()
-def tokenizer_metrics(model, train_tokens, data) -> dict:
-    """Test-split quality (MSE, eval-argmax usage, cluster scores on clean and perturbed inputs) and the mechanism
-    numbers: training-sample perplexity, latent norms, code-vector norms, logit margin and max probability."""
-    pixels = data["test"][0]
+def tokenizer_metrics(model, train_tokens, data, split: str = "test", noisy: bool = True) -> dict:
+    """A split's quality (MSE, eval-argmax usage, cluster scores on clean and, with `noisy`, perturbed inputs) and the
+    mechanism numbers: training-sample perplexity, latent norms, code-vector norms, logit margin and max
+    probability."""
+    pixels = data[split][0]
     quantizer, config = model.quantizer, model.config
     reconstructions, latents, tokens, max_probabilities, margins = [], [], [], [], []
     for chunk in pixels.split(EVAL_CHUNK):
@@ -409,6 +467,8 @@ def tokenizer_metrics(model, train_tokens, data) -> dict:
         results["mean_max_probability"] = torch.cat(max_probabilities).mean().item()
         results["logit_margin"] = torch.cat(margins).mean().item()
     results.update(cluster_scores(latents, tokens.reshape(-1), ""))
+    if not noisy:
+        return results
     noisy = [model.encode(chunk) for chunk in perturb(pixels, torch.Generator().manual_seed(0)).split(EVAL_CHUNK)]
     noisy_latents = torch.cat([n.latents.permute(0, 2, 3, 1).reshape(-1, config.embedding_dim) for n in noisy])
     results.update(cluster_scores(noisy_latents, torch.cat([n.image_tokens.reshape(-1) for n in noisy]), "noisy_"))
@@ -453,34 +513,40 @@ def _train_head(head, features, labels, learning_rate, seed, *, epochs, validati
     return best
 
 
+def new_head(config: HyperVQVAEConfig, seed: int, normalize: bool) -> torch.nn.Module:
+    """The classifier's trainable part, `HyperVQVAEForImageClassification`'s, initialised from `seed` alone: built
+    first, then its weights drawn afresh, so every quantizer's head starts from the same weights for a seed (building
+    the whole classifier draws the tokenizer's weights first, and each quantizer draws differently)."""
+    options = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+    config = HyperVQVAEConfig(**{**options, "num_labels": 10, "classifier_normalize_features": normalize})
+    classifier = HyperVQVAEForImageClassification(config)
+    head = torch.nn.Sequential(classifier.feature_norm, classifier.classifier)
+    torch.manual_seed(seed)
+    for module in head.modules():
+        classifier._init_weights(module)
+    return head
+
+
 def classifier_metrics(model, seed: int, data: dict) -> dict:
-    """Test accuracy of frozen-feature classifiers on the tokenizer's codes, under the three protocols (the module's
-    docstring)."""
+    """Validation and test accuracy of frozen-feature classifiers on the tokenizer's codes, under the three protocols
+    (the module's docstring): `{"validation": {protocol: accuracy}, protocol: test accuracy, ...}`."""
     features = {split: (_features(model, data[split][0]), data[split][1])
-                for split in ("classifier_train", "validation", "test")}  # fmt: skip
-    options = {k: v for k, v in model.config.to_dict().items() if k not in ("id2label", "label2id")}
-
-    def new_head(normalize: bool) -> torch.nn.Module:
-        """The classifier's trainable part: `HyperVQVAEForImageClassification`'s, the same initial weights."""
-        torch.manual_seed(seed)
-        config = HyperVQVAEConfig(**{**options, "num_labels": 10, "classifier_normalize_features": normalize})
-        classifier = HyperVQVAEForImageClassification(config)
-        return torch.nn.Sequential(classifier.feature_norm, classifier.classifier)
-
-    results = {}
+                for split in ("classifier_train", "classifier_held_out", "validation", "test")}  # fmt: skip
+    results, validation = {}, {}
     for normalize, key in ((True, "accuracy"), (False, "accuracy_unnormalized")):
-        head = new_head(normalize)
+        head = new_head(model.config, seed, normalize)
         _train_head(head, *features["classifier_train"], 1e-3, seed, epochs=CLASSIFIER_EPOCHS)
-        results[key] = _accuracy(head, *features["test"])
+        validation[key], results[key] = (_accuracy(head, *features[split]) for split in ("validation", "test"))
     best = None
     for learning_rate in CLASSIFIER_LEARNING_RATES:
-        head = new_head(False)
-        validation = _train_head(head, *features["classifier_train"], learning_rate, seed,
-                                 epochs=MAX_EARLY_STOPPING_EPOCHS, validation=features["validation"])  # fmt: skip
-        if best is None or validation > best[0]:
-            best = (validation, learning_rate, _accuracy(head, *features["test"]))
-    results.update(early_stopping_validation_accuracy=best[0], early_stopping_learning_rate=best[1],
-                   accuracy_early_stopping=best[2])  # fmt: skip
+        head = new_head(model.config, seed, False)
+        held_out = _train_head(head, *features["classifier_train"], learning_rate, seed,
+                               epochs=MAX_EARLY_STOPPING_EPOCHS, validation=features["classifier_held_out"])  # fmt: skip
+        if best is None or held_out > best[0]:
+            best = (held_out, learning_rate, *(_accuracy(head, *features[s]) for s in ("validation", "test")))
+    validation["accuracy_early_stopping"] = best[2]
+    results.update(early_stopping_held_out_accuracy=best[0], early_stopping_learning_rate=best[1],
+                   accuracy_early_stopping=best[3], validation=validation)  # fmt: skip
     return results
 
 
@@ -497,12 +563,19 @@ def setting_of(overrides: dict, quick: bool = False) -> dict:
 def run_path(runs_dir, setting: dict, seed: int, quick: bool) -> Path:
     """The file of one run: named by its setting, model sizes, code fingerprint and (for the anchor row)
     vector-quantize-pytorch's version, hashed, and by its seed."""
-    key = {**setting, "model": QUICK_MODEL if quick else MODEL, "code": code_fingerprint()}
+    key = {**setting, "model": model_options(setting, quick), "code": code_fingerprint(),
+           "environment": run_environment(setting["dataset"])}  # fmt: skip
     if versions := keyed_versions(setting):  # only where they matter: the library's rows keep their names
         key["versions"] = versions
     key = json.dumps(key, sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     return Path(runs_dir) / f"{setting['quantizer']}-K{setting['codebook_size']}-{digest}-seed{seed}.json"
+
+
+def model_options(setting: dict, quick: bool) -> dict:
+    """The VQ-VAE's sizes for a setting: `MODEL` (`QUICK_MODEL`), with the setting's `embedding_dim` if it has one."""
+    options = QUICK_MODEL if quick else MODEL
+    return {**options, "embedding_dim": setting.get("embedding_dim") or options["embedding_dim"]}
 
 
 def measure(setting: dict, seed: int, quick: bool) -> dict:
@@ -511,9 +584,11 @@ def measure(setting: dict, seed: int, quick: bool) -> dict:
     torch.set_num_threads(1)  # one thread per worker process: the small convolutions scale poorly across threads
     data = load_tensors(setting["dataset"])
     started = time.process_time()
-    model, train_tokens = train_tokenizer(setting, QUICK_MODEL if quick else MODEL, seed, data)
+    model, train_tokens = train_tokenizer(setting, model_options(setting, quick), seed, data)
     result = tokenizer_metrics(model, train_tokens, data)
+    validation = tokenizer_metrics(model, train_tokens, data, split="validation", noisy=False)
     result.update(classifier_metrics(model, seed, data))
+    result["validation"] = {**{name: validation.get(name) for name in VALIDATION_METRICS}, **result["validation"]}
     result["compute_seconds"] = time.process_time() - started
     result["decoded_codebook"] = codebook_strip(model)  # run_one stores it as a PNG, not in the JSON
     return result
@@ -546,15 +621,17 @@ def decoded_codebook(runs_dir, setting: dict, seed: int, quick: bool) -> dict | 
 def run_one(setting: dict, seed: int, quick: bool, runs_dir) -> dict:
     """Train and measure one setting × seed, or read it back if it finished before on the same code."""
     fingerprint, versions = code_fingerprint(), keyed_versions(setting)
+    environment = run_environment(setting["dataset"])
     path = run_path(runs_dir, setting, seed, quick)
     if path.exists():
         finished = json.loads(path.read_text())
         recorded = finished.get("versions", {})
         # the name says so too, unless the file was copied
-        if finished.get("code_fingerprint") == fingerprint and all(recorded.get(k) == v for k, v in versions.items()):
+        if (finished.get("code_fingerprint") == fingerprint and finished.get("environment") == environment
+                and all(recorded.get(k) == v for k, v in versions.items())):  # fmt: skip
             return finished
     result = {"seed": seed, "setting": setting, **measure(setting, seed, quick)}
-    result.update(code_fingerprint=fingerprint, versions=package_versions())
+    result.update(code_fingerprint=fingerprint, environment=environment, versions=package_versions())
     path.parent.mkdir(parents=True, exist_ok=True)
     if (picture := result.pop("decoded_codebook", None)) is not None:  # first: the JSON marks a finished run
         partial = path.with_name(f".partial-{path.stem}.png")

@@ -105,6 +105,22 @@ def native_cpu_kernels_enabled() -> bool:
     return _native_enabled
 
 
+def cpu_kernel_path() -> str:
+    """Which code the quantizers' kernels run on CPU tensors in this process, as a line a study run is keyed by
+    (float32 rounding differs between them): the native library with its compiler, flags and target, or the torch
+    code, eager or compiled, and why. Builds the native kernels if they are wanted and not built yet."""
+    if _compile_mode is False:
+        return "torch, eager (set_compiled_kernels(False))"
+    torch_code = f"torch, {'compiled' if _compile_mode else 'compiled for large inputs, else eager'}"
+    if not _native_enabled:
+        return f"{torch_code} (native kernels off)"
+    try:
+        load_cpu_kernels()
+    except (OSError, RuntimeError) as error:
+        return f"{torch_code} (native kernels unavailable: {type(error).__name__}: {error})"
+    return f"native: {cpu_kernels.loaded_build}"
+
+
 def _wants_compiled(tensor: torch.Tensor) -> bool:
     if _compile_mode is None:
         return not REMOTE_CODE and tensor.numel() >= COMPILE_MIN_ELEMENTS
