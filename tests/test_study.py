@@ -71,3 +71,27 @@ def test_a_quick_run_measures_validation_and_test_alike(tmp_path):
     assert run["environment"] == study.run_environment("digits")
     with pytest.raises(KeyError):
         run["validation"]["noisy_silhouette"]  # the noisy cluster scores are a test-split report only
+
+
+def test_the_anchor_gap_search_options():
+    """HyperVQ's search options act as they say, and only on HyperVQ."""
+    data = study.load_tensors("digits")
+    setting = study.setting_of({"codebook_size": 32}, quick=True)
+    model = study.build_tokenizer(setting, study.QUICK_MODEL)
+    batch = data["train"][0][:128]
+    study.kmeans_init_hyperplanes(model, batch, 0)
+    latents = study._latents(model, batch)
+    nearest = torch.cdist(model.quantizer.codebook, latents).min(-1).values
+    assert nearest.mean() < 0.1 * latents.norm(dim=-1).mean()  # every code vector among the latents
+
+    quick = study.setting_of({"codebook_size": 64}, quick=True)
+    plain = study.train_tokenizer(quick, study.QUICK_MODEL, 0, data)[0]
+    restarted = study.train_tokenizer({**quick, "restart_dead_after": 5}, study.QUICK_MODEL, 0, data)[0]
+    with torch.no_grad():
+        used = [len(m.get_image_tokens(data["validation"][0]).unique()) for m in (plain, restarted)]
+    assert used[1] > used[0]  # restarted hyperplanes come back into use
+    assert study.temperature_for("run_length", 10, 0.1)[1] == 0.1
+    with pytest.raises(ValueError, match="apply to HyperVQ"):
+        study.train_tokenizer(
+            {**quick, "quantizer": "kmeans", "hyperplane_init": "kmeans"}, study.QUICK_MODEL, 0, data
+        )

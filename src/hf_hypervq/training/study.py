@@ -74,6 +74,7 @@ from hf_hypervq.training.metrics import logit_confidence_per_row, perturb
 from hf_hypervq.training.outputs import write_text
 
 
+TAU_MAX, TAU_MIN, PER_UPDATE_DECAY = 2.0, 0.5, 0.999995
 MODEL = {"hidden_size": 64, "residual_hidden_size": 32, "embedding_dim": 64}
 QUICK_MODEL = {"hidden_size": 16, "residual_hidden_size": 8, "embedding_dim": 16}
 DEFAULTS = {
@@ -89,8 +90,12 @@ DEFAULTS = {
     "feature_clip": None,
     "steps": 2000,
     "embedding_dim": None,  # MODEL's (64); the paper's Table 5 setting is 3
+    # HyperVQ only, the search for what closes its gap to the anchor (`train_tokenizer`):
+    "tau_min": TAU_MIN,  # the Gumbel temperature at the last update
+    "quantizer_lr_scale": 1.0,  # the quantizer's learning rate, as a multiple of the model's
+    "hyperplane_init": "random",  # or "kmeans": representative points at k-means centroids of the first batch
+    "restart_dead_after": None,  # updates after which a hyperplane no training sample chose restarts at a latent
 }
-TAU_MAX, TAU_MIN, PER_UPDATE_DECAY = 2.0, 0.5, 0.999995
 CLASSIFIER_LEARNING_RATES = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # early stopping's grid: 1e-2 was its edge
 VALIDATION_SHARE = 0.1  # of each training split, stratified: where every choice is made
 CLASSIFIER_EPOCHS = 20  # scripts/train_classifier.py's default
@@ -258,7 +263,7 @@ def provenance(runs: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def temperature_for(schedule: str, steps: int) -> list[float]:
+def temperature_for(schedule: str, steps: int, tau_min: float = TAU_MIN) -> list[float]:
     """`(tau_max, tau_min, decay)` of a schedule rule, the same rule for every Gumbel quantizer: `run_length` goes
     from 2 at the first update to 0.5 at the last (`train_tokenizer` calls `set_num_updates(step)` after each
     update, as the training loop does, which is what `decay_for_run` counts with), `per_update` is vq-wav2vec's
@@ -266,7 +271,7 @@ def temperature_for(schedule: str, steps: int) -> list[float]:
     if schedule == "per_update":
         return [TAU_MAX, TAU_MIN, PER_UPDATE_DECAY]
     if schedule == "run_length":
-        return [TAU_MAX, TAU_MIN, decay_for_run(TAU_MAX, TAU_MIN, steps)]
+        return [TAU_MAX, tau_min, decay_for_run(TAU_MAX, tau_min, steps)]
     if schedule == "constant_1":
         return [1.0, 1.0, 1.0]
     raise ValueError(f"unknown schedule {schedule!r}")
@@ -375,7 +380,7 @@ def build_config(setting: dict, model_options: dict) -> HyperVQVAEConfig:
         normal_init_scale=setting["normal_init_scale"],
         diversity_weight=setting["diversity_weight"],
         feature_clip=setting["feature_clip"],
-        gumbel_temperature=temperature_for(setting["schedule"], setting["steps"]),
+        gumbel_temperature=temperature_for(setting["schedule"], setting["steps"], setting["tau_min"]),
         **model_options,
     )
 
@@ -398,22 +403,84 @@ def build_tokenizer(setting: dict, model_options: dict) -> HyperVQVAEModel:
     return model
 
 
+HYPERPLANE_OPTIONS = ("quantizer_lr_scale", "hyperplane_init", "restart_dead_after")
+
+
+@torch.no_grad()
+def _latents(model, pixels) -> torch.Tensor:
+    """The encoder's latents of `pixels` `(N, dim)`: the space HyperVQ's code vectors live in (each hyperplane's
+    representative point mapped back to the tangent space, `r_k a_k / ||a_k||`)."""
+    return model.encode(pixels).latents.permute(0, 2, 3, 1).reshape(-1, model.config.embedding_dim).float()
+
+
+@torch.no_grad()
+def _place_hyperplanes(quantizer, codes: torch.Tensor, points: torch.Tensor) -> None:
+    """Move hyperplanes `codes` so that their code vectors are `points` (their representative points are then those
+    latents' images on the ball), keeping their normals' lengths (the logits' sharpness)."""
+    quantizer.normal_directions[codes] = points
+    quantizer.offsets[codes] = points.norm(dim=-1)
+
+
+@torch.no_grad()
+def kmeans_init_hyperplanes(model, pixels, seed: int, iterations: int = 10) -> None:
+    """Data-dependent initialisation (SoundStream's k-means init, for hyperplanes): the code vectors at k-means
+    centroids of a batch's latents, started from distinct latents drawn with `seed`."""
+    points = _latents(model, pixels)
+    k = model.quantizer.codebook_size
+    generator = torch.Generator().manual_seed(seed)
+    centroids = points[torch.randperm(len(points), generator=generator)[:k]].clone()
+    for _ in range(iterations):
+        nearest = torch.cdist(points, centroids).argmin(-1)
+        sums = torch.zeros_like(centroids).index_add_(0, nearest, points)
+        counts = torch.bincount(nearest, minlength=k)[:, None]
+        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+    _place_hyperplanes(model.quantizer, torch.arange(k), centroids)
+
+
 def train_tokenizer(setting: dict, model_options: dict, seed: int, data: dict):
-    """Train one tokenizer; return it (in eval mode) and the codes its training steps used in the last epoch."""
+    """Train one tokenizer; return it (in eval mode) and the codes its training steps used in the last epoch.
+    HyperVQ's search options (`HYPERPLANE_OPTIONS`): the quantizer's learning rate, a k-means initialisation of the
+    hyperplanes on the first batch, and restarting, every `restart_dead_after` updates, the hyperplanes that won no
+    training latent's argmax since the last check at latents of the current batch (as vector-quantize-pytorch expires
+    codes)."""
     torch.manual_seed(seed)
     model = build_tokenizer(setting, model_options).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    searched = [name for name in HYPERPLANE_OPTIONS if setting.get(name, DEFAULTS[name]) != DEFAULTS[name]]
+    if searched and setting["quantizer"] != "hyperbolic":
+        raise ValueError(f"{', '.join(searched)} apply to HyperVQ (quantizer 'hyperbolic') only")
+    quantizer_parameters = list(model.quantizer.parameters())
+    others = [p for p in model.parameters() if all(p is not q for q in quantizer_parameters)]
+    groups = [
+        {"params": others},
+        {"params": quantizer_parameters, "lr": 1e-3 * setting.get("quantizer_lr_scale", 1.0)},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)
     pixels = data["train"][0]
     steps_per_epoch = math.ceil(len(pixels) / BATCH_SIZE)
     train_tokens, step = [], 0
+    restart_after = setting.get("restart_dead_after")
+    chosen = torch.zeros(setting["codebook_size"], dtype=torch.bool)
+    generator = torch.Generator().manual_seed(seed)
     for epoch in range(math.ceil(setting["steps"] / steps_per_epoch)):
         for index in batches(len(pixels), seed, epoch):
+            if step == 0 and setting.get("hyperplane_init") == "kmeans":
+                kmeans_init_hyperplanes(model, pixels[index], seed)
             out = model(pixels[index])
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             step += 1
             model.set_num_updates(step)
+            if restart_after:
+                chosen[out.logits.detach().argmax(-1).reshape(-1)] = (
+                    True  # the argmax: Gumbel samples reach every code
+                )
+                if step % restart_after == 0 and not chosen.all():
+                    dead = (~chosen).nonzero()[:, 0]
+                    points = _latents(model, pixels[index])
+                    draw = torch.randint(len(points), (len(dead),), generator=generator)
+                    _place_hyperplanes(model.quantizer, dead, points[draw])
+                    chosen[:] = False
             if setting["steps"] - step < steps_per_epoch:
                 train_tokens.append(out.image_tokens.detach())
             if step == setting["steps"]:
