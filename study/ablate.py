@@ -31,7 +31,7 @@ from pathlib import Path
 
 from hf_hypervq.training.data import FASHION_MNIST
 from hf_hypervq.training.outputs import write_text
-from hf_hypervq.training.report import diversity_table, paired
+from hf_hypervq.training.report import NOT_ON_VALIDATION, WIN_RULE, best_row, diversity_table, paired
 from hf_hypervq.training.study import ANCHOR, DATASETS, DEFAULTS, MODEL, QUICK_MODEL, provenance, run_one, setting_of
 
 
@@ -112,8 +112,9 @@ COLUMNS = [  # (key, header, digits)
     ("code_vector_norm", "code vector norm", 3),
 ]
 PERCENT = {"accuracy", "accuracy_unnormalized", "accuracy_early_stopping"}
-BEST = [("reconstruction_mse", "test MSE", True), ("accuracy", "accuracy", False),
-        ("perplexity", "eval perplexity", False), ("dead_codes", "dead codes", True)]  # fmt: skip
+# The "best row" columns, chosen on the validation split (runs carry no dead codes there: codes used ranks the same)
+BEST = [("reconstruction_mse", "MSE", True), ("accuracy", "accuracy", False),
+        ("perplexity", "eval perplexity", False), ("codes_used", "codes used", False)]  # fmt: skip
 
 
 def write_report(results: list, rows: list, args, path: Path) -> None:
@@ -139,9 +140,10 @@ def write_report(results: list, rows: list, args, path: Path) -> None:
         f"The runs' code and versions: {provenance(results)} (`hf_hypervq.training.study`, `code_fingerprint`). "
         f"The {len(results)} runs took {compute_hours:.1f} CPU hours.",
         "",
-        "*vs defaults*: the row minus the defaults (MSE: the row over the defaults), paired by seed: the mean and its "
-        "95% Student-t interval. An interval that excludes 0 (1 for the MSE ratio) is a difference the seeds can "
-        "tell; one that straddles it is not.",
+        "*vs defaults*: the row minus the defaults (MSE: the row over the defaults, averaged on the log scale and "
+        "shown as a ratio), paired by seed: the mean and its 95% Student-t interval, on the test split. An interval "
+        "that excludes 0 (1 for the MSE ratio) is a difference the seeds can tell; one that straddles it is not, "
+        "which is not the same as no difference.",
         "",
         "Mechanism columns: *eval perplexity* is of the argmax codes on the test split, *train-sample perplexity* of "
         "the codes the training step actually used in its last epoch (the Gumbel samples for the MLR quantizers); "
@@ -181,24 +183,31 @@ def write_report(results: list, rows: list, args, path: Path) -> None:
             "## The diversity weight, for every Gumbel quantizer",
             "",
             "Each row with wav2vec 2.0's diversity term against the same quantizer without it, paired by seed. "
-            '"Wins": more codes used (the interval above 0) and neither MSE (the ratio\'s interval above 1) nor '
-            "accuracy (the difference's interval below 0) worse beyond the noise. The training scripts turn a weight "
-            "on by default only where it wins for all three alike.",
+            "The training scripts turn a weight on by default only where it wins for all three alike.",
+            "",
+            WIN_RULE,
             "",
             diversity,
         ]
     lines += [
         "",
-        "## Best HyperVQ row per quality column (means; the reference rows of other quantizers excluded)",
+        "## Best HyperVQ row per quality column (the reference rows of other quantizers excluded)",
+        "",
+        "Chosen by the mean over seeds on the validation split, never on the test split; the test mean is shown for "
+        "the report. Runs without validation numbers choose nothing.",
         "",
     ]
     hyperbolic = [n for n in rows if ROWS[n][1].get("quantizer", DEFAULTS["quantizer"]) == "hyperbolic"]
     for key, header, lower_is_better in BEST:
-        means = {n: statistics.mean(r[key] for r in results if r["row"] == n) for n in hyperbolic
-                 if any(r["row"] == n for r in results)}  # fmt: skip
-        if means:
-            best = (min if lower_is_better else max)(means, key=means.get)
-            lines.append(f"- {header}: `{best}` ({means[best] * (100 if key in PERCENT else 1):.4g})")
+        scale = 100 if key in PERCENT else 1
+        chosen = best_row(results, hyperbolic, key, lower_is_better=lower_is_better)
+        if chosen is None:
+            lines.append(f"- {header}: {NOT_ON_VALIDATION}")
+            continue
+        best, validation_mean = chosen
+        test_mean = statistics.mean(r[key] for r in results if r["row"] == best)
+        lines.append(f"- {header}: `{best}`, chosen on validation ({validation_mean * scale:.4g}; test "
+                     f"{test_mean * scale:.4g})")  # fmt: skip
     write_text(path, "\n".join(lines) + "\n")
 
 
