@@ -117,6 +117,39 @@ def test_the_tokenizer_card_says_which_augmentation_and_image_rule_trained_it(tm
             in str(build_model_card(padded, "org/hypervq-tiny")))  # fmt: skip
 
 
+def test_the_tokenizer_card_says_which_recipe_trained_it(tmp_path, monkeypatch):
+    from hf_hypervq.commands import train_vqvae
+    from hf_hypervq.training import recipes
+
+    monkeypatch.setitem(recipes.RECIPES, "hyperbolic", {"diversity_weight": 0.03})
+    lines = {}
+    for recipe in ("recommended", "paper"):
+        args = train_vqvae.parse_args(["--output_dir", str(tmp_path / recipe), "--recipe", recipe])
+        assert args.diversity_weight == (0.03 if recipe == "recommended" else 0.0)
+        folder = saved_tokenizer(tmp_path / recipe)
+        everything = json.loads((folder / "all_results.json").read_text())
+        everything["args"] |= {"recipe": recipe}
+        (folder / "all_results.json").write_text(json.dumps(everything))
+        lines[recipe] = str(build_model_card(folder, "org/hypervq-tiny")).replace("\n", " ")
+    assert ("**Recipe**: the recommended recipe (`--recipe recommended`): the paper's settings with "
+            "`--diversity_weight 0.03`.") in lines["recommended"]  # fmt: skip
+    assert "**Recipe**: the paper's settings (`--recipe paper`)." in lines["paper"]
+    given = train_vqvae.parse_args(["--output_dir", str(tmp_path / "x"), "--diversity_weight", "0.3"])
+    assert given.diversity_weight == 0.3  # a flag on the command line wins over the recipe
+    assert "**Recipe**" not in str(build_model_card(saved_tokenizer(tmp_path / "old"), "org/hypervq-tiny"))
+
+
+def test_every_recipe_sets_flags_train_vqvae_leaves_to_it():
+    from hf_hypervq import QUANTIZER_TYPES
+    from hf_hypervq.commands import train_vqvae
+    from hf_hypervq.training.recipes import PAPER_SETTINGS, RECIPES
+
+    assert set(RECIPES) == set(QUANTIZER_TYPES)
+    defaults = {action.dest: action.default for action in train_vqvae.build_parser()._actions}
+    for flag in {*PAPER_SETTINGS, *(k for recipe in RECIPES.values() for k in recipe)}:
+        assert flag in PAPER_SETTINGS and defaults[flag] is None, flag
+
+
 def test_vqsa_card_names_its_base_model_and_robustness(tmp_path):
     config = HyperVQSAConfig(
         backbone_config=dict(hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"), num_labels=3

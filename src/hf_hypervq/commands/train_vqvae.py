@@ -26,6 +26,7 @@ from hf_hypervq.training.hub import push_if_asked
 from hf_hypervq.training.loop import make_scheduler, total_updates, train
 from hf_hypervq.training.outputs import save_model, write_results
 from hf_hypervq.training.plots import save_tokenizer_pictures
+from hf_hypervq.training.recipes import recipe_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser, learning_rate=1e-3, epochs=40, batch_size=128)
     model = parser.add_argument_group("model")
     model.add_argument("--quantizer", default="hyperbolic", choices=QUANTIZER_TYPES, help="the quantizer")
+    model.add_argument(
+        "--recipe", default="recommended", choices=["recommended", "paper"],
+        help="'recommended' (the default): the quantizer's recipe of settings chosen on validation in the study "
+        "(hf_hypervq.training.recipes; docs/training.md#recipes), for the flags you do not give; 'paper': the "
+        "paper's settings",
+    )  # fmt: skip
     model.add_argument(
         "--image_size", type=int, default=None,
         help="images are resized so that their shorter side is N, then centre-cropped to N×N, here and by the saved "
@@ -76,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="HyperVQ/HyperEmbMatVQ: multiplies HNN++'s std of the hyperplane normals (default: 1)",
     )  # fmt: skip
     model.add_argument(
-        "--diversity_weight", type=float, default=0.0, metavar="W",
+        "--diversity_weight", type=float, default=None, metavar="W",
         help="the Gumbel quantizers (HyperVQ, HyperEmbMatVQ, GumbelVQ): weight of wav2vec 2.0's codebook diversity "
-        "loss (K - exp(H(mean softmax of the logits))) / K, in training only (default: 0, the paper's: off)",
+        "loss (K - exp(H(mean softmax of the logits))) / K, in training only (default: the --recipe's; the "
+        "paper's is 0, off)",
     )  # fmt: skip
     model.add_argument(
         "--feature_clip", type=float, default=None, metavar="R",
@@ -97,6 +105,9 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     check_common_arguments(args, parser)
+    for flag, value in recipe_settings(args.quantizer, args.recipe).items():
+        if getattr(args, flag) is None:  # a flag given on the command line wins over the recipe
+            setattr(args, flag, value)
     if args.image_size is None:
         args.image_size = {None: 16, FASHION_MNIST: 28}.get(args.dataset, 32)
         if args.dataset == FASHION_MNIST and args.pad_to_size is None:

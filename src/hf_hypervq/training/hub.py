@@ -26,6 +26,7 @@ from huggingface_hub.utils import validate_repo_id
 from ..models.hypervq.quantizers import QUANTIZERS
 from .data import DataError
 from .evaluation import protocol_line
+from .recipes import describe as describe_recipe
 from .token_datasets import (
     CARD_FILE,
     DATA_DIR,
@@ -173,6 +174,8 @@ def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR, license: 
     }
     processor = _read_json(Path(folder) / "preprocessor_config.json")
     images = training_images(processor, arguments) if kind == "tokenizer" else None
+    # runs made before `--recipe` existed say nothing about one
+    recipe = describe_recipe(config["quantizer_type"], arguments["recipe"]) if "recipe" in arguments else None
     return ModelCard.from_template(
         card_data,
         template_path=Path(template_dir) / f"{kind}.md",
@@ -197,6 +200,7 @@ def build_model_card(folder, repo_id: str, template_dir=TEMPLATES_DIR, license: 
         protocol=protocol,
         protocol_summary=protocol_summary,
         training_images=images,
+        recipe=recipe if kind == "tokenizer" else None,
     )
 
 
