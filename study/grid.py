@@ -9,9 +9,10 @@ finished on the same code and environment is never computed again; `hf_hypervq.t
 
 The stages, all at the main setting (Fashion-MNIST, K = 512, 2,000 updates) unless they say otherwise:
 
-1. Seeds 0-2 of what every decision needs: the paper's three quantizers (HyperVQ, KmeansVQ, GumbelVQ) and the
-   anchor; HyperVQ with the diversity term at three weights (its recipe is chosen among them on validation); the
-   search for what closes HyperVQ's gap to the anchor (`SEARCH`, about 3 CPU hours); the paper's two ablations.
+1. Seeds 0-2 of `study/ablate.py`'s default rows, what every decision needs: the paper's three quantizers (HyperVQ,
+   KmeansVQ, GumbelVQ) and the anchor; HyperVQ with the diversity term at three weights (its recipe is chosen among
+   them on validation); the search for what closes HyperVQ's gap to the anchor (`ablate.SEARCH_ROWS`, 12 runs,
+   about 3 CPU hours); the paper's two ablations.
 2. The paper's Table 5 setting (latent dimension 3, K = 16, HyperVQ and KmeansVQ) and the digits section.
 3. Seeds 3-9 of the rows that decide the claims: HyperVQ, KmeansVQ, GumbelVQ, the anchor and HyperVQ's
    recommended recipe (`hf_hypervq.training.recipes`), 10 seeds each.
@@ -26,19 +27,14 @@ from hf_hypervq.training.recipes import RECIPES
 from hf_hypervq.training.study import ANCHOR, run_one, run_path, setting_of
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ablate  # noqa: E402  (study/ablate.py: the first stage's rows)
+
+
 FIRST_SEEDS, ALL_SEEDS = (0, 1, 2), tuple(range(10))
-DIVERSITY_WEIGHTS = (0.03, 0.1, 0.3)
-# What might close HyperVQ's gap to the anchor, each on its own (`study.train_tokenizer`)
-SEARCH = {
-    "kmeans_init": {"hyperplane_init": "kmeans"},
-    "restart_dead_100": {"restart_dead_after": 100},
-    "tau_min_0.1": {"tau_min": 0.1},
-    "quantizer_lr_x10": {"quantizer_lr_scale": 10.0},
-}
+# The rows that decide the claims, as `study/reproduce.py` names them
 DECIDING = {"hyperbolic": {}, "kmeans": {"quantizer": "kmeans"}, "gumbel": {"quantizer": "gumbel"},
             ANCHOR: {"quantizer": ANCHOR}}  # fmt: skip
-ABLATIONS = {"hyperbolic_embedding": {"quantizer": "hyperbolic_embedding"},
-             "hyperbolic_kmeans": {"quantizer": "hyperbolic_kmeans"}}  # fmt: skip
 # CPU hours of one run, measured on this project's 2-core x86 machine (one thread a run)
 HOURS = {"fashion_mnist": 0.25, "digits": 0.05, "table_5": 0.2}
 
@@ -52,10 +48,7 @@ def plan() -> list[tuple[int, str, dict, int]]:
     """`[(stage, name, overrides, seed)]` in the order they run."""
     runs = []
     for seed in FIRST_SEEDS:  # a seed of every row before the next seed: an early stop leaves whole comparisons
-        runs += [(1, name, overrides, seed) for name, overrides in DECIDING.items()]
-        runs += [(1, f"diversity_{w}", {"diversity_weight": w}, seed) for w in DIVERSITY_WEIGHTS]
-        runs += [(1, name, overrides, seed) for name, overrides in SEARCH.items()]
-        runs += [(1, name, overrides, seed) for name, overrides in ABLATIONS.items()]
+        runs += [(1, name, ablate.ROWS[name][1], seed) for name in ablate.DEFAULT_ROWS]
     for seed in FIRST_SEEDS:
         runs += [(2, f"table_5_{q}", {"quantizer": q, "codebook_size": 16, "embedding_dim": 3}, seed)
                  for q in ("hyperbolic", "kmeans")]  # fmt: skip
@@ -101,11 +94,13 @@ def main(argv=None):
         for future in as_completed(futures):
             name, seed = futures[future]
             run = future.result()
-            print(f"{name} seed {seed}: MSE {run['reconstruction_mse']:.4f}, accuracy {run['accuracy']:.3f}, "
-                  f"perplexity {run['perplexity']:.1f}, {run['compute_seconds'] / 60:.0f} CPU minutes", flush=True)
+            print(
+                f"{name} seed {seed}: MSE {run['reconstruction_mse']:.4f}, accuracy {run['accuracy']:.3f}, "
+                f"perplexity {run['perplexity']:.1f}, {run['compute_seconds'] / 60:.0f} CPU minutes",
+                flush=True,
+            )
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main())

@@ -31,7 +31,10 @@ QUANTIZER_NAMES = {**PAPER_QUANTIZERS, **ANCHORS}  # the report's row names, in 
 # The comparison's rows besides the quantizers' own: the three Gumbel quantizers with wav2vec 2.0's diversity term
 # (`diversity_weight`), which the paper does not mention; each maps to the row without it.
 DIVERSITY_ROWS = {f"{q}+diversity": q for q in ("hyperbolic", "gumbel", "hyperbolic_embedding")}
-ROW_NAMES = {**QUANTIZER_NAMES, **{row: f"{PAPER_QUANTIZERS[q]} + diversity" for row, q in DIVERSITY_ROWS.items()}}
+# HyperVQ's recommended recipe (`hf_hypervq.training.recipes`), chosen on validation, beside its paper settings
+RECIPE_ROW = "hyperbolic+recipe"
+ROW_NAMES = {**QUANTIZER_NAMES, RECIPE_ROW: f"{PAPER_QUANTIZERS['hyperbolic']}, recommended recipe",
+             **{row: f"{PAPER_QUANTIZERS[q]} + diversity" for row, q in DIVERSITY_ROWS.items()}}  # fmt: skip
 TOKENIZER_METRICS = ("reconstruction_mse", "perplexity", "codes_used", "silhouette", "davies_bouldin",
                      "noisy_silhouette", "noisy_davies_bouldin")  # fmt: skip
 # The frozen-feature classifier's protocols (`hf_hypervq.training.study`): train_classifier.py's defaults first
@@ -514,11 +517,10 @@ def plot_decoded_codebooks(codebooks: dict[str, tuple[list[Image.Image], list[in
     plt.close(figure)
 
 
-def embedding_panels(model, pixel_values: torch.Tensor, num_points: int = 1000, seed: int = 0) -> list:
-    r"""The Table-5-style scatter panels of a tokenizer with 3-dimensional latents, for `plot_embedding_scatter`:
-    `num_points` latents of `pixel_values` (a seeded draw) coloured by code, next to its codebook (KmeansVQ and
-    the other Euclidean-codebook quantizers), or for HyperVQ a second panel with the latents on the ball next to its
-    hyperplanes' closest points to the origin, :math:`\exp_0(r_k a_k / \|a_k\|)`."""
+def scatter_points(model, pixel_values: torch.Tensor, num_points: int = 1000, seed: int = 0) -> dict:
+    """What the Table-5-style scatter of a tokenizer with 3-dimensional latents shows, as lists (a run's file keeps
+    them): `num_points` latents of `pixel_values` (a seeded draw), their codes, the codebook, the quantizer and its
+    curvature."""
     quantizer = model.quantizer
     if quantizer.dim != 3:
         raise ValueError(f"the scatter panels need 3-dimensional latents, got embedding_dim={quantizer.dim}")
@@ -527,20 +529,25 @@ def embedding_panels(model, pixel_values: torch.Tensor, num_points: int = 1000, 
     latents = encoded.latents.permute(0, 2, 3, 1).reshape(-1, 3)
     codes = encoded.image_tokens.reshape(-1)
     keep = torch.randperm(len(codes), generator=torch.Generator().manual_seed(seed))[:num_points]
-    latents, codes = latents[keep], codes[keep]
-    codebook = quantizer.codebook.detach()
-    name = QUANTIZERS[model.config.quantizer_type].paper_name
-    if model.config.quantizer_type != "hyperbolic":
+    return {"quantizer_type": model.config.quantizer_type, "curvature": getattr(quantizer, "curvature", None),
+            "latents": latents[keep].tolist(), "codes": codes[keep].tolist(),
+            "codebook": quantizer.codebook.detach().tolist()}  # fmt: skip
+
+
+def embedding_panels(points: dict) -> list:
+    r"""The scatter panels of `scatter_points`, for `plot_embedding_scatter`: the latents coloured by code, next to
+    the codebook (KmeansVQ and the other Euclidean-codebook quantizers), or for HyperVQ a second panel with the
+    latents on the ball next to its hyperplanes' closest points to the origin, :math:`\exp_0(r_k a_k / \|a_k\|)`."""
+    latents, codes, codebook = (torch.tensor(points[key]) for key in ("latents", "codes", "codebook"))
+    name = QUANTIZERS[points["quantizer_type"]].paper_name
+    if points["quantizer_type"] != "hyperbolic":
         return [(f"{name}: latents z_e and codebook", latents, codes, codebook)]
+    c = points["curvature"]
     return [
         (f"{name}: latents z_e", latents, codes, None),
-        (
-            f"{name}: z_h on the ball, hyperplane points",
-            expmap0_projected(latents, c=quantizer.curvature),
-            codes,
-            expmap0_projected(codebook, c=quantizer.curvature),
-        ),
-    ]
+        (f"{name}: z_h on the ball, hyperplane points", expmap0_projected(latents, c=c), codes,
+         expmap0_projected(codebook, c=c)),
+    ]  # fmt: skip
 
 
 def plot_embedding_scatter(panels: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]], path) -> None:

@@ -72,6 +72,7 @@ from hf_hypervq.training.data import FASHION_MNIST, FASHION_MNIST_FOLDER, load_i
 from hf_hypervq.training.evaluation import cluster_scores, metric
 from hf_hypervq.training.metrics import logit_confidence_per_row, perturb
 from hf_hypervq.training.outputs import write_text
+from hf_hypervq.training.report import scatter_points
 
 
 TAU_MAX, TAU_MIN, PER_UPDATE_DECAY = 2.0, 0.5, 0.999995
@@ -656,6 +657,8 @@ def measure(setting: dict, seed: int, quick: bool) -> dict:
     validation = tokenizer_metrics(model, train_tokens, data, split="validation", noisy=False)
     result.update(classifier_metrics(model, seed, data))
     result["validation"] = {**{name: validation.get(name) for name in VALIDATION_METRICS}, **result["validation"]}
+    if model.config.embedding_dim == 3:  # the paper's Table 5 setting: its scatter is drawn from the run's file
+        result["scatter_points"] = scatter_points(model, data["test"][0])
     result["compute_seconds"] = time.process_time() - started
     result["decoded_codebook"] = codebook_strip(model)  # run_one stores it as a PNG, not in the JSON
     return result
