@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features
+from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
 from hf_hypervq import HyperVQImageProcessor
 from hf_hypervq.training.data import (
+    REPEATED,
     DataError,
     collate,
     digits_dataset,
@@ -16,6 +17,7 @@ from hf_hypervq.training.data import (
     load_image_dataset,
     with_image_transform,
 )
+from hf_hypervq.training.loop import PartsRead
 
 
 def make_image_folder(root, per_class=3, size=(12, 10)):
@@ -155,6 +157,67 @@ def test_streams_are_shuffled_per_epoch_through_a_buffer():
     assert labels(0) == labels(0) and labels(1) != labels(0)
     unshuffled = with_image_transform(stream.take(64), processor, seed=0)
     assert [int(example["labels"]) for example in unshuffled] == in_order
+
+
+def _numbered_examples(shards):
+    for shard in shards:
+        for number in shard:
+            yield {"image": Image.new("RGB", (8, 8), (number, 0, 0)), "label": number}
+
+
+def numbered_stream(shard_sizes) -> IterableDataset:
+    """A stream of small images whose `label` is their number, in shards of `shard_sizes` examples."""
+    ends = np.cumsum(shard_sizes).tolist()
+    shards = [list(range(end - size, end)) for size, end in zip(shard_sizes, ends)]
+    features = Features({"image": ImageFeature(), "label": Value("int64")})
+    return IterableDataset.from_generator(_numbered_examples, features=features, gen_kwargs={"shards": shards})
+
+
+@pytest.mark.parametrize("shard_sizes, num_workers", [([37], 0), ([3, 14, 5, 15], 0), ([3, 14, 5, 15], 2)])
+def test_a_stream_split_across_processes_gives_each_example_to_one_of_them(shard_sizes, num_workers):
+    """Two processes' parts of a stream (`split_dataset_by_node`: every other example of one shard, or two whole
+    shards each of four; two loader workers take a shard each): no example twice, none lost, every one read before
+    the loop hears that the part is read (the shards differ in length), and augmentation keys that differ between
+    the processes."""
+    processor = HyperVQImageProcessor(size={"height": 8, "width": 8})
+    labels, keys = {}, {}
+    for rank in (0, 1):
+        keys[rank] = []
+
+        def record(image, key, keys=keys[rank]):
+            keys.append(key)
+            return image
+
+        stream = with_image_transform(
+            numbered_stream(shard_sizes), processor, record if num_workers == 0 else None, seed=0,
+            shuffle_buffer_size=8, rank=rank, world_size=2,
+        )  # fmt: skip
+        stream.set_epoch(1)
+        loader = torch.utils.data.DataLoader(stream, batch_size=1, collate_fn=collate, num_workers=num_workers)
+        parts, labels[rank] = PartsRead(num_workers), []
+        for batch in loader:  # it does not end: a process goes round its part until every process has read its own
+            repeated = batch[REPEATED]
+            parts.see(batch)
+            if parts.read:
+                break
+            if not repeated:
+                labels[rank].append(int(batch["labels"]))
+    assert sorted(labels[0] + labels[1]) == list(range(37))
+    if len(shard_sizes) == 1:
+        assert sorted(len(part) for part in labels.values()) == [18, 19]  # every other example
+    else:
+        ends = np.cumsum(shard_sizes)
+        shards_of = [{int(np.searchsorted(ends, n, side="right")) for n in part} for part in labels.values()]
+        assert [len(shards) for shards in shards_of] == [2, 2]  # whole shards
+    if num_workers == 0:
+        assert keys[0] and keys[1] and not set(keys[0]) & set(keys[1])
+        assert {key.epoch for key in keys[0]} == {1}
+
+
+def test_a_stream_read_by_one_process_ends_after_its_examples():
+    stream = with_image_transform(numbered_stream([3, 2]), HyperVQImageProcessor(size={"height": 8, "width": 8}))
+    examples = list(stream)
+    assert [int(e["labels"]) for e in examples] == list(range(5)) and REPEATED not in examples[0]
 
 
 def test_vqsa_augmentation_depends_on_the_key_only():

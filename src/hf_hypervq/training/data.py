@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset
 from datasets import Image as ImageFeature
+from datasets.distributed import split_dataset_by_node
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -320,40 +321,85 @@ class ImageExamples(torch.utils.data.Dataset):
         return self.__getitems__([index])[0]
 
 
+# In the examples (and batches) of a stream split across processes: True once they come from a further round over
+# the process's own part of the epoch, which it reads while the other processes finish theirs (`ImageStream`).
+REPEATED = "repeated"
+# Stream examples decoded and transformed together (the processor takes a list of images).
+STREAM_CHUNK = 64
+
+
 class ImageStream(torch.utils.data.IterableDataset):
     """A streaming data set as model inputs, shuffled through a buffer of `shuffle_buffer_size` examples (reseeded
-    every epoch) when that is given. An example's augmentation key is its position in the epoch's stream, made
-    distinct across loader workers (which read different shards)."""
+    every epoch) when that is given. An example's augmentation key is its position in what its loader worker has
+    read of the epoch, made distinct across loader workers and processes.
 
-    def __init__(self, data: IterableDataset, transform: _ImageTransform, shuffle_buffer_size: int | None):
-        self.transform = transform
+    With `world_size` > 1, process `rank` reads only its own part of the stream (`split_dataset_by_node`: whole shards
+    when their number divides by `world_size`, else every `world_size`-th example of the shuffled stream, so a
+    different part every epoch; the other processes' examples are skipped before they are decoded), and its loader
+    workers split that part further when it has enough shards. The parts differ in length, so such a stream does not
+    end: after its part of the epoch, a process goes round it again (examples marked `REPEATED`, with new
+    augmentation keys) until every process has read its own, which the training loop checks where it reads the loss
+    (`loop.train`)."""
+
+    def __init__(self, data: IterableDataset, transform: _ImageTransform, shuffle_buffer_size: int | None,
+                 rank: int = 0, world_size: int = 1):  # fmt: skip
+        self.transform, self.rank, self.world_size = transform, rank, world_size
+        self.endless = world_size > 1
+        if world_size > 1:  # applied by datasets as it iterates: to the shards, or to the shuffled examples
+            data = split_dataset_by_node(data, rank=rank, world_size=world_size)
         if shuffle_buffer_size is not None:
             data = data.shuffle(seed=transform.seed, buffer_size=shuffle_buffer_size)
-        names = data.column_names or ["image", "label"]
-        # mapped once: datasets' `map` would start a new copy at epoch 0
-        self.data = data.map(self._transform, batched=True, with_indices=True, remove_columns=names)
+        # Decoded by datasets as it yields them, transformed here: a datasets `map` would run under the split, on
+        # the other processes' examples too
+        self.data = data
 
     def _transform(self, batch: dict, positions: list[int]) -> dict:
         worker = torch.utils.data.get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        return self.transform(batch, [position * workers + worker_id for position in positions])
+        keys = [(position * workers + worker_id) * self.world_size + self.rank for position in positions]
+        return self.transform(batch, keys)
 
     def set_epoch(self, epoch: int) -> None:
         self.data.set_epoch(epoch)
         self.transform.epoch = epoch
 
     def __iter__(self):
-        return iter(self.data)
+        position, repeated = 0, False
+        while True:
+            start = position
+            chunk = []
+            for example in self.data:
+                chunk.append(example)
+                if len(chunk) == STREAM_CHUNK:
+                    yield from self._examples(chunk, position, repeated)
+                    position, chunk = position + len(chunk), []
+            if chunk:
+                yield from self._examples(chunk, position, repeated)
+                position += len(chunk)
+            if not self.endless or position == start:  # a worker without shards reads nothing: it stops
+                return
+            repeated = True
+
+    def _examples(self, chunk: list[dict], position: int, repeated: bool):
+        batch = {column: [example[column] for example in chunk] for column in chunk[0]}
+        out = self._transform(batch, list(range(position, position + len(chunk))))
+        for i in range(len(chunk)):
+            example = {key: value[i] for key, value in out.items()}
+            if self.endless:
+                example[REPEATED] = repeated
+            yield example
 
 
-def with_image_transform(data, processor, augment=None, *, seed: int = 0, shuffle_buffer_size: int | None = None):
+def with_image_transform(data, processor, augment=None, *, seed: int = 0, shuffle_buffer_size: int | None = None,
+                         rank: int = 0, world_size: int = 1):  # fmt: skip
     """Lazily turn `image` into `pixel_values` with `processor` (and `label` into `labels`), as a torch data set with
     `set_epoch`. `augment(pil_image, key) -> pil_image` runs first: it draws its random numbers from `key.rng()`
     (a `SampleKey` of `seed`, the epoch and the example's index). A streaming data set is shuffled through a buffer
-    of `shuffle_buffer_size` examples when given."""
+    of `shuffle_buffer_size` examples when given, and process `rank` of `world_size` reads only its part of it
+    (`ImageStream`)."""
     transform = _ImageTransform(processor, augment, seed)
     if isinstance(data, IterableDataset):
-        return ImageStream(data, transform, shuffle_buffer_size)
+        return ImageStream(data, transform, shuffle_buffer_size, rank=rank, world_size=world_size)
     return ImageExamples(data, transform)
 
 
@@ -362,6 +408,8 @@ def collate(examples: list[dict]) -> dict:
     batch = {"pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples])}
     if "labels" in examples[0]:
         batch["labels"] = torch.as_tensor([int(e["labels"]) for e in examples])
+    if REPEATED in examples[0]:  # a Python bool, which the loop reads without waiting for the device
+        batch[REPEATED] = bool(examples[-1][REPEATED])
     return batch
 
 
@@ -395,7 +443,7 @@ def make_loader(dataset, batch_size: int, collate_fn, args, shuffle: bool, large
     # noise uses and a checkpoint restores.
     shuffle = shuffle and not args.streaming
     sampler = ShuffledIndices(len(dataset), args.seed) if shuffle and large else None
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,
@@ -404,14 +452,38 @@ def make_loader(dataset, batch_size: int, collate_fn, args, shuffle: bool, large
         num_workers=args.dataloader_num_workers,
         generator=torch.Generator().manual_seed(args.seed),
     )
+    return _prepared_as_is(loader) if isinstance(dataset, ImageStream) else loader
+
+
+def _prepared_as_is(loader: DataLoader):
+    """A stream's loader as `accelerator.prepare` hands loaders back (batches on the device, `set_epoch`, known to
+    gradient accumulation), but neither dispatched nor split again: its `ImageStream` reads only this process's part.
+    Passed to `prepare` as it is, accelerate 1.16 would send every batch from process 0 (`dispatch_batches`, its
+    default for an IterableDataset: one process decodes every image), or with `dispatch_batches=False` wrap it in an
+    `IterableDatasetShard` (every process reads all of it, keeping one batch in N). Its `prepare_data_loader` for one
+    process gives the loader without either; `prepare` then passes it through, as it does every prepared loader."""
+    from accelerate.data_loader import prepare_data_loader
+    from accelerate.state import PartialState
+
+    prepared = prepare_data_loader(loader, PartialState().device, num_processes=1, process_index=0,
+                                   put_on_device=True, dispatch_batches=False)  # fmt: skip
+    prepared._is_accelerate_prepared = True
+    return prepared
 
 
 def make_loaders(args, train_data, eval_data, processor, augment=None) -> tuple[DataLoader, DataLoader]:
     """The training and evaluation loaders of images turned into `pixel_values` by `processor`; `augment(image,
     key)` (training only) draws its random numbers from the example's `SampleKey` of (--seed, epoch, index)."""
+    processes = {}
+    if isinstance(train_data, IterableDataset):  # each process streams its own part
+        from accelerate.state import PartialState
+
+        state = PartialState()
+        processes = {"rank": state.process_index, "world_size": state.num_processes}
     train_examples = with_image_transform(
-        train_data, processor, augment, seed=args.seed, shuffle_buffer_size=args.shuffle_buffer_size or None
-    )
+        train_data, processor, augment, seed=args.seed, shuffle_buffer_size=args.shuffle_buffer_size or None,
+        **processes,
+    )  # fmt: skip
     train_loader = make_loader(train_examples, args.per_device_train_batch_size, collate, args, shuffle=True)
     eval_loader = make_loader(with_image_transform(eval_data, processor), args.per_device_eval_batch_size, collate,
                               args, shuffle=False)  # fmt: skip

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..metrics.codebook_usage.codebook_usage import usage_from_counts
 from ..models.hypervq.quantizers import code_counts
 from .checkpointing import resume, save_checkpoint
+from .data import REPEATED, DataError
 
 
 logger = get_logger(__name__)
@@ -76,18 +77,28 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
                     desc="train")  # fmt: skip
     results: dict = {}
     shown_eval: dict = {}  # the last evaluation's codebook numbers, kept in the progress bar
+    # a stream split across processes does not end (`data.ImageStream`): its epoch ends once every part is read
+    parts = PartsRead(args.dataloader_num_workers) if getattr(train_loader.dataset, "endless", False) else None
     for epoch in range(start_epoch, num_epochs):
         model.train()
         train_loader.set_epoch(epoch)
         if hasattr(train_loader.dataset, "set_epoch"):  # augmentation and stream shuffling (accelerate may not)
             train_loader.dataset.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
+        ended = False  # a resumed epoch of a split stream may have ended at the step its checkpoint was saved
+        if parts is not None:
+            batches = parts.start_epoch(train_loader, skip_batches)
+            if skip_batches and completed_steps % args.logging_steps == 0:  # where the run checked it last
+                ended = epoch_stats.check_divergence(accelerator, completed_steps, parts.read)[1]
+        else:
+            batches = accelerator.skip_first_batches(train_loader, skip_batches) if skip_batches else train_loader
         if not skip_batches:  # a resumed epoch goes on with the statistics its checkpoint saved
             epoch_stats.reset(epoch)
         skip_batches = 0
-        completed_steps = _train_epoch(
-            args, accelerator, model, optimizer, scheduler, batches, epoch_stats, completed_steps, progress, shown_eval
-        )
+        if not ended:
+            completed_steps = _train_epoch(
+                args, accelerator, model, optimizer, scheduler, batches, epoch_stats, completed_steps, progress,
+                shown_eval, parts,
+            )  # fmt: skip
         final = completed_steps >= args.max_train_steps or epoch == num_epochs - 1
         evaluation = evaluate(model, final=final) if final or not args.eval_at_end_only else {}
         results = {"epoch": epoch, "step": completed_steps, **epoch_stats.summary(accelerator), **evaluation}
@@ -106,12 +117,18 @@ def train(args, accelerator: Accelerator, model, optimizer, train_loader, evalua
 
 
 def _train_epoch(
-    args, accelerator, model, optimizer, scheduler, batches, epoch_stats, completed_steps, progress, shown_eval
-):
-    """One epoch's optimizer updates (or those left of it); returns the updates completed so far."""
+    args, accelerator, model, optimizer, scheduler, batches, epoch_stats, completed_steps, progress, shown_eval,
+    parts=None,
+):  # fmt: skip
+    """One epoch's optimizer updates (or those left of it); returns the updates completed so far. With `parts` (a
+    stream split across processes), the epoch ends at the first logging step at which every process has read its
+    part of it."""
     unwrapped = accelerator.unwrap_model(model)
     every = int(args.checkpointing_steps) if str(args.checkpointing_steps).isdigit() else None
+    every_part_read = False
     for batch in _keeping_global_rng(batches):
+        if parts is not None:
+            parts.see(batch)
         with accelerator.accumulate(model):
             outputs = model(**batch)
             accelerator.backward(outputs.loss)
@@ -129,7 +146,9 @@ def _train_epoch(
             shown = {"loss": f"{outputs.loss.item():.4f}"}
             if getattr(outputs, "perplexity", None) is not None:
                 shown["train_perplexity"] = f"{outputs.perplexity.item():.1f}"
-            nonfinite = epoch_stats.check_divergence(accelerator, completed_steps)
+            nonfinite, every_part_read = epoch_stats.check_divergence(
+                accelerator, completed_steps, None if parts is None else parts.read
+            )
             if nonfinite:
                 shown["nonfinite_steps"] = str(nonfinite)
             progress.set_postfix({**shown, **shown_eval})
@@ -139,9 +158,46 @@ def _train_epoch(
                 accelerator.log(scalars, step=completed_steps)
         if every and completed_steps % every == 0:
             save_checkpoint(accelerator, args.output_dir, completed_steps, args.checkpoints_total_limit)
-        if completed_steps >= args.max_train_steps:
+        if completed_steps >= args.max_train_steps or (parts is not None and every_part_read):
             break
+    else:
+        if parts is not None:  # it goes round its part again: only an empty part ends
+            raise DataError(
+                f"process {accelerator.process_index} of {accelerator.num_processes} has no examples of the stream "
+                "(its part, by datasets' split_dataset_by_node, is empty): use fewer processes or more examples"
+            )
     return completed_steps
+
+
+class PartsRead:
+    """Whether this process has read all of its part of a split stream's epoch: its loader marks the batches of a
+    further round over the part `REPEATED` (`data.ImageStream`). With `num_workers` loader workers, which take
+    turns, the part is read once the last `num_workers` batches in a row were (each worker goes round its own
+    shards). A Python bool per batch: no waiting for the device."""
+
+    def __init__(self, num_workers: int):
+        self.needed = max(1, num_workers)
+        self.in_a_row = 0
+
+    @property
+    def read(self) -> bool:
+        return self.in_a_row >= self.needed
+
+    def see(self, batch: dict) -> None:
+        self.in_a_row = self.in_a_row + 1 if batch.pop(REPEATED) else 0
+
+    def start_epoch(self, loader, skip: int = 0):
+        """`loader`'s batches, after the first `skip` (a resumed epoch): those are read here and dropped, so that
+        `read` says what it said in the uninterrupted run."""
+        self.in_a_row = 0
+        iterator = iter(loader)
+        with torch.random.fork_rng(devices=[]):  # as `_keeping_global_rng`
+            for _ in range(skip):
+                batch = next(iterator, None)
+                if batch is None:
+                    break
+                self.see(batch)
+        return iterator
 
 
 def _announce(args, accelerator: Accelerator, num_epochs) -> None:
@@ -164,8 +220,8 @@ def _log_epoch(args, accelerator: Accelerator, epoch: int, results: dict) -> Non
 
 def _keeping_global_rng(batches):
     """The batches of a data loader, with the seed its new iterator draws from the global random generator given
-    back. accelerate drops a streaming loader's own generator, so that draw would move the quantizer's noise by one
-    number at every epoch start and at a resume, and a resumed stream would not repeat an uninterrupted one."""
+    back. accelerate drops the generator of a loader it dispatches, so that draw would move the quantizer's noise by
+    one number at every epoch start and at a resume, and a resumed run would not repeat an uninterrupted one."""
     iterator = iter(batches)
     with torch.random.fork_rng(devices=[]):
         first = next(iterator, None)  # the loader's iterator (and its seed) is made here
@@ -205,16 +261,20 @@ class EpochStatistics:
         if self.codebook_size and tokens is not None:
             self.code_counts += code_counts(tokens.detach(), self.codebook_size)
 
-    def check_divergence(self, accelerator: Accelerator, step: int) -> int:
-        """The epoch's non-finite steps so far (on this process); raises `TrainingDivergedError` once any process
-        has had `DIVERGED_AFTER` of them in a row. Every process calls it at the same steps (it gathers)."""
-        in_a_row = accelerator.gather(self.consecutive_nonfinite.reshape(1)).max().item()
+    def check_divergence(self, accelerator: Accelerator, step: int, part_read: bool | None = None) -> tuple[int, bool]:
+        """The epoch's non-finite steps so far (on this process), and whether every process has read its part of the
+        epoch (`part_read`: this one's, for a stream split across processes; else True); raises
+        `TrainingDivergedError` once any process has had `DIVERGED_AFTER` non-finite steps in a row. Every process
+        calls it at the same steps (it gathers both in one)."""
+        unread = torch.tensor(0 if part_read in (None, True) else 1, device=self.device)
+        flags = torch.stack([self.consecutive_nonfinite, unread]).reshape(1, 2)
+        in_a_row, unread = accelerator.gather(flags).max(dim=0).values.tolist()
         if in_a_row >= DIVERGED_AFTER:
             raise TrainingDivergedError(
                 f"training diverged: the loss was NaN or inf in the last {in_a_row} steps (update {step}); lower "
                 "--learning_rate, or resume from an earlier checkpoint with --resume_from_checkpoint"
             )
-        return int(self.nonfinite.item())
+        return int(self.nonfinite.item()), not unread
 
     def summary(self, accelerator: Accelerator) -> dict:
         """The epoch's training loss (over its finite steps), its count of steps with a NaN or inf loss and, for
