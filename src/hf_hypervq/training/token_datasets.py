@@ -51,6 +51,7 @@ CARD_FILE = "README.md"
 FORMAT = "hf-hypervq token dataset"
 FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_SIZE = "500MB"  # datasets' own default for `push_to_hub`
+MAX_STREAM_SHARDS = 1000
 # The split names datasets accepts (and that can name a file).
 SPLIT_NAME = re.compile(r"\w+(\.\w+)*")
 # The image processor settings the dataset card shows (the whole processor is in tokenization.json).
@@ -230,12 +231,14 @@ def _collate_rows(rows: list[dict]) -> dict:
 
 
 def _shard_loader(shard, inputs: TokenizerInputs, first_index: int, batch_size: int, num_workers: int):
-    """A loader of a shard's rows as tokenizer inputs, in order, decoded in `num_workers` worker processes. A stream's
-    shard is one source file, which one worker reads (its positions count from the file's start)."""
+    """A loader of a shard's rows as tokenizer inputs, in order, decoded in `num_workers` worker processes (a stream's
+    shard, one source file or a group of them, in one); positions count from the shard's start."""
     if isinstance(shard, IterableDataset):
         columns = list(shard.column_names or ["image", *inputs.carried])
         rows = shard.map(inputs, batched=True, batch_size=batch_size, with_indices=True, remove_columns=columns)
-        num_workers = min(num_workers, shard.num_shards)
+        # one worker (beside this process) reads the shard's files in order: datasets would give more workers other
+        # files, and their rows would interleave
+        num_workers = min(num_workers, 1)
     else:
         rows = _SplitRows(shard, inputs, first_index)
     return torch.utils.data.DataLoader(rows, batch_size=batch_size, collate_fn=_collate_rows, num_workers=num_workers)
@@ -250,7 +253,12 @@ def _first_image(data, split: str):
 
 def _num_shards(data, shard_size: int) -> int:
     # A stream is cut where its source is (its files): a stream cannot be sliced without reading what comes before.
-    return data.num_shards if isinstance(data, IterableDataset) else math.ceil(len(data) / shard_size)
+    # A streamed image folder has a file per image: its files are grouped into at most `MAX_STREAM_SHARDS`.
+    return (
+        min(data.num_shards, MAX_STREAM_SHARDS)
+        if isinstance(data, IterableDataset)
+        else math.ceil(len(data) / shard_size)
+    )
 
 
 def _shard(data, index: int, count: int, shard_size: int):
@@ -329,7 +337,7 @@ def write_token_dataset(
 ) -> dict:  # fmt: skip
     """Tokenize each split of `splits` (`{name: Dataset or IterableDataset}` with an `image` column, and `label` when
     there is one, and the `keep_columns`) into the token dataset folder `output_dir`; returns its metadata
-    (`tokenization.json`). Every row keeps `index`, its position in its split (for a stream: in its source file), and
+    (`tokenization.json`). Every row keeps `index`, its position in its split (for a stream: in its shard), and
     `input_ids` holds the token grids of `view_names(views)`: one flat grid for `center`, one per view otherwise.
 
     Each split is cut into shards (`shard_size` images, or as many as `max_shard_bytes` of uncompressed tokens and
