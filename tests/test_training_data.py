@@ -1,5 +1,7 @@
 """Loading data sets for the scripts: the embedded digits, local folders and files, columns, and clear errors."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -346,3 +348,20 @@ def test_shuffled_indices_are_a_permutation_of_the_seed_and_epoch():
     assert list(ShuffledIndices(200_000, seed=3)) == first  # a function of (seed, epoch) alone
     sampler.set_epoch(1)
     assert list(sampler) != first
+
+
+def test_a_folder_of_parquet_shards_loads_as_the_hub_s_copy_would(tmp_path):
+    """The rehearsal data's two forms: an image folder and Parquet shards of encoded JPEGs (a local copy of a Hub
+    data set); a folder written by save_to_disk streams in shards that processes and loader workers can share."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "make_rehearsal_data.py"
+    spec = importlib.util.spec_from_file_location("make_rehearsal_data", script)
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    folder = make.make_rehearsal_data(tmp_path / "data", 12)
+    images, shards = (load_image_dataset(str(folder / form), split="train") for form in ("images", "parquet"))
+    assert images.num_rows == shards.num_rows == 12 and images.features == shards.features
+    assert sorted(i.size for i in images["image"]) == sorted(i.size for i in shards["image"])
+    shards.save_to_disk(str(tmp_path / "saved"))
+    assert load_image_dataset(str(tmp_path / "saved"), split="train", streaming=True).num_shards == 12

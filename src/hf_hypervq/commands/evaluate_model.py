@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 import hf_hypervq  # noqa: F401  (registers the models)
 from hf_hypervq.metrics.mean_corruption_error.mean_corruption_error import COMMON_CORRUPTIONS, EXTRA_CORRUPTIONS
 from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
-from hf_hypervq.training.cli import add_deprecated_alias, reported_errors
+from hf_hypervq.training.cli import add_deprecated_alias, finish, reported_errors
 from hf_hypervq.training.corruptions import corrupted_after_crop
 from hf_hypervq.training.data import collate, load_image_dataset, with_image_transform
 from hf_hypervq.training.evaluation import (
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--per_device_eval_batch_size", type=int, default=256, help="batch size per process (default: 256)"
     )
     add_deprecated_alias(parser, "--batch_size", "--per_device_eval_batch_size", type=int)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="worker processes per data loader")
     parser.add_argument(
         "--corruptions", default=None, choices=["common", "extra", "all"],
         help="classifiers: also evaluate under ImageNet-C corruptions (common = the 15 known, extra = the 4 unknown)",
@@ -65,6 +66,8 @@ def parse_args(argv=None):
         parser.error(f"--severities must be between 1 and 5, got {args.severities}")
     if args.per_device_eval_batch_size < 1:
         parser.error("--per_device_eval_batch_size must be >= 1")
+    if args.dataloader_num_workers < 0:
+        parser.error(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
     if args.max_eval_samples is not None and args.max_eval_samples < 1:
         parser.error("--max_eval_samples must be >= 1 (leave it out to evaluate every example)")
     if args.seed < 0:
@@ -93,9 +96,9 @@ def main(argv=None):
 
         def loader(image_transform=None, image_processor=processor):
             dataset = with_image_transform(data, image_processor, image_transform)
-            return accelerator.prepare(
-                DataLoader(dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
-            )
+            batches = DataLoader(dataset, batch_size=args.per_device_eval_batch_size, collate_fn=collate,
+                                 num_workers=args.dataloader_num_workers)  # fmt: skip
+            return accelerator.prepare(batches)
 
         if is_classifier:
             results = evaluate_classifier(model, loader(), accelerator)
@@ -119,7 +122,7 @@ def main(argv=None):
             write_json(output, {**source, **results})
             summary = {k: round(v, 4) for k, v in results.items() if isinstance(v, float)}
             print(f"{output}: {summary}\nprotocol: {protocol_line(results['protocol'])}")
-        accelerator.end_training()
+        finish(accelerator)
 
 
 if __name__ == "__main__":

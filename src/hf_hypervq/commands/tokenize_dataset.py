@@ -33,6 +33,7 @@ from hf_hypervq.training.cli import (
     add_deprecated_alias,
     add_hub_arguments,
     check_hub_arguments,
+    finish,
     quiet_logs,
     reported_errors,
 )
@@ -258,7 +259,7 @@ def main(argv=None):
                     token=args.hub_token, license=args.license, regenerate_card=args.regenerate_card,
                 )  # fmt: skip
                 print(f"pushed to {url}")
-        accelerator.end_training()
+        finish(accelerator)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ from transformers import AutoImageProcessor
 
 from hf_hypervq import HyperVQVAEForImageClassification
 from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
-from hf_hypervq.training.cli import add_common_arguments, check_common_arguments, make_accelerator, reported_errors
+from hf_hypervq.training.cli import (
+    add_common_arguments,
+    check_common_arguments,
+    finish,
+    make_accelerator,
+    reported_errors,
+)
 from hf_hypervq.training.data import DataError, label_names, load_splits, make_loaders
 from hf_hypervq.training.evaluation import evaluate_classifier
 from hf_hypervq.training.hub import push_if_asked
@@ -92,7 +98,7 @@ def main(argv=None):
         if accelerator.is_main_process:
             write_results(args, {**results, "tokenizer": args.tokenizer})
             push_if_asked(args)
-        accelerator.end_training()
+        finish(accelerator)
 
 
 if __name__ == "__main__":

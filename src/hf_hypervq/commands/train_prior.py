@@ -22,7 +22,13 @@ import torch
 
 from hf_hypervq import HyperVQPriorConfig, HyperVQPriorModel
 from hf_hypervq.models.hypervq.modeling_hypervq import check_pretrained_source
-from hf_hypervq.training.cli import add_common_arguments, check_common_arguments, make_accelerator, reported_errors
+from hf_hypervq.training.cli import (
+    add_common_arguments,
+    check_common_arguments,
+    finish,
+    make_accelerator,
+    reported_errors,
+)
 from hf_hypervq.training.data import DataError, TokenDataset, label_names, load_splits, make_loader, tokenize_split
 from hf_hypervq.training.evaluation import evaluate_prior
 from hf_hypervq.training.generation import load_tokenizer, recorded_tokenizer, sample_images
@@ -198,7 +204,7 @@ def main(argv=None):
                 references["token_dataset_revision"] = args.token_dataset_revision
             write_results(args, {**results, **references})
             push_if_asked(args)
-        accelerator.end_training()
+        finish(accelerator)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,13 @@ from huggingface_hub.errors import StrictDataclassError
 
 from hf_hypervq import QUANTIZER_TYPES, HyperVQImageProcessor, HyperVQVAEConfig, HyperVQVAEModel
 from hf_hypervq.models.hypervq.quantizers import decay_for_run
-from hf_hypervq.training.cli import add_common_arguments, check_common_arguments, make_accelerator, reported_errors
+from hf_hypervq.training.cli import (
+    add_common_arguments,
+    check_common_arguments,
+    finish,
+    make_accelerator,
+    reported_errors,
+)
 from hf_hypervq.training.data import FASHION_MNIST, RandomCropFlip, load_splits, make_loaders
 from hf_hypervq.training.evaluation import evaluate_tokenizer, pixel_range
 from hf_hypervq.training.hub import push_if_asked
@@ -192,7 +198,7 @@ def main(argv=None):
             save_tokenizer_pictures(saved, processor, sample_images, results, args)
             write_results(args, results)
             push_if_asked(args)
-        accelerator.end_training()
+        finish(accelerator)
 
 
 if __name__ == "__main__":

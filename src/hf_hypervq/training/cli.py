@@ -290,6 +290,14 @@ def quiet_logs(is_local_main_process: bool) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
+def finish(accelerator) -> None:
+    """End a command: every process waits for the others, then the process group is destroyed. Without the barrier
+    a process that finishes first tears down its gloo connections while another is still destroying its group,
+    which can hang that one at exit (pytorch/pytorch#56297), and with it `accelerate launch`."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 @contextlib.contextmanager
 def reported_errors():
     """Turn the errors a user can fix (bad data, a model or checkpoint that is not there or of the wrong kind, a

@@ -24,6 +24,7 @@ LABEL_COLUMNS = ("label", "labels", "fine_label", "cls")
 DEFAULT_DATASET = "scikit-learn digits"
 # Local data sets up to this size have every image opened before training starts.
 IMAGES_TO_CHECK = 64  # opened up front: a data set of unreadable files fails at once
+STREAM_SHARDS = 64  # a folder written by save_to_disk, streamed: its shards
 # `--dataset fashion_mnist`: Fashion-MNIST read from the IDX files of Debian's `dataset-fashion-mnist` package.
 FASHION_MNIST = "fashion_mnist"
 FASHION_MNIST_FOLDER = "/usr/share/datasets/fashion-mnist"
@@ -137,9 +138,10 @@ def _load(name_or_path: str, config_name: str | None, split: str, streaming: boo
             if split not in loaded:
                 raise DataError(f"split {split!r} is not in {name_or_path} (splits: {list(loaded)})")
             loaded = loaded[split]
-        return loaded.to_iterable_dataset() if streaming else loaded
-    if path.is_dir():
-        return datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=streaming)
+        # in shards, so that processes and loader workers can each take whole shards of the stream
+        return loaded.to_iterable_dataset(num_shards=min(STREAM_SHARDS, max(1, len(loaded)))) if streaming else loaded
+    if path.is_dir():  # images (`imagefolder`) or data files (a local copy of a Hub data set's Parquet shards)
+        return datasets.load_dataset(str(path), split=split, streaming=streaming)
     if path.is_file():
         builder = {".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".json": "json"}.get(path.suffix)
         if builder is None:
