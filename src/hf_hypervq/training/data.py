@@ -297,6 +297,21 @@ class _ImageTransform:
         return out
 
 
+def decoded_rows(data: Dataset, positions: list[int], first_index: int = 0) -> dict:
+    """Rows `positions` of `data` as a batch, their images decoded (by datasets); an unreadable image is a
+    `DataError` naming the rows, numbered from `first_index`."""
+    try:
+        return data[positions]
+    except Exception as error:
+        first, last = first_index + positions[0], first_index + positions[-1]
+        raise DataError(f"unreadable image among rows {first}..{last}: {type(error).__name__}: {error}") from None
+
+
+def unbatch(batch: dict, count: int) -> list[dict]:
+    """A batch of `count` rows (a dict of columns) as a list of rows, as a loader's `__getitems__` returns them."""
+    return [{key: value[i] for key, value in batch.items()} for i in range(count)]
+
+
 class ImageExamples(torch.utils.data.Dataset):
     """A map-style data set's rows as model inputs (`pixel_values`, `labels`), transformed as the loader fetches
     them; `set_epoch` tells the augmentation which epoch it is in."""
@@ -311,13 +326,7 @@ class ImageExamples(torch.utils.data.Dataset):
         self.transform.epoch = epoch
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        try:
-            rows = self.data[indices]  # datasets decodes the images here
-        except Exception as error:
-            raise DataError(f"unreadable image among rows {indices[0]}..{indices[-1]}: {type(error).__name__}: "
-                            f"{error}") from None  # fmt: skip
-        out = self.transform(rows, indices)
-        return [{key: value[i] for key, value in out.items()} for i in range(len(indices))]
+        return unbatch(self.transform(decoded_rows(self.data, indices), indices), len(indices))
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]

@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..metrics.codebook_usage.codebook_usage import usage_from_counts
-from .data import DataError, SampleKey
+from .data import DataError, SampleKey, decoded_rows, unbatch
 from .generation import recorded_tokenizer, weights_sha256
 from .outputs import write_json
 
@@ -215,13 +215,8 @@ class _SplitRows(torch.utils.data.Dataset):
 
     def __getitems__(self, positions: list[int]) -> list[dict]:
         indices = [self.first_index + position for position in positions]
-        try:
-            rows = self.data[positions]  # datasets decodes the images here
-        except Exception as error:
-            raise DataError(f"unreadable image among rows {indices[0]}..{indices[-1]}: {type(error).__name__}: "
-                            f"{error}") from None  # fmt: skip
-        batch = self.inputs(rows, indices)
-        return [{key: value[i] for key, value in batch.items()} for i in range(len(positions))]
+        rows = decoded_rows(self.data, positions, self.first_index)
+        return unbatch(self.inputs(rows, indices), len(positions))
 
 
 def _collate_rows(rows: list[dict]) -> dict:
