@@ -350,7 +350,7 @@ _NOT_DIAGNOSED = re.compile(
     re.IGNORECASE,
 )
 _library = None
-loaded_build = None  # what the loaded library was built with: compiler, flags, target (`kernels.cpu_kernel_path`)
+loaded_build = None  # what the loaded library was built with: compiler, flags, target CPU (`kernels.cpu_kernel_path`)
 _load_error = None  # why the kernels could not be loaded: raised again at once, without calling the compiler again
 
 
@@ -637,7 +637,11 @@ def _load_best(compiler: list[str], folder: Path, deadline: float) -> ctypes.CDL
             reason = errors[0].splitlines()[0] if errors else "torch's OpenMP runtime is not known on this system"
             logger.warning(f"hf_hypervq: the quantizer's CPU kernels run without {missing} ({reason})")
         global loaded_build
-        loaded_build = f"{identity.rsplit(' ', 1)[0]}; {shlex.join(flags)}; {target}"  # not the binary's mtime
+        # the compiler without its binary's mtime, and the target's CPU (not its cache sizes or tuning)
+        words = target.split()
+        cpu = [word for previous, word in zip(["", *words], words)
+               if word.startswith(("-march=", "-mcpu=", "-target-cpu")) or previous == "-target-cpu"]  # fmt: skip
+        loaded_build = f"{identity.rsplit(' ', 1)[0]}; {shlex.join(flags)}; {' '.join(cpu) or target}"
         return library
     raise RuntimeError("; ".join(errors))
 
