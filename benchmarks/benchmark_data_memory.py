@@ -30,7 +30,8 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 def peak_pss_mib(command: list[str], env: dict) -> float:
     """Run `command` and return the peak of its process tree's summed PSS, in MiB."""
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")  # not a pipe: one nobody reads until the end can fill up and block the job
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     root, peak = psutil.Process(process.pid), 0.0
     while process.poll() is None:
         total = 0
@@ -41,9 +42,9 @@ def peak_pss_mib(command: list[str], env: dict) -> float:
                 pass
         peak = max(peak, total / 2**20)
         time.sleep(0.2)
-    stderr = process.stderr.read()
+    log.seek(0)
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:2])} failed:\n{stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(command[:2])} failed:\n{log.read()[-3000:]}")
     return peak
 
 
