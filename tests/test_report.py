@@ -15,11 +15,13 @@ from hf_hypervq.training.report import (
     Paired,
     best_row,
     check_claims,
+    choose_recipe,
     combine,
     decide,
     decide_win,
     diversity_table,
     paired,
+    recipe_verdict,
     win,
 )
 
@@ -211,3 +213,24 @@ def test_table_5s_setting_is_decided_over_seeds_and_the_main_setting_is_labelled
     assert main[1] == main_noisy[1] == "does not hold"
     assert "latent dimension 3, K=16" in paper[0] and paper[1] == paper_noisy[1] == "holds"
     assert "(3 seeds)" in paper[2] and "noisy Davies-Bouldin, HyperVQ − KmeansVQ: -0.720 [" in paper_noisy[2]
+
+
+def test_a_recipe_takes_a_setting_that_wins_on_validation_by_usage_or_mse_and_loses_nothing():
+    """`recipe_verdict`/`choose_recipe`: a gain beyond the noise in codes used or in MSE, no loss beyond a margin;
+    of two winners the lower validation MSE; the test numbers decide nothing."""
+    base = {"reconstruction_mse": [0.024, 0.025, 0.026], "codes_used": [0.15, 0.16, 0.17], "silhouette": [0.1] * 3,
+            **every_protocol([0.80, 0.81, 0.79])}  # fmt: skip
+    usage = {**base, "codes_used": [0.90, 0.92, 0.91], "reconstruction_mse": [0.0245, 0.0255, 0.0262]}
+    sharper = {**base, "reconstruction_mse": [0.020, 0.0205, 0.0212]}
+    costly = {**usage, **every_protocol([0.74, 0.75, 0.73])}  # more codes, but 6 points less accurate
+    noisy = {**base, "codes_used": [0.10, 0.30, 0.16]}  # a gain the seeds cannot tell from none
+    validation = {"defaults": base, "usage": usage, "sharper": sharper, "costly": costly, "noisy": noisy}
+    test = {row: {**metrics, "reconstruction_mse": [1.0, 1.0, 1.0]} for row, metrics in validation.items()}
+    runs = make_runs(test, validation=validation)
+    verdicts = {row: recipe_verdict(runs, row, "defaults", 512) for row in ("usage", "sharper", "costly", "noisy")}
+    assert verdicts == {"usage": "yes", "sharper": "yes", "costly": "no", "noisy": "inconclusive"}
+    assert choose_recipe(runs, ["usage", "sharper", "costly", "noisy"], "defaults", 512) == "sharper"
+    assert choose_recipe(runs, ["costly", "noisy"], "defaults", 512) is None
+    without = make_runs(test)  # test numbers only: nothing is chosen
+    assert recipe_verdict(without, "usage", "defaults", 512) == NOT_ON_VALIDATION
+    assert choose_recipe(without, ["usage", "sharper"], "defaults", 512) is None

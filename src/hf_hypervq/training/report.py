@@ -364,6 +364,34 @@ def decide_win(runs: list[dict], row: str, base: str, k: int, *, split: str = "v
     return win(gain, [mse, accuracy, silhouette])
 
 
+def recipe_verdict(runs: list[dict], row: str, base: str, k: int, *, split: str = "validation") -> str:
+    """Whether `row` earns its setting a place in `base`'s recipe, on `split`: a gain beyond the noise in codes used
+    or in MSE (the ratio's upper bound below 1), and no loss beyond the margins (`WIN_RULE`'s)."""
+    if split == "validation" and not has_validation(runs, (row, base), k):
+        return NOT_ON_VALIDATION
+    usage = decide(paired(runs, row, base, "codes_used", k, split=split), "above")
+    mse = paired(runs, row, base, "reconstruction_mse", k, ratio=True, split=split)
+    gains = (usage, decide(mse, "below", 1.0))
+    gain = "holds" if "holds" in gains else "does not hold" if set(gains) == {"does not hold"} else combine(gains)
+    accuracy, _ = accuracy_verdict(runs, k, [(row, base)], threshold=-ACCURACY_MARGIN, split=split)
+    silhouette = decide(paired(runs, row, base, "silhouette", k, split=split), "above", -SILHOUETTE_MARGIN)
+    return win(gain, [decide(mse, "below", MSE_RATIO_MARGIN), accuracy, silhouette])
+
+
+def choose_recipe(runs: list[dict], candidates, base: str, k: int) -> str | None:
+    """The candidate row (of `candidates`) that a recipe takes: among those whose `recipe_verdict` is "yes" on
+    validation, the one with the lowest mean validation MSE; None when none is."""
+    winners = [row for row in candidates if recipe_verdict(runs, row, base, k) == "yes"]
+    if not winners:
+        return None
+
+    def mean_mse(row):
+        values = [_value(r, "reconstruction_mse", "validation") for r in runs if r["row"] == row]
+        return statistics.fmean(v for v in values if v is not None)
+
+    return min(winners, key=mean_mse)
+
+
 def diversity_table(runs: list[dict], k: int, comparisons=None) -> str:
     """Each Gumbel quantizer with the diversity term against itself without, paired by seed: what the term buys in
     usage and costs in MSE, accuracy (each protocol) and silhouette on the test split, and whether it wins
