@@ -292,9 +292,12 @@ def quiet_logs(is_local_main_process: bool) -> None:
 
 def finish(accelerator) -> None:
     """End a command: every process waits for the others, then the process group is destroyed. Without the barrier
-    a process that finishes first tears down its gloo connections while another is still destroying its group,
-    which can hang that one at exit (pytorch/pytorch#56297), and with it `accelerate launch`."""
+    a process that finishes first tears down its gloo connections while another is still destroying its group; and
+    a group destroyed while one of gloo's threads still waits for the GIL to finish the last collective hangs its
+    process at exit (pytorch/pytorch#56297), and with it `accelerate launch`: the pause lets those threads finish."""
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        time.sleep(0.2)  # releases the GIL
     accelerator.end_training()
 
 
